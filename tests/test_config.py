@@ -1,0 +1,56 @@
+import math
+
+import pytest
+
+from sdconet.config import ConfigError, load_config, save_config
+
+
+def test_presets_load_with_paper_numbers():
+    paper = load_config("paper")
+    assert paper.name == "paper"
+    assert paper.model.saliency.level_ratio == (0.6, 0.8, 1.0, 1.0)
+    assert paper.model.saliency.layer_ratio == (1.0, 0.8, 0.6, 0.6, 0.4, 0.2)
+    assert paper.model.detector.num_queries == 300 and paper.model.detector.num_dn_queries == 100
+    assert paper.model.saliency.level_ranges[-1] == (256.0, math.inf)
+    tiny = load_config("tiny")
+    assert tiny.name == "tiny"
+    assert tiny.model.detector.d_model == 64
+    assert len(tiny.model.saliency.layer_ratio) == tiny.model.detector.num_encoder_layers
+
+
+def test_overrides_are_typed():
+    cfg = load_config("tiny", ["train.epochs=3", "model.saliency.level_ratio=[0.5, 0.8, 1, 1]", "model.sr=false"])
+    assert cfg.train.epochs == 3
+    assert cfg.model.saliency.level_ratio == (0.5, 0.8, 1.0, 1.0)
+    assert cfg.model.sr is False
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.detector.foo=1", "model.detector.foo"),
+    ("train.epochs=abc", "train.epochs"),
+    ("train.epochs", "section.key=value"),
+    ("model.sr=3", "model.sr"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", [override])
+
+
+def test_roundtrip_and_base_chain(tmp_path):
+    cfg = load_config("tiny", ["train.epochs=2"])
+    path = tmp_path / "saved.yaml"
+    save_config(cfg, path)
+    assert load_config(path) == cfg
+    child = tmp_path / "child.yaml"
+    child.write_text("base: tiny\ntrain:\n  batch_size: 4\n")
+    loaded = load_config(child)
+    assert loaded.train.batch_size == 4 and loaded.model.detector.d_model == 64 and loaded.name == "child"
+
+
+def test_unknown_preset_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config preset 'nope'"):
+        load_config("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
