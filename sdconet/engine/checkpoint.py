@@ -27,10 +27,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing or unreadable; the message names the path."""
 
 
-def _atomic_replace(tmp: Path, final: Path) -> None:
-    os.replace(tmp, final)
-
-
 def save_model_weights(model: torch.nn.Module, cfg: Config, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
     """Write ``model``'s state dict + config (+ JSON-serialisable ``meta``) atomically to ``path``."""
     path = Path(path)
@@ -40,7 +36,7 @@ def save_model_weights(model: torch.nn.Module, cfg: Config, path: str | Path, me
     metadata = {"config": json.dumps(config_to_dict(cfg)), "meta": json.dumps(meta or {})}
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(state, str(tmp), metadata=metadata)
-    _atomic_replace(tmp, path)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
     return path
 
 
