@@ -130,10 +130,13 @@ class LossConfig:
 
 @dataclass
 class SyntheticDataConfig:
+    """Procedural remote-sensing dataset generated on first use (``sdconet.data.synthetic``)."""
+
     num_images: int = 120
     val_fraction: float = 0.2
     image_size: int = 512  # HR side
     objects_per_image: tuple[int, int] = (4, 14)
+    distractors_per_image: tuple[int, int] = (3, 10)  # unlabelled look-alikes (rooftops, ponds, wrecks)
     seed: int = 0
 
 
@@ -153,9 +156,16 @@ class DataConfig:
     vflip: bool = True
     rot90: bool = True
     random_crop: Optional[int] = None  # HR crop side, None = whole image
+    min_box_area_fraction: float = 0.5  # random crop keeps a clipped box only if it keeps this much of its area
     ignore_difficult: bool = True
     strict: bool = False
     num_workers: int = 0
+    seed: int = 0  # augmentation and realistic-degradation RNG (per item: seed, epoch, index)
+    max_image_pixels: int = 2**29  # larger images are refused as decompression bombs (DOTA's largest is 20000^2)
+    # "realistic" degradation ranges; each image draws its own value uniformly in [low, high]
+    blur_sigma: tuple[float, float] = (0.2, 1.5)  # Gaussian blur at HR, in HR pixels
+    noise_std: tuple[float, float] = (0.0, 0.03)  # additive Gaussian noise at LR, on [0, 1] intensities
+    jpeg_quality: tuple[int, int] = (40, 95)
 
 
 @dataclass
