@@ -126,6 +126,9 @@ class LossConfig:
     matcher_giou_cost: float = 2.0
     saliency_weight: float = 2.0
     sr_weight: float = 5.0
+    # an unmatched query whose box has IoU >= this with an ignored target (e.g. DOTA difficult) gets no class loss;
+    # a value > 1 turns that off (such queries are then trained as background)
+    ignore_iou_threshold: float = 0.5
 
 
 @dataclass
