@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
@@ -21,6 +23,7 @@ from sdconet.config import Config, config_from_dict, config_to_dict
 CHECKPOINT_DIR = "checkpoints"
 BEST_NAME = "best.safetensors"
 LAST_NAME = "last.safetensors"
+TRAIN_STATE_NAME = "last.train.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -84,3 +87,50 @@ def resolve_checkpoint(path: str | Path | None, runs_dir: str | Path = "runs", p
                 return folder / name
         raise CheckpointError(f"{path}: no {prefer} or {LAST_NAME} in {folder}")
     raise CheckpointError(f"checkpoint not found: {path}")
+
+
+def save_train_state(state: dict[str, Any], path: str | Path) -> Path:
+    """Write the trainer state (tensors, numbers, strings and containers only) atomically to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_train_state(path: str | Path) -> dict[str, Any]:
+    """Read a trainer state with ``weights_only=True``: no arbitrary object is ever unpickled."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"trainer state not found: {path} (it is written next to {LAST_NAME} every epoch)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle/zip errors, or an object outside the weights-only allow-list
+        raise CheckpointError(f"{path}: not a readable trainer state ({err})") from err
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch (CPU and CUDA) generator states in a weights-only-loadable form."""
+    kind, keys, pos, has_gauss, cached_gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gauss": float(cached_gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state` (CUDA states are restored only when CUDA is present)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
