@@ -1,0 +1,101 @@
+"""A resumable runner of command-line stages.
+
+Each stage runs one command with its output captured in ``<work>/logs/<stage>.log``. A stage that succeeds writes
+``<work>/.done/<stage>`` and is skipped on the next run as long as the files it declares still exist, so a rerun after
+a failure resumes at the failed stage and never redoes (or deletes) what the earlier stages produced.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from sdconet.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class StageFailed(RuntimeError):
+    """A stage exited non-zero; the message names the stage and its log file."""
+
+    def __init__(self, stage: str, log_file: Path, returncode: int):
+        super().__init__(f"stage '{stage}' failed (exit code {returncode}); see its log: {log_file}")
+        self.stage, self.log_file, self.returncode = stage, log_file, returncode
+
+
+@dataclass
+class Stage:
+    """One step of the pipeline: ``argv`` is run with the repo root as working directory.
+
+    ``outputs`` are the files/folders the stage must leave behind (checked after it runs and before skipping it);
+    ``before``/``after`` are optional hooks for stages that manage a background process (the server).
+    """
+
+    name: str
+    argv: Sequence[str]
+    outputs: Sequence[Path] = ()
+    before: Callable[[], None] | None = None
+    after: Callable[[], None] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class StageRunner:
+    def __init__(self, work_dir: str | Path, cwd: str | Path | None = None, echo: bool = True):
+        self.work_dir = Path(work_dir)
+        self.cwd = Path(cwd) if cwd else Path.cwd()
+        self.echo = echo
+        (self.work_dir / "logs").mkdir(parents=True, exist_ok=True)
+        (self.work_dir / ".done").mkdir(parents=True, exist_ok=True)
+        self.timings: dict[str, float] = {}
+
+    def log_file(self, stage: Stage) -> Path:
+        return self.work_dir / "logs" / f"{stage.name}.log"
+
+    def _marker(self, stage: Stage) -> Path:
+        return self.work_dir / ".done" / stage.name
+
+    def is_done(self, stage: Stage) -> bool:
+        return self._marker(stage).exists() and all(Path(p).exists() for p in stage.outputs)
+
+    def run(self, stage: Stage) -> bool:
+        """Run ``stage`` unless already done; returns True if it ran. Raises StageFailed on a non-zero exit."""
+        if self.is_done(stage):
+            self._say(f"[skip] {stage.name}: done in an earlier run")
+            return False
+        log_file = self.log_file(stage)
+        self._say(f"[run ] {stage.name}: {' '.join(map(str, stage.argv))}\n       log: {log_file}")
+        env = {**os.environ, **stage.env}
+        start = time.perf_counter()
+        if stage.before:
+            stage.before()
+        try:
+            with open(log_file, "w") as handle:
+                proc = subprocess.run(list(map(str, stage.argv)), cwd=self.cwd, stdout=handle,
+                                      stderr=subprocess.STDOUT, env=env)
+        finally:
+            if stage.after:
+                stage.after()
+        self.timings[stage.name] = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise StageFailed(stage.name, log_file, proc.returncode)
+        missing = [str(p) for p in stage.outputs if not Path(p).exists()]
+        if missing:
+            with open(log_file, "a") as handle:
+                handle.write(f"\n[stage runner] expected outputs missing: {', '.join(missing)}\n")
+            raise StageFailed(stage.name, log_file, 0)
+        self._marker(stage).write_text(json.dumps({"seconds": round(self.timings[stage.name], 1)}))
+        self._say(f"[ ok ] {stage.name} ({self.timings[stage.name]:.0f} s)")
+        return True
+
+    def run_all(self, stages: Sequence[Stage]) -> None:
+        for stage in stages:
+            self.run(stage)
+
+    def _say(self, text: str) -> None:
+        if self.echo:
+            print(text, file=sys.stderr, flush=True)

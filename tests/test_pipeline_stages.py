@@ -1,0 +1,47 @@
+"""The demo's stage runner: a failing stage stops the run naming itself and its log, keeps earlier outputs, and a
+rerun skips the stages already done."""
+import sys
+
+import pytest
+
+from sdconet.pipeline.stages import Stage, StageFailed, StageRunner
+
+
+def _write(path, text):
+    return [sys.executable, "-c", f"import pathlib; pathlib.Path({str(path)!r}).write_text({text!r})"]
+
+
+def test_failure_keeps_earlier_outputs_and_rerun_resumes(tmp_path):
+    first_out = tmp_path / "first.txt"
+    second_out = tmp_path / "second.txt"
+    flag = tmp_path / "fixed"
+    # the second stage fails until the "fixed" flag exists
+    failing = [sys.executable, "-c",
+               f"import pathlib, sys; f = pathlib.Path({str(flag)!r});"
+               f"print('boom: not fixed') if not f.exists() else None;"
+               f"sys.exit(0 if f.exists() else 3)"]
+    stages = [Stage("first", _write(first_out, "one"), outputs=[first_out]),
+              Stage("second", failing),
+              Stage("third", _write(second_out, "three"), outputs=[second_out])]
+    runner = StageRunner(tmp_path / "work", echo=False)
+    with pytest.raises(StageFailed) as info:
+        runner.run_all(stages)
+    assert info.value.stage == "second" and info.value.returncode == 3
+    assert "second.log" in str(info.value) and "boom: not fixed" in info.value.log_file.read_text()
+    assert first_out.read_text() == "one" and not second_out.exists()
+
+    first_out.write_text("kept")  # a rerun must not redo (overwrite) the finished stage
+    flag.write_text("")
+    rerun = StageRunner(tmp_path / "work", echo=False)
+    ran = [rerun.run(s) for s in stages]
+    assert ran == [False, True, True]
+    assert first_out.read_text() == "kept" and second_out.read_text() == "three"
+
+
+def test_missing_declared_output_fails_the_stage(tmp_path):
+    runner = StageRunner(tmp_path / "work", echo=False)
+    stage = Stage("claims", [sys.executable, "-c", "pass"], outputs=[tmp_path / "never.txt"])
+    with pytest.raises(StageFailed, match="claims"):
+        runner.run(stage)
+    assert "expected outputs missing" in runner.log_file(stage).read_text()
+    assert not runner.is_done(stage)
