@@ -1,0 +1,186 @@
+"""ONNX export of a module with a dynamic batch, simplification around custom nodes, and graph helpers.
+
+Exporter choice: torch's TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``). It needs no extra
+package and emits custom nodes from an ``autograd.Function.symbolic`` (with ``autograd_inlining=False``, otherwise
+its peephole pass fails on a Function whose eager forward differs from its symbolic). The dynamo exporter needs
+``onnxscript`` and a custom translation table for the same result; see docs/export.md.
+
+Custom nodes (the MSDA plugin) are kept out of onnxsim: :func:`simplify_around_custom_nodes` cuts them out (their
+inputs become graph outputs and their outputs graph inputs with known shapes), simplifies the standard-op graph and
+puts the nodes back. onnxsim's shape inference and constant folding therefore never meet an unknown op.
+"""
+from __future__ import annotations
+
+import copy
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import onnx
+import torch
+
+from sdconet.utils.logging import get_logger
+
+LOG = get_logger(__name__)
+
+DEFAULT_OPSET = 17
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass
+class CutNode:
+    """A custom node removed from the graph while it is simplified (a copy of the NodeProto)."""
+
+    node: onnx.NodeProto
+
+
+def export_module(module: torch.nn.Module, example_input: torch.Tensor, *, input_name: str,
+                  output_names: Sequence[str], opset: int = DEFAULT_OPSET,
+                  custom_domains: Sequence[str] = ()) -> onnx.ModelProto:
+    """Trace ``module(example_input)`` into an ONNX model with a dynamic batch axis on every input/output."""
+    if opset < 17:
+        raise ValueError(f"opset must be >= 17 (LayerNormalization and the TensorRT 10 parser), got {opset}")
+    dynamic_axes = {name: {0: "batch"} for name in (input_name, *output_names)}
+    buffer = io.BytesIO()
+    module.eval()
+    with torch.no_grad():
+        torch.onnx.export(module, (example_input,), buffer, dynamo=False, opset_version=opset,
+                          input_names=[input_name], output_names=list(output_names), dynamic_axes=dynamic_axes,
+                          do_constant_folding=True, autograd_inlining=False,
+                          custom_opsets={domain: 1 for domain in custom_domains})
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def is_custom(node: onnx.NodeProto) -> bool:
+    return node.domain not in STANDARD_DOMAINS
+
+
+def _value_info_by_name(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    infos = {}
+    for info in (*model.graph.input, *model.graph.value_info, *model.graph.output):
+        infos[info.name] = info
+    return infos
+
+
+def cut_custom_nodes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[CutNode]]:
+    """Remove custom-domain nodes: their inputs become extra graph outputs, their outputs extra graph inputs.
+
+    Every custom output must have a known type (the plugin symbolic sets it), so shapes keep flowing downstream.
+    """
+    cut_model = copy.deepcopy(model)
+    infos = _value_info_by_name(onnx.shape_inference.infer_shapes(model))
+    initializers = {init.name for init in model.graph.initializer}
+    graph_outputs = {o.name for o in model.graph.output}
+    cut: list[CutNode] = []
+    kept = []
+    for node in cut_model.graph.node:
+        (cut.append(CutNode(copy.deepcopy(node))) if is_custom(node) else kept.append(node))
+    if not cut:
+        return cut_model, []
+    del cut_model.graph.node[:]
+    cut_model.graph.node.extend(kept)
+    for item in cut:
+        for name in item.node.output:
+            if name not in infos or not infos[name].type.tensor_type.HasField("shape"):
+                raise RuntimeError(f"custom node {item.node.op_type} ({item.node.name}): output '{name}' has no "
+                                   f"shape in the exported graph, cannot simplify around it")
+            cut_model.graph.input.append(copy.deepcopy(infos[name]))
+        for name in item.node.input:
+            if name in initializers or name in graph_outputs or not name:
+                continue
+            if name not in infos:
+                raise RuntimeError(f"custom node {item.node.op_type} ({item.node.name}): input '{name}' has no "
+                                   f"type after shape inference, cannot simplify around it")
+            cut_model.graph.output.append(copy.deepcopy(infos[name]))
+            graph_outputs.add(name)
+    return cut_model, cut
+
+
+def restore_custom_nodes(cut_model: onnx.ModelProto, cut: Sequence[CutNode], original: onnx.ModelProto
+                         ) -> onnx.ModelProto:
+    """Inverse of :func:`cut_custom_nodes` on a (simplified) cut model; returns a topologically sorted model."""
+    model = copy.deepcopy(cut_model)
+    custom_outputs = {name for item in cut for name in item.node.output}
+    real_outputs = [o.name for o in original.graph.output]
+    inputs = [i for i in model.graph.input if i.name not in custom_outputs]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    outputs = {o.name: o for o in model.graph.output}
+    del model.graph.output[:]
+    model.graph.output.extend(copy.deepcopy(outputs[name]) for name in real_outputs)
+    model.graph.node.extend(item.node for item in cut)
+    existing = {o.domain for o in model.opset_import}
+    model.opset_import.extend(o for o in original.opset_import if o.domain not in existing)
+    return topological_sort(model)
+
+
+def topological_sort(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Order nodes so that each comes after the producers of its inputs (ONNX requires it)."""
+    available = {i.name for i in model.graph.input} | {init.name for init in model.graph.initializer} | {""}
+    pending = list(model.graph.node)
+    ordered = []
+    while pending:
+        progressed = False
+        remaining = []
+        for node in pending:
+            if all(name in available for name in node.input):
+                ordered.append(node)
+                available.update(node.output)
+                progressed = True
+            else:
+                remaining.append(node)
+        if not progressed:
+            missing = sorted({n for node in remaining for n in node.input if n not in available})[:5]
+            raise RuntimeError(f"graph has a cycle or dangling inputs: {missing}")
+        pending = remaining
+    sorted_nodes = [copy.deepcopy(n) for n in ordered]
+    del model.graph.node[:]
+    model.graph.node.extend(sorted_nodes)
+    return model
+
+
+def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxsim on a standard-op model; raises if onnxsim's own check fails."""
+    import onnxsim
+
+    simplified, ok = onnxsim.simplify(model)
+    if not ok:
+        raise RuntimeError("onnxsim could not validate the simplified model")
+    return simplified
+
+
+def simplify_around_custom_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Simplify with onnxsim while custom nodes are out of the graph, then insert them again."""
+    cut_model, cut = cut_custom_nodes(model)
+    simplified = simplify(cut_model)
+    if not cut:
+        return simplified
+    restored = restore_custom_nodes(simplified, cut, model)
+    # value_info of the cut-model outputs/inputs stays useful for TensorRT; drop stale entries for removed names
+    produced = {name for node in restored.graph.node for name in node.output}
+    infos = [v for v in restored.graph.value_info if v.name in produced]
+    del restored.graph.value_info[:]
+    restored.graph.value_info.extend(infos)
+    return restored
+
+
+def check_model(model: onnx.ModelProto | str | Path) -> None:
+    """``onnx.checker`` (the path form also handles models above 2 GB); raises ``onnx.checker.ValidationError``."""
+    onnx.checker.check_model(str(model) if isinstance(model, (str, Path)) else model)
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Node count per op type (``domain::op`` for custom domains), main graph only."""
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        key = node.op_type if not is_custom(node) else f"{node.domain}::{node.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return path
