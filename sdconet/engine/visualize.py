@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 GT_COLOR = (40, 220, 60)
 PRED_COLOR = (255, 50, 50)
-PANEL_TITLES = ("LR input", "SR output", "HR target", "saliency", "detections (red) / GT (green)")
+PANEL_TITLES = ("LR input", "SR output", "HR target", "saliency", "pred red / GT green")
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -30,17 +30,21 @@ def resize(image: np.ndarray, size: tuple[int, int], nearest: bool = False) -> n
     return np.asarray(Image.fromarray(image).resize((width, height), resample))
 
 
-def draw_boxes(image: np.ndarray, boxes_xyxy: torch.Tensor, labels: torch.Tensor, color: tuple[int, int, int],
-               category_names: Sequence[str] = (), scores: torch.Tensor | None = None) -> np.ndarray:
-    """Draw [n, 4] pixel boxes with a ``name score`` caption on a copy of ``image`` ([H, W, 3] uint8)."""
+def draw_boxes(image: np.ndarray, boxes_xyxy: torch.Tensor, color: tuple[int, int, int],
+               labels: torch.Tensor | None = None, scores: torch.Tensor | None = None,
+               category_names: Sequence[str] = ()) -> np.ndarray:
+    """Draw [n, 4] pixel boxes on a copy of ``image`` ([H, W, 3] uint8), captioned ``name score`` when ``labels``
+    are given."""
     canvas = Image.fromarray(image.copy())
     draw = ImageDraw.Draw(canvas)
     for i, box in enumerate(boxes_xyxy.tolist()):
+        draw.rectangle(box, outline=color, width=1)
+        if labels is None:
+            continue
         label = int(labels[i])
         caption = category_names[label] if label < len(category_names) else str(label)
         if scores is not None:
             caption = f"{caption} {float(scores[i]):.2f}"
-        draw.rectangle(box, outline=color, width=1)
         draw.text((box[0] + 1, max(0.0, box[1] - 10)), caption, fill=color)
     return np.asarray(canvas)
 
@@ -58,7 +62,7 @@ def saliency_overlay(image: np.ndarray, saliency: torch.Tensor, opacity: float =
 def _titled(panel: np.ndarray, title: str) -> np.ndarray:
     canvas = Image.fromarray(panel.copy())
     draw = ImageDraw.Draw(canvas)
-    draw.rectangle((0, 0, 7 * len(title) + 6, 13), fill=(0, 0, 0))
+    draw.rectangle((0, 0, draw.textlength(title) + 5, 12), fill=(0, 0, 0))
     draw.text((3, 1), title, fill=(255, 255, 255))
     return np.asarray(canvas)
 
@@ -68,7 +72,7 @@ def grid_row(image_lr: torch.Tensor, image_hr: torch.Tensor, sr_image: torch.Ten
              category_names: Sequence[str] = ()) -> np.ndarray:
     """One row of the epoch grid ([H, 5W, 3] uint8).
 
-    ``pred``/``gt`` hold ``boxes`` ([n, 4] xyxy HR pixels) and ``labels``; ``pred`` also ``scores``.
+    ``pred`` holds ``boxes`` ([n, 4] xyxy HR pixels), ``labels`` and ``scores``; ``gt`` holds ``boxes``.
     ``sr_image`` is the SR output in [0, 1] at HR size; ``saliency`` is [h, w] in [0, 1].
     """
     hr = to_uint8(image_hr)
@@ -76,8 +80,8 @@ def grid_row(image_lr: torch.Tensor, image_hr: torch.Tensor, sr_image: torch.Ten
     lr = resize(to_uint8(image_lr), size, nearest=True)
     sr = resize(to_uint8(sr_image), size) if sr_image is not None else np.full_like(hr, 32)
     sal = saliency_overlay(hr, saliency) if saliency is not None else np.full_like(hr, 32)
-    detections = draw_boxes(hr, gt["boxes"], gt["labels"], GT_COLOR)
-    detections = draw_boxes(detections, pred["boxes"], pred["labels"], PRED_COLOR, category_names, pred["scores"])
+    detections = draw_boxes(hr, gt["boxes"], GT_COLOR)
+    detections = draw_boxes(detections, pred["boxes"], PRED_COLOR, pred["labels"], pred["scores"], category_names)
     panels = [_titled(p, t) for p, t in zip((lr, sr, hr, sal, detections), PANEL_TITLES)]
     return np.concatenate(panels, axis=1)
 
