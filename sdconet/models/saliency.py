@@ -3,6 +3,10 @@
 One token scorer is shared by all levels. Levels are scored coarse -> fine; each finer level is first modulated by the
 upsampled saliency of the level above it (``m = m + m * up(score_coarser) * alpha_l``), so that coarse evidence of an
 object raises the saliency of the fine tokens that cover it.
+
+The modulation acts on the LayerNorm-ed tokens (the scorer's first op). Applied before the LayerNorm, as in the
+Salience DETR code, the per-token factor ``1 + up * alpha`` is divided out again by the normalisation (it only
+survives as a sign flip where the factor is negative), so alpha would get almost no gradient.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ from torch import nn
 class SaliencyTokenHead(nn.Module):
     """Per-token saliency logit from a local half and a global (image-level) half of the hidden features.
 
-    ``tokens [B, N, d]``, ``padding [B, N]`` bool (True = padding) -> logits ``[B, N]``.
+    ``tokens [B, N, d]``, ``padding [B, N]`` bool (True = padding), optional ``modulation [B, N, 1]`` (top-down
+    factor, applied as ``m + m * modulation`` to the normalised tokens) -> logits ``[B, N]``.
     LayerNorm -> Linear(d, h) -> GELU; channels split into local h/2 and global h/2 (global = mean over the valid
     tokens of the level); concat -> MLP h -> h/2 -> h/4 -> 1.
     """
@@ -26,7 +31,8 @@ class SaliencyTokenHead(nn.Module):
         if hidden_dim % 4:
             raise ValueError(f"saliency.hidden_dim must be divisible by 4, got {hidden_dim}")
         self.hidden_dim = hidden_dim
-        self.embed = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden_dim), nn.GELU())
+        self.norm = nn.LayerNorm(in_dim)
+        self.embed = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU())
         self.score = nn.Sequential(
             nn.Linear(hidden_dim, hidden_dim // 2), nn.GELU(),
             nn.Linear(hidden_dim // 2, hidden_dim // 4), nn.GELU(),
@@ -37,7 +43,11 @@ class SaliencyTokenHead(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, tokens: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, padding: torch.Tensor,
+                modulation: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = self.norm(tokens)
+        if modulation is not None:
+            tokens = tokens + tokens * modulation
         hidden = self.embed(tokens)
         local, global_ = hidden.split(self.hidden_dim // 2, dim=-1)
         valid = (~padding).to(hidden.dtype)[..., None]  # [B, N, 1]
@@ -69,11 +79,11 @@ class SaliencyPredictor(nn.Module):
         logits: list[torch.Tensor] = [torch.empty(0)] * num_levels
         coarser: torch.Tensor | None = None
         for level in range(num_levels - 1, -1, -1):
-            tokens = level_tokens[level]
             height, width = spatial_shapes[level]
+            modulation = None
             if coarser is not None:
                 up = F.interpolate(coarser, size=(height, width), mode="bilinear", align_corners=True)
-                tokens = tokens + tokens * up.flatten(2).transpose(1, 2) * self.alpha[level]
-            logits[level] = self.token_head(tokens, level_padding[level])
+                modulation = up.flatten(2).transpose(1, 2) * self.alpha[level]  # [B, N_l, 1]
+            logits[level] = self.token_head(level_tokens[level], level_padding[level], modulation)
             coarser = logits[level].view(-1, 1, height, width)
         return logits
