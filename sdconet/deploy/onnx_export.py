@@ -11,6 +11,7 @@ puts the nodes back. onnxsim's shape inference and constant folding therefore ne
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 from dataclasses import dataclass
@@ -35,6 +36,27 @@ class CutNode:
     node: onnx.NodeProto
 
 
+def _stable_sort_symbolic(g, self, *args):
+    """``aten::sort`` including the ``stable=`` overload (``sort(self, stable, dim, descending)``), which torch's
+    built-in symbolic misreads. ONNX TopK over the whole axis puts equal values in index order, i.e. it is stable."""
+    from torch.onnx import symbolic_helper
+
+    dim, descending = (args[-2], args[-1])
+    dim = symbolic_helper._maybe_get_const(dim, "i")
+    descending = symbolic_helper._maybe_get_const(descending, "b")
+    axis_size = g.op("Gather", g.op("Shape", self), g.op("Constant", value_t=torch.tensor([dim], dtype=torch.int64)))
+    return g.op("TopK", self, axis_size, axis_i=dim, largest_i=int(bool(descending)), sorted_i=1, outputs=2)
+
+
+@contextlib.contextmanager
+def _export_symbolics(opset: int):
+    torch.onnx.register_custom_op_symbolic("aten::sort", _stable_sort_symbolic, opset)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::sort", opset)
+
+
 def export_module(module: torch.nn.Module, example_input: torch.Tensor, *, input_name: str,
                   output_names: Sequence[str], opset: int = DEFAULT_OPSET,
                   custom_domains: Sequence[str] = ()) -> onnx.ModelProto:
@@ -44,7 +66,7 @@ def export_module(module: torch.nn.Module, example_input: torch.Tensor, *, input
     dynamic_axes = {name: {0: "batch"} for name in (input_name, *output_names)}
     buffer = io.BytesIO()
     module.eval()
-    with torch.no_grad():
+    with torch.no_grad(), _export_symbolics(opset):
         torch.onnx.export(module, (example_input,), buffer, dynamo=False, opset_version=opset,
                           input_names=[input_name], output_names=list(output_names), dynamic_axes=dynamic_axes,
                           do_constant_folding=True, autograd_inlining=False,
