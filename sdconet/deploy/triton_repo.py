@@ -1,0 +1,376 @@
+"""Triton model repository builder: renders the templates in ``triton_repo/`` for one deployment.
+
+A built repository holds exactly the models the chosen deployment needs, so the server loads it without errors::
+
+    <repo>/preprocess/{config.pbtxt, 1/model.py, 1/sdconet_processing.py}     python backend
+    <repo>/detector_<backend>/{config.pbtxt, 1/model.(py+onnx | onnx | plan)}
+    <repo>/postprocess/{config.pbtxt, 1/model.py, 1/sdconet_processing.py}    python backend
+    <repo>/sdconet/{config.pbtxt, 1/}                                          ensemble
+    <repo>/sdconet_repo.json                                                   manifest (read by the launcher)
+
+Backends: ``cpu`` (python backend running ONNX Runtime — works with the python-only server bundled in
+``nvidia-pytriton``), ``onnx`` (Triton's ``onnxruntime_onnx``, GPU or CPU, optional TensorRT accelerator) and ``trt``
+(``tensorrt_plan``). The detector's tensor signature is read from the exported ONNX (for ``trt``: the ONNX the engine
+was built from) and every written config is parsed with Triton's own ``ModelConfig`` schema.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import string
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from sdconet.serve import processing
+from sdconet.serve.python_env import DETECTOR_CPU_MODULES, PREPROCESS_MODULES, inspect_python_env
+from sdconet.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "triton_repo"
+BACKENDS = ("cpu", "onnx", "trt")
+DETECTOR_MODELS = {"cpu": "detector_cpu", "onnx": "detector_onnx", "trt": "detector_trt"}
+DETECTOR_PLATFORMS = {"cpu": "python", "onnx": "onnxruntime_onnx", "trt": "tensorrt_plan"}
+ENSEMBLE_MODEL = "sdconet"
+MANIFEST_NAME = "sdconet_repo.json"
+PROCESSING_MODULE_NAME = "sdconet_processing.py"
+DETECTOR_INPUT = "images"
+# outputs the postprocess step consumes; further ONNX outputs (e.g. saliency) are declared but not wired
+DETECTOR_OUTPUTS = {"boxes": "TYPE_FP32", "scores": "TYPE_FP32", "labels": "TYPE_INT32"}
+# ONNX operator domains ONNX Runtime executes; anything else is a custom op (e.g. a TensorRT plugin node)
+ORT_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
+
+_ONNX_TO_TRITON = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 5: "TYPE_INT16", 6: "TYPE_INT32",
+                   7: "TYPE_INT64", 9: "TYPE_BOOL", 10: "TYPE_FP16", 11: "TYPE_FP64", 16: "TYPE_BF16"}
+
+
+class RepositoryError(ValueError):
+    """The repository cannot be built or does not match the model; the message names the file/field/value."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input/output as Triton sees it: dims exclude the batch axis (-1 = dynamic)."""
+
+    name: str
+    data_type: str  # Triton name, e.g. "TYPE_FP32"
+    dims: tuple[int, ...]
+
+    def to_pbtxt(self) -> str:
+        dims = ", ".join(str(d) for d in self.dims)
+        return f'  {{ name: "{self.name}" data_type: {self.data_type} dims: [ {dims} ] }}'
+
+
+@dataclass(frozen=True)
+class RepositoryOptions:
+    """Tuning knobs of a built repository (the defaults suit a single CPU or GPU)."""
+
+    detector_instances: int = 1  # instance_group count of the detector
+    python_instances: int = 1  # instance_group count of preprocess / postprocess
+    max_queue_delay_us: int = 1000  # dynamic batcher: how long a request may wait for others
+    cpu_threads: int = 0  # ONNX Runtime intra-op threads of detector_cpu (0 = ONNX Runtime's default)
+    max_image_pixels: int = processing.DEFAULT_MAX_IMAGE_PIXELS  # preprocess refuses larger images
+    onnx_device: str = "gpu"  # detector_onnx instance kind: "gpu" | "cpu"
+    onnx_tensorrt: bool = False  # detector_onnx: TensorRT execution accelerator (GPU only)
+    onnx_tensorrt_precision: str = "FP16"  # "FP32" | "FP16" | "INT8"
+    # EXECUTION_ENV_PATH of the python models: an environment with numpy < 2 (see sdconet.serve.python_env);
+    # None = the server's own Python. It is checked here unless check_python_env is False (an env on another machine).
+    python_env: Optional[str] = sys.prefix
+    check_python_env: bool = True
+
+
+def _pbtxt_string(text: str) -> str:
+    """Escape for a double-quoted protobuf text-format string (UTF-8 passes through)."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def parse_model_config(path: str | Path):
+    """Parse a ``config.pbtxt`` with Triton's schema -> ``tritonclient.grpc.model_config_pb2.ModelConfig``."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    path = Path(path)
+    try:
+        return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    except text_format.ParseError as err:
+        raise RepositoryError(f"{path}: not a valid Triton model config: {err}") from err
+
+
+def _spec_from_config(tensor) -> TensorSpec:
+    from tritonclient.grpc import model_config_pb2
+
+    return TensorSpec(tensor.name, model_config_pb2.DataType.Name(tensor.data_type), tuple(tensor.dims))
+
+
+def read_onnx_signature(onnx_path: str | Path) -> tuple[list[TensorSpec], list[TensorSpec], bool]:
+    """(inputs, outputs, dynamic_batch) of an ONNX graph; dims exclude the batch axis, symbolic dims are -1."""
+    import onnx
+
+    onnx_path = Path(onnx_path)
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    initializers = {init.name for init in model.graph.initializer}
+
+    def specs(values) -> tuple[list[TensorSpec], list[bool]]:
+        out, batch_dynamic = [], []
+        for value in values:
+            if value.name in initializers:
+                continue
+            tensor_type = value.type.tensor_type
+            if tensor_type.elem_type not in _ONNX_TO_TRITON:
+                raise RepositoryError(f"{onnx_path}: tensor '{value.name}' has unsupported element type "
+                                      f"{onnx.TensorProto.DataType.Name(tensor_type.elem_type)}")
+            dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in tensor_type.shape.dim]
+            if not dims:
+                raise RepositoryError(f"{onnx_path}: tensor '{value.name}' has no batch axis (rank 0)")
+            batch_dynamic.append(dims[0] == -1)
+            out.append(TensorSpec(value.name, _ONNX_TO_TRITON[tensor_type.elem_type], tuple(dims[1:])))
+        return out, batch_dynamic
+
+    inputs, inputs_dynamic = specs(model.graph.input)
+    outputs, outputs_dynamic = specs(model.graph.output)
+    return inputs, outputs, all(inputs_dynamic + outputs_dynamic)
+
+
+def _custom_ops(onnx_path: Path) -> list[str]:
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return sorted({f"{n.domain}::{n.op_type}" for n in graph.node if n.domain not in ORT_DOMAINS})
+
+
+def _external_data_files(onnx_path: Path) -> list[str]:
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return sorted({entry.value for init in graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL
+                   for entry in init.external_data if entry.key == "location"})
+
+
+def check_detector_signature(onnx_path: str | Path, imgsz: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Check the exported detector against the serving contract; return its (inputs, outputs) specs.
+
+    Contract: input ``images`` float32 ``[B, 3, imgsz, imgsz]`` (dynamic B); outputs ``boxes`` ``[B, K, 4]`` float32,
+    ``scores`` ``[B, K]`` float32, ``labels`` ``[B, K]`` int32, optionally more (e.g. ``saliency``).
+    """
+    inputs, outputs, dynamic_batch = read_onnx_signature(onnx_path)
+    where = f"{onnx_path}"
+    if not dynamic_batch:
+        raise RepositoryError(f"{where}: every input/output needs a dynamic batch axis for Triton's dynamic batching; "
+                              f"re-export with a dynamic batch dimension")
+    if [spec.name for spec in inputs] != [DETECTOR_INPUT]:
+        raise RepositoryError(f"{where}: expected exactly one input '{DETECTOR_INPUT}', got "
+                              f"{[spec.name for spec in inputs]}")
+    image = inputs[0]
+    if image.data_type != "TYPE_FP32" or len(image.dims) != 3 or image.dims[0] != 3:
+        raise RepositoryError(f"{where}: input '{DETECTOR_INPUT}' must be float32 [B, 3, H, W], got "
+                              f"{image.data_type} {list(image.dims)}")
+    if any(d not in (-1, imgsz) for d in image.dims[1:]):
+        raise RepositoryError(f"{where}: input '{DETECTOR_INPUT}' is {image.dims[1]}x{image.dims[2]} but imgsz is "
+                              f"{imgsz}")
+    by_name = {spec.name: spec for spec in outputs}
+    missing = [name for name in DETECTOR_OUTPUTS if name not in by_name]
+    if missing:
+        raise RepositoryError(f"{where}: missing output(s) {missing}; outputs are {list(by_name)}")
+    for name, data_type in DETECTOR_OUTPUTS.items():
+        if by_name[name].data_type != data_type:
+            raise RepositoryError(f"{where}: output '{name}' is {by_name[name].data_type}, the contract says "
+                                  f"{data_type}")
+    num = by_name["boxes"].dims[0]
+    if (by_name["boxes"].dims != (num, 4) or by_name["scores"].dims != (num,)
+            or by_name["labels"].dims != (num,)):
+        raise RepositoryError(f"{where}: expected boxes [B, K, 4], scores [B, K], labels [B, K]; got "
+                              f"{[list(by_name[n].dims) for n in DETECTOR_OUTPUTS]} (batch axis omitted)")
+    # the config names the engine size even where the ONNX left H/W symbolic
+    inputs = [TensorSpec(DETECTOR_INPUT, "TYPE_FP32", (3, imgsz, imgsz))]
+    return inputs, outputs
+
+
+def check_config_against_onnx(config_path: str | Path, onnx_path: str | Path) -> None:
+    """Structural check of a detector ``config.pbtxt`` against the ONNX (names, dtypes, dims, batch).
+
+    The batch axis must be dynamic in the ONNX and ``max_batch_size`` > 0; each config tensor must exist in the ONNX
+    with the same data type and dims (an ONNX -1 admits any config value); every ONNX output must be declared.
+    """
+    config = parse_model_config(config_path)
+    inputs, outputs, dynamic_batch = read_onnx_signature(onnx_path)
+    problems = []
+    if config.max_batch_size <= 0 or not dynamic_batch:
+        problems.append(f"batching: max_batch_size={config.max_batch_size}, ONNX dynamic batch={dynamic_batch}")
+    for kind, declared, actual in (("input", config.input, inputs), ("output", config.output, outputs)):
+        actual_by_name = {spec.name: spec for spec in actual}
+        declared_specs = [_spec_from_config(tensor) for tensor in declared]
+        for spec in declared_specs:
+            model_spec = actual_by_name.get(spec.name)
+            if model_spec is None:
+                problems.append(f"{kind} '{spec.name}' is not in the ONNX ({list(actual_by_name)})")
+                continue
+            if spec.data_type != model_spec.data_type:
+                problems.append(f"{kind} '{spec.name}': config {spec.data_type}, ONNX {model_spec.data_type}")
+            if len(spec.dims) != len(model_spec.dims) or any(
+                    m not in (-1, c) for c, m in zip(spec.dims, model_spec.dims)):
+                problems.append(f"{kind} '{spec.name}': config dims {list(spec.dims)}, ONNX dims "
+                                f"{list(model_spec.dims)} (batch axis omitted)")
+        undeclared = sorted(set(actual_by_name) - {spec.name for spec in declared_specs})
+        if undeclared:
+            problems.append(f"ONNX {kind}(s) {undeclared} are not declared in the config")
+    if problems:
+        raise RepositoryError(f"{config_path} does not match {onnx_path}: " + "; ".join(problems))
+
+
+def _render(template: Path, values: dict[str, object]) -> str:
+    try:
+        return string.Template(template.read_text()).substitute({k: str(v) for k, v in values.items()})
+    except KeyError as err:
+        raise RepositoryError(f"{template}: placeholder {err} has no value") from err
+
+
+def _onnx_optimization(options: RepositoryOptions) -> str:
+    if not options.onnx_tensorrt:
+        return ""
+    if options.onnx_device != "gpu":
+        raise RepositoryError("onnx_tensorrt needs onnx_device='gpu' (TensorRT is a GPU execution accelerator)")
+    return ("optimization { execution_accelerators { gpu_execution_accelerator: [ {\n"
+            '  name: "tensorrt"\n'
+            f'  parameters {{ key: "precision_mode" value: "{options.onnx_tensorrt_precision}" }}\n'
+            '  parameters { key: "trt_engine_cache_enable" value: "1" }\n'
+            "} ] } }")
+
+
+def _check_arguments(backend: str, imgsz: int, max_batch: int, class_names: Sequence[str], score_threshold: float,
+                     onnx_path: Optional[Path], engine_path: Optional[Path], options: RepositoryOptions) -> None:
+    if backend not in BACKENDS:
+        raise RepositoryError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if imgsz <= 0 or max_batch <= 0:
+        raise RepositoryError(f"imgsz and max_batch must be positive, got imgsz={imgsz}, max_batch={max_batch}")
+    if not class_names or not all(isinstance(n, str) and n for n in class_names):
+        raise RepositoryError(f"class_names must be a non-empty list of non-empty strings, got {class_names!r}")
+    if not 0.0 <= score_threshold <= 1.0:
+        raise RepositoryError(f"score_threshold must be in [0, 1], got {score_threshold}")
+    if onnx_path is None or not onnx_path.is_file():
+        raise RepositoryError(f"onnx_path must name the exported detector ONNX (for backend 'trt': the ONNX the "
+                              f"engine was built from, for its tensor signature), got {onnx_path}")
+    if backend == "trt" and (engine_path is None or not engine_path.is_file()):
+        raise RepositoryError(f"backend 'trt' needs engine_path, a TensorRT engine file; got {engine_path}")
+    if options.onnx_device not in ("gpu", "cpu"):
+        raise RepositoryError(f"onnx_device must be 'gpu' or 'cpu', got {options.onnx_device!r}")
+    if options.onnx_tensorrt_precision not in ("FP32", "FP16", "INT8"):
+        raise RepositoryError(f"onnx_tensorrt_precision must be FP32/FP16/INT8, got {options.onnx_tensorrt_precision}")
+    for name in ("detector_instances", "python_instances", "max_image_pixels"):
+        if getattr(options, name) <= 0:
+            raise RepositoryError(f"{name} must be positive, got {getattr(options, name)}")
+    if not TEMPLATE_DIR.is_dir():
+        raise RepositoryError(f"template directory {TEMPLATE_DIR} is missing (run from a source checkout)")
+
+
+def _prepare_target(repo_dir: Path) -> None:
+    if repo_dir.resolve() == TEMPLATE_DIR:
+        raise RepositoryError(f"{repo_dir} is the template directory; build into another one, e.g. "
+                              f"engines/triton_repo")
+    if repo_dir.exists() and any(repo_dir.iterdir()) and not (repo_dir / MANIFEST_NAME).is_file():
+        raise RepositoryError(f"{repo_dir} exists, is not empty and was not written by this builder (no "
+                              f"{MANIFEST_NAME}); refusing to overwrite it")
+
+
+def build_repository(repo_dir: str | Path, *, onnx_path: str | Path | None = None,
+                     engine_path: str | Path | None = None, backend: str, imgsz: int, max_batch: int,
+                     class_names: Sequence[str], score_threshold: float = 0.05,
+                     options: RepositoryOptions | None = None) -> Path:
+    """Write a Triton model repository for one deployment (``backend`` = ``cpu`` | ``onnx`` | ``trt``).
+
+    ``onnx_path`` is the exported detector (always needed: its tensor signature drives the detector config; copied
+    for ``cpu``/``onnx``), ``engine_path`` the TensorRT engine for ``trt``. A previous repository written by this
+    builder at ``repo_dir`` is replaced as a whole (so switching backend leaves no stale model behind).
+    Returns ``repo_dir``.
+    """
+    options = options or RepositoryOptions()
+    repo_dir = Path(repo_dir)
+    onnx_path = Path(onnx_path) if onnx_path is not None else None
+    engine_path = Path(engine_path) if engine_path is not None else None
+    _check_arguments(backend, imgsz, max_batch, class_names, score_threshold, onnx_path, engine_path, options)
+    _prepare_target(repo_dir)
+
+    inputs, outputs = check_detector_signature(onnx_path, imgsz)
+    if backend in ("cpu", "onnx"):
+        custom = _custom_ops(onnx_path)
+        if custom:
+            raise RepositoryError(f"{onnx_path} contains custom operator(s) {custom} that ONNX Runtime cannot run "
+                                  f"(TensorRT plugin nodes?); serve the pure-ONNX export with backend '{backend}'")
+    execution_env = ""
+    python_env_version = None
+    if options.python_env is not None:
+        if options.check_python_env:
+            modules = PREPROCESS_MODULES + (DETECTOR_CPU_MODULES if backend == "cpu" else ())
+            python_env_version = inspect_python_env(options.python_env, modules).version
+        execution_env = (f'parameters {{ key: "EXECUTION_ENV_PATH" value: {{ string_value: '
+                         f'"{_pbtxt_string(str(options.python_env))}" }} }}')
+
+    detector = DETECTOR_MODELS[backend]
+    num_detections = next(spec for spec in outputs if spec.name == "boxes").dims[0]
+    values = {
+        "max_batch_size": max_batch, "imgsz": imgsz, "num_detections": num_detections,
+        "max_queue_delay_us": options.max_queue_delay_us, "python_instances": options.python_instances,
+        "detector_instances": options.detector_instances, "cpu_threads": options.cpu_threads,
+        "max_image_pixels": options.max_image_pixels, "score_threshold": repr(float(score_threshold)),
+        "class_names": _pbtxt_string(json.dumps(list(class_names), ensure_ascii=False)),
+        "execution_env": execution_env, "detector": detector,
+        "detector_inputs": ",\n".join(spec.to_pbtxt() for spec in inputs),
+        "detector_outputs": ",\n".join(spec.to_pbtxt() for spec in outputs),
+        "onnx_instance_kind": "KIND_GPU" if options.onnx_device == "gpu" else "KIND_CPU",
+        "onnx_optimization": _onnx_optimization(options) if backend == "onnx" else "",
+    }
+
+    repo_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{repo_dir.name}.", dir=repo_dir.parent))
+    try:
+        for model in ("preprocess", detector, "postprocess", ENSEMBLE_MODEL):
+            version_dir = staging / model / "1"
+            version_dir.mkdir(parents=True)
+            config_path = staging / model / "config.pbtxt"
+            config_path.write_text(_render(TEMPLATE_DIR / model / "config.pbtxt.in", values))
+            parsed = parse_model_config(config_path)
+            if parsed.name != model:
+                raise RepositoryError(f"{config_path}: name is '{parsed.name}', expected '{model}'")
+            if (TEMPLATE_DIR / model / "model.py").is_file():
+                shutil.copy2(TEMPLATE_DIR / model / "model.py", version_dir / "model.py")
+            if model in ("preprocess", "postprocess"):
+                shutil.copy2(processing.__file__, version_dir / PROCESSING_MODULE_NAME)
+        detector_dir = staging / detector / "1"
+        if backend == "trt":
+            shutil.copy2(engine_path, detector_dir / "model.plan")
+        else:
+            shutil.copy2(onnx_path, detector_dir / "model.onnx")
+            for name in _external_data_files(onnx_path):
+                (detector_dir / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(onnx_path.parent / name, detector_dir / name)
+        check_config_against_onnx(staging / detector / "config.pbtxt", onnx_path)
+        manifest = {
+            "backend": backend, "ensemble": ENSEMBLE_MODEL, "detector": detector,
+            "models": ["preprocess", detector, "postprocess", ENSEMBLE_MODEL],
+            "imgsz": imgsz, "max_batch": max_batch, "num_detections": num_detections,
+            "class_names": list(class_names), "score_threshold": float(score_threshold),
+            "source_onnx": str(onnx_path.resolve()),
+            "source_engine": str(engine_path.resolve()) if engine_path is not None else None,
+            "python_env_version": python_env_version, "options": asdict(options),
+        }
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        if repo_dir.exists():
+            shutil.rmtree(repo_dir)
+        staging.rename(repo_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    log.info("Triton repository for backend '%s' written to %s (models: preprocess, %s, postprocess, %s)",
+             backend, repo_dir, detector, ENSEMBLE_MODEL)
+    return repo_dir
+
+
+def load_manifest(repo_dir: str | Path) -> dict:
+    """The manifest a built repository carries; a clear error if ``repo_dir`` was not written by this builder."""
+    path = Path(repo_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise RepositoryError(f"{repo_dir} has no {MANIFEST_NAME}: build it with sdconet.deploy.triton_repo."
+                              f"build_repository (export/build_engine.py --triton-repo)")
+    return json.loads(path.read_text())

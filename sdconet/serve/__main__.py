@@ -1,0 +1,102 @@
+"""``python -m sdconet.serve --repo DIR``: run Triton on a built repository until Ctrl-C / SIGTERM."""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from sdconet.deploy.triton_repo import BACKENDS, RepositoryError, load_manifest
+from sdconet.serve.server import DEFAULT_HOST, DEFAULT_PORTS, ServerError, TritonServer
+from sdconet.utils.logging import get_logger, setup_logging
+
+log = get_logger("sdconet.serve")
+
+
+class _Stop(Exception):
+    """Raised from the signal handler to leave the wait loop."""
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sdconet.serve",
+        description="Start Triton Inference Server on a repository built by export/build_engine.py --triton-repo "
+                    "(tritonserver on PATH, else the one bundled with nvidia-pytriton), wait until it is ready, "
+                    "print the endpoints and serve until Ctrl-C or SIGTERM.")
+    parser.add_argument("--repo", type=Path, required=True, help="model repository directory")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="deployment the repository must hold (default: whatever it was built for)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="bind address of all endpoints (default %(default)s; "
+                                                             "0.0.0.0 exposes the server to the network)")
+    parser.add_argument("--http-port", type=int, default=DEFAULT_PORTS["http"])
+    parser.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"])
+    parser.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"])
+    parser.add_argument("--tritonserver", type=Path, default=None, help="tritonserver binary to run")
+    parser.add_argument("--log-file", type=Path, default=None, help="server log (default: a temporary file)")
+    parser.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
+    parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for readiness")
+    parser.add_argument("--json", action="store_true", help="print the endpoints as one JSON line")
+    args = parser.parse_args(argv)
+    setup_logging()
+
+    try:
+        manifest = load_manifest(args.repo)
+    except RepositoryError as err:
+        parser.error(str(err))
+    if args.backend is not None and args.backend != manifest["backend"]:
+        parser.error(f"{args.repo} was built for backend '{manifest['backend']}', not '{args.backend}'; rebuild it "
+                     f"for '{args.backend}' (export/build_engine.py --triton-repo, or "
+                     f"sdconet.deploy.triton_repo.build_repository)")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding to %s: the server is reachable from other machines", args.host)
+
+    def on_signal(signum, frame):
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not interrupt the shutdown
+            signal.signal(sig, signal.SIG_IGN)
+        raise _Stop(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    server = TritonServer(args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                          metrics_port=args.metrics_port, binary=args.tritonserver, log_file=args.log_file,
+                          log_verbose=args.log_verbose)
+    try:
+        started = time.monotonic()
+        server.start()
+        server.wait_ready(args.startup_timeout)
+        e = server.endpoints
+        info = {"http": e.http, "grpc": e.grpc, "metrics": e.metrics, "model": manifest["ensemble"],
+                "backend": manifest["backend"], "models": manifest["models"], "pid": server.process.pid,
+                "log": str(server.log_path)}
+        if args.json:
+            print(json.dumps(info), flush=True)
+        else:
+            print(f"SDCoNet Triton server ready in {time.monotonic() - started:.1f} s "
+                  f"(backend {manifest['backend']}, models {', '.join(manifest['models'])})\n"
+                  f"  HTTP     {e.http}\n  gRPC     {e.grpc}\n  metrics  {e.metrics}\n"
+                  f"  log      {server.log_path}\n"
+                  f"Try: python -m sdconet.client IMAGE --url {e.http}\nCtrl-C to stop.", flush=True)
+        while server.process.poll() is None:
+            time.sleep(0.5)
+        log.error("tritonserver exited unexpectedly with code %s; log tail:\n%s", server.process.returncode,
+                  server.log_tail())
+        server.stop()
+        return 1
+    except _Stop as stop:
+        log.info("%s received: stopping the server", stop)
+        code = server.stop()
+        log.info("server stopped (exit code %s)", code)
+        return 0
+    except ServerError as err:
+        log.error("%s", err)
+        server.stop()
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Load generator for the served ``sdconet`` ensemble: a concurrency sweep with latency percentiles, throughput,
+errors and Triton's own split of each model's time into queueing and compute (``python -m sdconet.loadgen``).
+
+Per concurrency level: ``warmup`` untimed requests, a statistics snapshot, ``requests`` timed requests with
+``concurrency`` of them in flight (asyncio client), a second snapshot. The snapshot difference gives, per model of the
+ensemble, the requests served, the executions (fewer executions than inferences = dynamic batching at work), the
+average batch, and the average queue and compute (input + infer + output) time per request.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from sdconet.serve.client import (ENSEMBLE_MODEL, PROTOCOLS, AsyncSDCoNetClient, ImageInput, composing_models,
+                                  default_url)
+from sdconet.utils.logging import get_logger, setup_logging
+
+log = get_logger(__name__)
+
+
+@dataclass
+class ModelTiming:
+    """One model's share of a level, from the difference of two statistics snapshots."""
+
+    model: str
+    requests: int  # successful requests (an inference_stats.success count)
+    inferences: int  # images inferred (sum of batch sizes)
+    executions: int  # model executions; < inferences when requests were batched
+    avg_batch: float
+    queue_ms: float  # mean time a request waited in the scheduler queue
+    compute_ms: float  # mean compute (input + infer + output) per request
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    requests: int
+    errors: int
+    wall_s: float
+    throughput_rps: float  # successful requests per second
+    latency_ms: dict[str, float]  # p50, p90, p99, mean, max of successful requests
+    models: list[ModelTiming] = field(default_factory=list)
+    first_error: Optional[str] = None
+
+
+def synthetic_image(size: int = 512, seed: int = 0) -> bytes:
+    """A PNG with a textured background and a few bright rectangles (a stand-in scene for load tests)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    base = 90 + 40 * np.sin(6 * np.pi * xx) * np.cos(4 * np.pi * yy)
+    image = np.clip(base[..., None] + rng.normal(0, 12, (size, size, 3)), 0, 255)
+    for _ in range(12):
+        x, y = rng.integers(0, size - 24, 2)
+        w, h = rng.integers(6, 24, 2)
+        image[y:y + h, x:x + w] = rng.integers(150, 256, 3)
+    buffer = io.BytesIO()
+    Image.fromarray(image.astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def timing_delta(before: dict[str, dict], after: dict[str, dict], model: str) -> ModelTiming:
+    """Per-request averages of ``model`` between two :func:`normalize_statistics` snapshots."""
+
+    def stat(snapshot: dict, *keys: str) -> int:
+        node = snapshot.get(model, {})
+        for key in keys:
+            node = node.get(key, {})
+        return int(node) if not isinstance(node, dict) else 0
+
+    def delta(*keys: str) -> int:
+        return stat(after, *keys) - stat(before, *keys)
+
+    requests = delta("inference_stats", "success", "count")
+    inferences, executions = delta("inference_count"), delta("execution_count")
+    compute_ns = sum(delta("inference_stats", part, "ns") for part in ("compute_input", "compute_infer",
+                                                                        "compute_output"))
+    per_request = max(requests, 1)
+    return ModelTiming(model=model, requests=requests, inferences=inferences, executions=executions,
+                       avg_batch=inferences / executions if executions else 0.0,
+                       queue_ms=delta("inference_stats", "queue", "ns") / per_request / 1e6,
+                       compute_ms=compute_ns / per_request / 1e6)
+
+
+async def _run_level(client: AsyncSDCoNetClient, images: Sequence[ImageInput], concurrency: int, requests: int,
+                     on_request: Optional[Callable[[], None]]) -> tuple[list[float], list[str], float]:
+    """``requests`` requests with ``concurrency`` workers -> (latencies in s, error messages, wall time in s)."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < requests:
+            index = next_index
+            next_index += 1
+            started = time.perf_counter()
+            try:
+                await client.detect(images[index % len(images)])
+                latencies.append(time.perf_counter() - started)
+            except Exception as err:  # counted, the sweep goes on
+                errors.append(str(err))
+            if on_request is not None:
+                on_request()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, errors, time.perf_counter() - started
+
+
+async def sweep_async(url: Optional[str], protocol: str, images: Sequence[ImageInput],
+                      concurrency_levels: Sequence[int], requests: int, warmup: int = 4,
+                      model_name: str = ENSEMBLE_MODEL, timeout_s: float = 60.0,
+                      on_request: Optional[Callable[[], None]] = None) -> list[LevelResult]:
+    if not images:
+        raise ValueError("need at least one image")
+    if requests < 1 or any(c < 1 for c in concurrency_levels):
+        raise ValueError(f"requests and concurrency levels must be >= 1, got {requests}, {list(concurrency_levels)}")
+    results = []
+    async with AsyncSDCoNetClient(url, protocol, model_name, timeout_s) as client:
+        models = [model_name] + composing_models(await client.model_config())
+        for concurrency in concurrency_levels:
+            await _run_level(client, images, concurrency, warmup, None)
+            before = await client.statistics()
+            latencies, errors, wall_s = await _run_level(client, images, concurrency, requests, on_request)
+            after = await client.statistics()
+            latency_ms = np.array(latencies) * 1e3
+            summary = ({"p50": float(np.percentile(latency_ms, 50)), "p90": float(np.percentile(latency_ms, 90)),
+                        "p99": float(np.percentile(latency_ms, 99)), "mean": float(latency_ms.mean()),
+                        "max": float(latency_ms.max())} if len(latencies) else {})
+            results.append(LevelResult(concurrency=concurrency, requests=requests, errors=len(errors),
+                                       wall_s=wall_s, throughput_rps=len(latencies) / wall_s, latency_ms=summary,
+                                       models=[timing_delta(before, after, m) for m in models],
+                                       first_error=errors[0] if errors else None))
+    return results
+
+
+def sweep(url: Optional[str], protocol: str, images: Sequence[ImageInput], concurrency_levels: Sequence[int],
+          requests: int, warmup: int = 4, model_name: str = ENSEMBLE_MODEL, timeout_s: float = 60.0,
+          on_request: Optional[Callable[[], None]] = None) -> list[LevelResult]:
+    """Blocking :func:`sweep_async`: one :class:`LevelResult` per concurrency level."""
+    return asyncio.run(sweep_async(url, protocol, images, concurrency_levels, requests, warmup, model_name,
+                                   timeout_s, on_request))
+
+
+def format_table(results: Sequence[LevelResult]) -> str:
+    """Human tables: latency/throughput per level, then queue vs compute per model and level."""
+    lines = [f"{'conc':>4} {'reqs':>5} {'errors':>6} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'req/s':>8}"]
+    for r in results:
+        lat = r.latency_ms
+        lines.append(f"{r.concurrency:>4} {r.requests:>5} {r.errors:>6} {lat.get('p50', float('nan')):>8.2f} "
+                     f"{lat.get('p90', float('nan')):>8.2f} {lat.get('p99', float('nan')):>8.2f} "
+                     f"{r.throughput_rps:>8.1f}")
+    lines.append("")
+    lines.append(f"{'conc':>4} {'model':<16} {'reqs':>5} {'execs':>6} {'batch':>6} {'queue ms':>9} "
+                 f"{'compute ms':>10}")
+    for r in results:
+        for m in r.models:
+            lines.append(f"{r.concurrency:>4} {m.model:<16} {m.requests:>5} {m.executions:>6} {m.avg_batch:>6.2f} "
+                         f"{m.queue_ms:>9.3f} {m.compute_ms:>10.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sdconet.loadgen",
+        description="Concurrency sweep against a running SDCoNet Triton server: p50/p90/p99 latency, throughput, "
+                    "errors, and Triton's queue vs compute time per model.")
+    parser.add_argument("--url", default=None, help="host:port (default 127.0.0.1:8000 http / :8001 grpc)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="http")
+    parser.add_argument("--model", default=ENSEMBLE_MODEL)
+    parser.add_argument("--images", type=Path, nargs="*", default=None,
+                        help="images to send in turn (default: one synthetic 512x512 PNG)")
+    parser.add_argument("--concurrency", default="1,2,4,8", help="comma-separated levels (default %(default)s)")
+    parser.add_argument("--requests", type=int, default=100, help="timed requests per level (default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed requests before each level")
+    parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
+    parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        levels = [int(v) for v in args.concurrency.split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"--concurrency must be comma-separated integers, got {args.concurrency!r}")
+    if args.images:
+        missing = [str(p) for p in args.images if not p.is_file()]
+        if missing:
+            parser.error(f"image file(s) not found: {', '.join(missing)}")
+        images: list[ImageInput] = [p.read_bytes() for p in args.images]
+    else:
+        images = [synthetic_image()]
+
+    from tqdm import tqdm
+
+    url = args.url or default_url(args.protocol)
+    with tqdm(total=len(levels) * args.requests, desc="requests", unit="req", file=sys.stderr) as bar:
+        results = sweep(url, args.protocol, images, levels, args.requests, args.warmup, args.model, args.timeout,
+                        on_request=bar.update)
+    print(f"{args.model} at {url} ({args.protocol}), {args.requests} requests per level")
+    print(format_table(results))
+    for r in results:
+        if r.first_error:
+            log.error("concurrency %d: %d error(s), first: %s", r.concurrency, r.errors, r.first_error)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"url": url, "protocol": args.protocol, "model": args.model, "requests_per_level": args.requests,
+                   "levels": [asdict(r) for r in results]}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        log.info("results written to %s", args.json)
+    return 1 if any(r.errors for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

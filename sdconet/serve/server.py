@@ -1,0 +1,348 @@
+"""Launch and stop a Triton Inference Server for a built repository.
+
+``TritonServer`` runs the ``tritonserver`` on PATH (NVIDIA's container) or, failing that, the binary bundled in the
+``nvidia-pytriton`` wheel. The bundled server needs three things, all handled here (see DESIGN §5):
+
+1. a backend directory whose ``python/`` holds ``libtriton_python.so`` and the python backend stub built for the
+   Python version of the models' execution environment;
+2. ``LD_LIBRARY_PATH`` with ``nvidia_pytriton.libs`` and that Python's ``lib`` directory (``libpython3.X.so``);
+3. ``EXECUTION_ENV_PATH`` in the python models' configs, pointing at an environment with numpy < 2 — written by the
+   repository builder and re-checked here before start.
+
+The server runs in its own process group on loopback by default; ``stop()`` sends SIGTERM (Triton drains in-flight
+requests), escalates to SIGKILL on the group after a timeout, and returns only when no process of the group is left.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from sdconet.serve.python_env import PythonEnvInfo, inspect_python_env
+from sdconet.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+# the only backend the nvidia-pytriton server carries
+BUNDLED_BACKENDS = ("python",)
+
+
+class ServerError(RuntimeError):
+    """The server could not be started or stopped; the message carries the reason and the log tail."""
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    host: str
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+
+    @property
+    def http(self) -> str:
+        """``host:port`` as tritonclient.http expects it."""
+        return f"{self._client_host}:{self.http_port}"
+
+    @property
+    def grpc(self) -> str:
+        return f"{self._client_host}:{self.grpc_port}"
+
+    @property
+    def metrics(self) -> str:
+        return f"http://{self._client_host}:{self.metrics_port}/metrics"
+
+    @property
+    def _client_host(self) -> str:
+        # a server bound to all interfaces is reached locally through loopback
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+
+def bundled_tritonserver() -> Optional[Path]:
+    """The ``tritonserver`` binary shipped in the ``nvidia-pytriton`` wheel, if installed."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    binary = Path(list(spec.submodule_search_locations)[0]) / "tritonserver" / "bin" / "tritonserver"
+    return binary if binary.is_file() else None
+
+
+def find_tritonserver() -> tuple[Path, bool]:
+    """(binary, is_bundled): ``tritonserver`` on PATH first, else the nvidia-pytriton one."""
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return Path(on_path), False
+    bundled = bundled_tritonserver()
+    if bundled is None:
+        raise ServerError("no tritonserver found: not on PATH and nvidia-pytriton is not installed "
+                          "(pip install 'sdconet[serving]', or use NVIDIA's Triton container)")
+    return bundled, True
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    """A port the OS reports free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _python_env_paths(repo: Path) -> set[str]:
+    """EXECUTION_ENV_PATH values of the python models in ``repo``."""
+    from sdconet.deploy.triton_repo import parse_model_config
+
+    paths = set()
+    for config_path in sorted(repo.glob("*/config.pbtxt")):
+        config = parse_model_config(config_path)
+        if config.backend == "python" and "EXECUTION_ENV_PATH" in config.parameters:
+            paths.add(config.parameters["EXECUTION_ENV_PATH"].string_value)
+    return paths
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in process group ``pgid`` (Linux /proc)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # fields after the parenthesised command: state ppid pgrp ...
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+class TritonServer:
+    """A ``tritonserver`` process serving ``repo`` (context manager: start on enter, stop on exit).
+
+    Args:
+        repo: a repository written by :func:`sdconet.deploy.triton_repo.build_repository`.
+        host: address the HTTP, gRPC and metrics endpoints bind to (loopback by default).
+        http_port, grpc_port, metrics_port: Triton's defaults 8000/8001/8002 unless given.
+        binary: a ``tritonserver`` to run; default :func:`find_tritonserver`.
+        log_file: where the server's output goes; default a file in the server's scratch directory.
+        log_verbose: Triton's ``--log-verbose`` level.
+        exit_timeout_s: how long Triton may drain in-flight requests on SIGTERM before it is killed.
+    """
+
+    def __init__(self, repo: str | Path, *, host: str = DEFAULT_HOST, http_port: int = DEFAULT_PORTS["http"],
+                 grpc_port: int = DEFAULT_PORTS["grpc"], metrics_port: int = DEFAULT_PORTS["metrics"],
+                 binary: str | Path | None = None, log_file: str | Path | None = None, log_verbose: int = 0,
+                 exit_timeout_s: int = 10):
+        self.repo = Path(repo).absolute()
+        if not self.repo.is_dir():
+            raise ServerError(f"model repository {self.repo} does not exist")
+        self.endpoints = Endpoints(host, http_port, grpc_port, metrics_port)
+        if binary is not None:
+            self.binary, self.bundled = Path(binary), False
+        else:
+            self.binary, self.bundled = find_tritonserver()
+        self.log_verbose = log_verbose
+        self.exit_timeout_s = exit_timeout_s
+        self._scratch: Optional[Path] = None
+        self._log_file = Path(log_file) if log_file is not None else None
+        self._log_handle = None
+        self.process: Optional[subprocess.Popen] = None
+
+    # ---------------------------------------------------------------------------------------------------------------
+    @property
+    def log_path(self) -> Optional[Path]:
+        return self._log_file
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self._log_file is None or not self._log_file.is_file():
+            return ""
+        return "\n".join(self._log_file.read_text(errors="replace").splitlines()[-lines:])
+
+    def _prepare_bundled(self, env: dict[str, str]) -> list[str]:
+        """Backend directory with the matching stub + library path for the bundled server -> extra arguments."""
+        env_paths = _python_env_paths(self.repo)
+        infos = [inspect_python_env(path) for path in sorted(env_paths)]
+        versions = {info.version for info in infos}
+        if len(versions) > 1:
+            raise ServerError(f"the python models use environments of different Python versions {sorted(versions)}; "
+                              f"one server can load one python backend stub")
+        if infos:
+            target: PythonEnvInfo | None = infos[0]
+            version, libdir = target.version, target.libdir
+        else:
+            log.warning("no python model in %s sets EXECUTION_ENV_PATH: the stub will use the base interpreter of "
+                        "%s, whose numpy must be < 2", self.repo, sys.executable)
+            version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+            libdir = sysconfig.get_config_var("LIBDIR")
+        dist = self.binary.parents[1]  # .../pytriton/tritonserver
+        stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not stub.is_file():
+            available = sorted(p.name for p in (dist / "python_backend_stubs").iterdir())
+            raise ServerError(f"nvidia-pytriton has no python backend stub for Python {version} (has {available})")
+        backend_dir = self._scratch / "backends" / "python"
+        backend_dir.mkdir(parents=True)
+        for item in (dist / "backends" / "python").iterdir():
+            if item.is_file():
+                shutil.copy2(item, backend_dir / item.name)
+        shutil.copy2(stub, backend_dir / "triton_python_backend_stub")
+        libs = dist.parents[1] / "nvidia_pytriton.libs"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(libs), libdir, env.get("LD_LIBRARY_PATH", "")) if p)
+        return [f"--backend-directory={self._scratch / 'backends'}",
+                # a unique shared-memory prefix, so several servers on one machine never collide
+                f"--backend-config=python,shm-region-prefix-name=sdconet{os.getpid()}_{self._scratch.name[-8:]}_"]
+
+    def _check_backends(self) -> None:
+        if not self.bundled:
+            return
+        from sdconet.deploy.triton_repo import parse_model_config
+
+        for config_path in sorted(self.repo.glob("*/config.pbtxt")):
+            config = parse_model_config(config_path)
+            if config.platform == "ensemble":
+                continue
+            kind = config.backend or config.platform
+            if kind not in BUNDLED_BACKENDS:
+                raise ServerError(f"model '{config.name}' needs the '{kind}' backend, which the tritonserver bundled "
+                                  f"in nvidia-pytriton does not have (python only); serve backend 'cpu' here, or "
+                                  f"run NVIDIA's Triton container (tritonserver on PATH) for 'trt'/'onnx'")
+
+    def command(self) -> list[str]:
+        e = self.endpoints
+        args = [str(self.binary), f"--model-repository={self.repo}",
+                f"--http-address={e.host}", f"--http-port={e.http_port}",
+                f"--grpc-address={e.host}", f"--grpc-port={e.grpc_port}",
+                f"--metrics-address={e.host}", f"--metrics-port={e.metrics_port}",
+                f"--exit-timeout-secs={self.exit_timeout_s}", f"--log-verbose={self.log_verbose}",
+                "--strict-readiness=true", "--disable-auto-complete-config"]
+        if self.bundled:
+            args.append("--allow-gpu-metrics=false")  # CPU-only build: skip the NVML/DCGM probes
+        return args
+
+    def start(self) -> "TritonServer":
+        """Start the process (returns at once; call :meth:`wait_ready`)."""
+        if self.process is not None:
+            raise ServerError("server already started")
+        self._check_backends()
+        e = self.endpoints
+        for name, port in (("http", e.http_port), ("grpc", e.grpc_port), ("metrics", e.metrics_port)):
+            if not port_is_free(e.host, port):
+                raise ServerError(f"{name} port {port} on {e.host} is in use; pass another --{name}-port")
+        self._scratch = Path(tempfile.mkdtemp(prefix="sdconet-triton-"))
+        env = dict(os.environ)
+        try:
+            args = self.command()
+            if self.bundled:
+                args += self._prepare_bundled(env)
+            if self._log_file is None:
+                self._log_file = self._scratch / "tritonserver.log"
+            self._log_file.parent.mkdir(parents=True, exist_ok=True)
+            self._log_handle = open(self._log_file, "w")
+            log.info("starting %s", " ".join(args))
+            # own session/process group: a terminal's Ctrl-C reaches us, and we shut the server down in order
+            self.process = subprocess.Popen(args, env=env, stdout=self._log_handle, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        except BaseException:
+            self._cleanup()
+            raise
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.endpoints.http}/v2/health/ready", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Block until ``/v2/health/ready`` answers 200; raise (and stop the server) if it exits or times out."""
+        if self.process is None:
+            raise ServerError("server not started")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                code = self.process.returncode
+                tail = self.log_tail()
+                self.stop()
+                raise ServerError(f"tritonserver exited with code {code} before becoming ready; log "
+                                  f"({self._log_file}):\n{tail}")
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        tail = self.log_tail()
+        self.stop()
+        raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s; log ({self._log_file}):\n{tail}")
+
+    def stop(self, timeout_s: Optional[float] = None) -> int | None:
+        """SIGTERM, wait (``exit_timeout_s`` + 10 s by default), then SIGKILL the process group. Returns the exit
+        code (None if never started). Afterwards no process of the server's group is alive."""
+        if self.process is None:
+            return None
+        timeout_s = self.exit_timeout_s + 10 if timeout_s is None else timeout_s
+        pgid = self.process.pid  # start_new_session: the server leads its own group
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not exit %.0f s after SIGTERM; killing its process group", timeout_s)
+                os.killpg(pgid, signal.SIGKILL)
+                self.process.wait()
+        # python backend stubs are the server's children; make sure none outlives it
+        deadline = time.monotonic() + 10
+        while _group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _group_members(pgid):
+            log.warning("killing %d leftover process(es) of the server's group", len(_group_members(pgid)))
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        code = self.process.returncode
+        self._cleanup(keep_log=code != 0)
+        return code
+
+    def _cleanup(self, keep_log: bool = True) -> None:
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+        if self._scratch is None:
+            return
+        if keep_log and self._log_file is not None and self._log_file.parent == self._scratch:
+            # the default log lives in the scratch directory: keep it after a failure, drop the backend copies
+            shutil.rmtree(self._scratch / "backends", ignore_errors=True)
+        else:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def __enter__(self) -> "TritonServer":
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
