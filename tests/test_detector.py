@@ -348,12 +348,15 @@ def test_infer_matches_forward_and_traces_with_static_shapes():
     wrapper = InferWrapper(model)
     example = _features(cfg, batch=1, seed=0)
     other = _features(cfg, batch=1, seed=1)
-    with torch.no_grad():
+    batch3 = _features(cfg, batch=3, seed=2)
+    # optimized_execution off: the profiling executor's warm-up runs would only cost time here
+    with torch.no_grad(), torch.jit.optimized_execution(False):
         eager_out = model(other)
         traced = torch.jit.trace(wrapper, tuple(example), check_trace=False)
-        for inputs in (example, other):  # a second input checks that nothing data-dependent was baked in
+        # new data checks that nothing data-dependent was baked in; batch 3 that the batch size stays dynamic
+        for inputs in (example, other, batch3):
             for got, want in zip(traced(*inputs), wrapper(*inputs)):
-                assert torch.allclose(got, want, atol=1e-5)
+                assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
         logits, boxes, _ = wrapper(*other)
     assert torch.allclose(logits, eager_out["pred_logits"], atol=1e-6)
     assert torch.allclose(boxes, eager_out["pred_boxes"], atol=1e-6)

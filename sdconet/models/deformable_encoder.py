@@ -72,7 +72,8 @@ def select_salient_tokens(saliency_logits: Sequence[torch.Tensor], level_padding
         scores.append(level_scores)
         indices.append(level_indices + start)
         start += logits.shape[1]
-    order = torch.cat(scores, dim=1).sort(dim=1, descending=True, stable=True).indices
+    scores = torch.cat(scores, dim=1)
+    order = scores.topk(scores.shape[1], dim=1).indices  # a full sort; exports as ONNX TopK with a constant k
     return torch.cat(indices, dim=1).gather(1, order)
 
 
