@@ -1,0 +1,166 @@
+"""Shared Swin encoder: timm ``features_only`` Swin at any input size, plus the patch-embedding tokens.
+
+Two deviations from a stock timm Swin, both so that one set of weights behaves the same at every input size:
+
+* ``always_partition=True``: every block keeps the configured window and shift, as in the original Swin detection
+  backbone (timm would otherwise shrink windows to the feature size it was built for).
+* :class:`PaddedShiftSwinBlock`: pad the map to a window multiple *before* the cyclic shift, as the original Swin
+  detection/segmentation code does. timm shifts first and pads afterwards, so when a map is not a window multiple
+  (every stage at a 256-pixel input) its shift mask lets tokens from opposite image borders attend to each other
+  (timm issue #2438). On window-multiple maps both orders give identical results.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models import load_state_dict
+from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
+
+from sdconet.config import EncoderConfig
+from sdconet.utils.logging import get_logger
+
+_LOG = get_logger(__name__)
+
+NUM_STAGES = 4
+
+
+class EncoderWeightsError(RuntimeError):
+    """The encoder's pretrained file is missing or does not fit the configured encoder; the message names the file."""
+
+
+class PaddedShiftSwinBlock(SwinTransformerBlock):
+    """timm Swin block with the original pad-then-shift order of the windowed attention (see module docstring)."""
+
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H, W, C] -> [B, H, W, C]."""
+        _, height, width, channels = x.shape
+        window_h, window_w = self.window_size
+        shift_h, shift_w = self.shift_size
+        x = F.pad(x, (0, 0, 0, (-width) % window_w, 0, (-height) % window_h))
+        padded_h, padded_w = x.shape[1], x.shape[2]
+        has_shift = shift_h > 0 or shift_w > 0
+        attn_mask = None
+        if has_shift:
+            x = torch.roll(x, shifts=(-shift_h, -shift_w), dims=(1, 2))
+            attn_mask = self.get_attn_mask(x)  # regions of the padded, shifted grid
+        windows = window_partition(x, self.window_size).view(-1, self.window_area, channels)
+        windows = self.attn(windows, mask=attn_mask)
+        x = window_reverse(windows.view(-1, window_h, window_w, channels), self.window_size, padded_h, padded_w)
+        if has_shift:
+            x = torch.roll(x, shifts=(shift_h, shift_w), dims=(1, 2))
+        return x[:, :height, :width].contiguous()
+
+
+def use_padded_shift_blocks(module: nn.Module) -> None:
+    """Switch every timm ``SwinTransformerBlock`` inside ``module`` to :class:`PaddedShiftSwinBlock` (same weights)."""
+    for block in module.modules():
+        if type(block) is SwinTransformerBlock:
+            block.__class__ = PaddedShiftSwinBlock
+
+
+class EncoderOutput(NamedTuple):
+    features: list[torch.Tensor]  # 4 x [B, C_i, H_i, W_i], strides 4/8/16/32
+    patch_tokens: torch.Tensor  # [B, C_0, H/4, W/4] patch embedding (the SR decoder's long skip)
+
+
+class SwinEncoder(nn.Module):
+    """timm Swin (``features_only``) returning NCHW maps at strides 4/8/16/32 and the patch-embedding tokens.
+
+    Input: ``[B, 3, h, w]`` normalised image, any size (padded bottom/right to a multiple of the patch size).
+    Output: :class:`EncoderOutput` with ``features[i]`` of shape ``[B, channels[i], ceil(h / 2^(i+2)), ...]``.
+    """
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        if len(cfg.depths) != NUM_STAGES or len(cfg.num_heads) != NUM_STAGES:
+            raise ValueError(f"model.encoder.depths and model.encoder.num_heads need {NUM_STAGES} entries, got "
+                             f"{list(cfg.depths)} and {list(cfg.num_heads)}")
+        try:
+            self.swin = timm.create_model(
+                cfg.name, pretrained=False, features_only=True, out_indices=tuple(range(NUM_STAGES)),
+                embed_dim=cfg.embed_dim, depths=tuple(cfg.depths), num_heads=tuple(cfg.num_heads),
+                window_size=cfg.window_size, drop_path_rate=cfg.drop_path_rate,
+                strict_img_size=False, always_partition=True)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"model.encoder.name={cfg.name!r} is not a timm Swin Transformer (v1) model "
+                             f"accepting the encoder settings: {err}") from err
+        stage_names = [f"layers_{i}" for i in range(NUM_STAGES)]
+        if list(self.swin.keys()) != ["patch_embed", *stage_names]:
+            raise ValueError(f"model.encoder.name={cfg.name!r}: expected timm Swin modules patch_embed + "
+                             f"{stage_names}, got {list(self.swin.keys())}")
+        use_padded_shift_blocks(self.swin)
+        self.patch_size = int(self.swin.patch_embed.patch_size[0])
+        self.channels: list[int] = list(self.swin.feature_info.channels())
+        self.strides: list[int] = list(self.swin.feature_info.reduction())
+        self.patch_channels = cfg.embed_dim
+        if cfg.pretrained_file:
+            load_encoder_weights(self, cfg.pretrained_file)
+
+    def forward(self, images: torch.Tensor) -> EncoderOutput:
+        """images ``[B, 3, h, w]`` (normalised) -> :class:`EncoderOutput`."""
+        height, width = images.shape[-2:]
+        images = F.pad(images, (0, (-width) % self.patch_size, 0, (-height) % self.patch_size))
+        tokens = self.swin.patch_embed(images)  # [B, h/4, w/4, C0] (NHWC)
+        x = tokens
+        features = []
+        for stage in list(self.swin.values())[1:]:
+            x = stage(x)
+            features.append(x.permute(0, 3, 1, 2).contiguous())
+        return EncoderOutput(features, tokens.permute(0, 3, 1, 2).contiguous())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pretrained weights
+# ----------------------------------------------------------------------------------------------------------------
+def _to_feature_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ImageNet Swin checkpoint (timm or original Microsoft layout) or a saved encoder -> ``SwinEncoder.swin`` keys.
+
+    Drops the classifier, the final norm and non-persistent buffers; the original layout keeps each stage's patch
+    merging at the end of the stage (timm: at the start of the next one); timm's ``layers.N`` become ``layers_N``.
+    """
+    state_dict = {k.removeprefix("swin."): v for k, v in state_dict.items()}
+    original_layout = "layers.0.downsample.reduction.weight" in state_dict
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(("head.", "norm.")) or key.endswith(("relative_position_index", "attn_mask")):
+            continue
+        if original_layout:
+            key = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", key)
+        out[re.sub(r"^layers\.(\d+)\.", r"layers_\1.", key)] = value
+    return out
+
+
+def load_encoder_weights(encoder: SwinEncoder, path: str | Path) -> None:
+    """Load an ImageNet Swin checkpoint (``.pth``/``.safetensors``; timm or original layout) into ``encoder``.
+
+    Raises :class:`EncoderWeightsError` naming the file when it is missing, unreadable or does not match the
+    configured encoder (different widths, depths or window size).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EncoderWeightsError(f"model.encoder.pretrained_file: {path} does not exist (no weights are downloaded; "
+                                  "pass a local ImageNet Swin checkpoint or null for random init)")
+    try:
+        state_dict = load_state_dict(str(path), weights_only=True)
+    except Exception as err:  # torch.load / safetensors raise several error types for unreadable files
+        raise EncoderWeightsError(f"model.encoder.pretrained_file: cannot read {path}: {err}") from err
+    state_dict = _to_feature_layout(state_dict)
+    expected = encoder.swin.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state_dict.items()
+                  if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        details = "; ".join(f"{what} ({len(keys)}): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                            for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                               ("shape mismatch", mismatched)) if keys)
+        raise EncoderWeightsError(f"model.encoder.pretrained_file: {path} does not fit the configured encoder "
+                                  f"(check model.encoder.embed_dim/depths/num_heads/window_size): {details}")
+    encoder.swin.load_state_dict(state_dict, strict=True)
+    _LOG.info("loaded encoder weights from %s (%d tensors)", path, len(state_dict))

@@ -1,0 +1,346 @@
+"""Encoder, neck, SR decoder, assembled SDCoNet, serial baseline, cost summary (tiny config; two full-size passes)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import warnings
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.models.swin_transformer import SwinTransformerBlock
+
+from sdconet.config import load_config
+from sdconet.models import SDCoNet, SerialBaseline, build_model
+from sdconet.models.encoder import EncoderWeightsError, PaddedShiftSwinBlock, SwinEncoder
+from sdconet.models.neck import ChannelMapperNeck
+from sdconet.models.postprocess import select_topk_detections, valid_image_sizes
+from sdconet.models.sr_decoder import SRDecoder
+from sdconet.models.summary import main as summary_main
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # many tiny ops: one thread is several times faster than two on a shared CPU
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_config("tiny").model
+
+
+def _targets(batch: int) -> list[dict]:
+    return [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.1], [0.7, 0.6, 0.1, 0.2]])}
+            for _ in range(batch)]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoder
+# ----------------------------------------------------------------------------------------------------------------
+def _input_dependencies(block: SwinTransformerBlock, size: int, at: tuple[int, int]) -> torch.Tensor:
+    """[size, size] bool: which input tokens the output token ``at`` depends on."""
+    x = torch.randn(1, size, size, block.dim, requires_grad=True)
+    block(x)[0, at[0], at[1]].sum().backward()
+    return x.grad[0].abs().sum(-1) > 0
+
+
+def test_padded_shift_block_keeps_image_borders_apart():
+    block = SwinTransformerBlock(16, (8, 8), num_heads=2, window_size=7, shift_size=3, always_partition=True,
+                                 dynamic_mask=True).eval()
+    # timm shifts before padding: on an 8x8 map the top-left token sees the bottom rows through the wrap-around
+    assert _input_dependencies(block, 8, (0, 0))[3:].any()
+    block.__class__ = PaddedShiftSwinBlock
+    # original Swin order: the wrapped-around 3x3 corner is its own masked region
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[:3, :3] = True
+    assert torch.equal(_input_dependencies(block, 8, (0, 0)), expected)
+    # on window-multiple maps both orders are the same computation
+    x = torch.randn(2, 14, 14, 16)
+    with torch.no_grad():
+        ours = block(x)
+        block.__class__ = SwinTransformerBlock
+        assert torch.allclose(ours, block(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(256, 256), (128, 128), (192, 256), (98, 130)])
+def test_encoder_any_input_size(tiny, size):
+    encoder = SwinEncoder(tiny.encoder).eval()
+    assert all(isinstance(m, PaddedShiftSwinBlock) for m in encoder.modules() if isinstance(m, SwinTransformerBlock))
+    with torch.no_grad():
+        out = encoder(torch.randn(2, 3, *size))
+    width = tiny.encoder.embed_dim
+    assert encoder.strides == [4, 8, 16, 32]
+    for index, (feature, stride) in enumerate(zip(out.features, encoder.strides)):
+        assert feature.shape == (2, width * 2 ** index, _ceil_div(size[0], stride), _ceil_div(size[1], stride))
+        assert torch.isfinite(feature).all()
+    assert out.patch_tokens.shape == (2, width, _ceil_div(size[0], 4), _ceil_div(size[1], 4))
+
+
+def _timm_swin(cfg) -> torch.nn.Module:
+    """A randomly initialised classification Swin in timm's ImageNet checkpoint layout (with head and final norm)."""
+    return timm.create_model(cfg.name, pretrained=False, embed_dim=cfg.embed_dim, depths=cfg.depths,
+                             num_heads=cfg.num_heads, window_size=cfg.window_size)
+
+
+def _to_original_layout(state_dict: dict) -> dict:
+    """timm Swin keys -> original Microsoft layout (patch merging at the end of the previous stage)."""
+    renamed = {}
+    for key, value in state_dict.items():
+        key = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", key)
+        renamed[key.replace("head.fc.", "head.")] = value
+    return renamed
+
+
+def _assert_same_weights(encoder: SwinEncoder, reference: dict) -> None:
+    loaded = encoder.swin.state_dict()
+    assert loaded.keys() == reference.keys()
+    assert all(torch.equal(loaded[k], reference[k]) for k in reference)
+
+
+def test_encoder_loads_imagenet_layouts_and_its_own_weights(tiny, tmp_path):
+    torch.manual_seed(1)
+    classifier = _timm_swin(tiny.encoder)
+    timm_file = tmp_path / "swin_timm.pth"
+    torch.save(classifier.state_dict(), timm_file)
+    original_file = tmp_path / "swin_original.pth"
+    torch.save({"model": _to_original_layout(classifier.state_dict())}, original_file)
+
+    reference = SwinEncoder(dataclasses.replace(tiny.encoder, pretrained_file=str(timm_file)))
+    assert torch.equal(reference.swin.patch_embed.proj.weight, classifier.patch_embed.proj.weight)
+    assert torch.equal(reference.swin.layers_2.downsample.reduction.weight,
+                       classifier.layers[2].downsample.reduction.weight)
+    _assert_same_weights(SwinEncoder(dataclasses.replace(tiny.encoder, pretrained_file=str(original_file))),
+                         reference.swin.state_dict())
+
+    own_file = tmp_path / "encoder.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.swin.state_dict().items()}, str(own_file))
+    _assert_same_weights(SwinEncoder(dataclasses.replace(tiny.encoder, pretrained_file=str(own_file))),
+                         reference.swin.state_dict())
+
+
+def test_encoder_weight_errors_name_the_file(tiny, tmp_path):
+    missing = tmp_path / "nowhere" / "swin_tiny.pth"
+    with pytest.raises(EncoderWeightsError, match=re.escape(str(missing))):
+        SwinEncoder(dataclasses.replace(tiny.encoder, pretrained_file=str(missing)))
+
+    wider = tmp_path / "wider.pth"
+    torch.save(_timm_swin(dataclasses.replace(tiny.encoder, embed_dim=48)).state_dict(), wider)
+    with pytest.raises(EncoderWeightsError, match=re.escape(str(wider)) + ".*shape mismatch"):
+        SwinEncoder(dataclasses.replace(tiny.encoder, pretrained_file=str(wider)))
+
+    unrelated = tmp_path / "unrelated.pth"
+    torch.save({"conv.weight": torch.zeros(3)}, unrelated)
+    with pytest.raises(EncoderWeightsError, match=re.escape(str(unrelated)) + ".*missing"):
+        SwinEncoder(dataclasses.replace(tiny.encoder, pretrained_file=str(unrelated)))
+
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(EncoderWeightsError, match="cannot read " + re.escape(str(garbage))):
+        SwinEncoder(dataclasses.replace(tiny.encoder, pretrained_file=str(garbage)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Neck, SR decoder, post-processing
+# ----------------------------------------------------------------------------------------------------------------
+def test_neck_levels_and_masks(tiny):
+    channels = [tiny.encoder.embed_dim * 2 ** i for i in range(4)]
+    neck = ChannelMapperNeck(channels[1:], tiny.neck)
+    h, w = 64, 128  # LR size; encoder maps at strides 8/16/32
+    features = [torch.randn(2, c, h // s, w // s) for c, s in zip(channels[1:], (8, 16, 32))]
+    mask = torch.zeros(2, h, w, dtype=torch.bool)
+    mask[1, :, 64:] = True  # second image: right half is padding
+    levels, masks = neck(features, mask)
+    assert [tuple(level.shape) for level in levels] == [(2, tiny.neck.channels, h // s, w // s) for s in (8, 16, 32, 64)]
+    for level_mask, s in zip(masks, (8, 16, 32, 64)):
+        assert level_mask.shape == (2, h // s, w // s)
+        assert not level_mask[0].any()
+        assert level_mask[1, :, (64 // s):].all() and not level_mask[1, :, :(64 // s)].any()
+    assert neck(features, None)[1] is None
+
+
+def test_sr_decoder_odd_sizes(tiny):
+    encoder = SwinEncoder(tiny.encoder).eval()
+    decoder = SRDecoder(encoder.channels, encoder.patch_channels, encoder.patch_size, tiny.sr_decoder, 3)
+    with torch.no_grad():
+        encoded = encoder(torch.randn(1, 3, 98, 130))
+        out = decoder(encoded.features, encoded.patch_tokens, (98, 130))
+    assert out.shape == (1, 3, 294, 390) and torch.isfinite(out).all()
+
+
+def test_postprocess_topk_over_queries_and_classes():
+    logits = torch.full((2, 3, 4), -10.0)
+    logits[0, 2, 1] = 3.0  # best: query 2, class 1
+    logits[0, 0, 3] = 1.0  # second: query 0, class 3
+    logits[1, 1, 0] = 2.0
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.1, 0.1, 0.1, 0.1], [0.25, 0.5, 0.5, 1.0]]]).repeat(2, 1, 1)
+    masks = torch.zeros(2, 40, 60, dtype=torch.bool)
+    masks[1, 20:] = True
+    masks[1, :, 30:] = True
+    sizes = valid_image_sizes(masks)
+    assert sizes.tolist() == [[40.0, 60.0], [20.0, 30.0]]
+    out = select_topk_detections(logits, boxes, sizes, num_detections=2)
+    assert out["labels"].dtype == torch.int64 and out["labels"][0].tolist() == [1, 3]
+    assert torch.allclose(out["scores"][0], torch.tensor([3.0, 1.0]).sigmoid())
+    # image 0 (60 wide, 40 high): query 2 = cxcywh (0.25, 0.5, 0.5, 1.0) -> x 0..30, y 0..40
+    assert torch.allclose(out["boxes"][0, 0], torch.tensor([0.0, 0.0, 30.0, 40.0]))
+    assert torch.allclose(out["boxes"][0, 1], torch.tensor([24.0, 12.0, 36.0, 28.0]))
+    # image 1 is scaled by its unpadded 30 x 20 size: query 1 = (0.1, 0.1, 0.1, 0.1)
+    assert out["labels"][1, 0] == 0 and torch.allclose(out["boxes"][1, 0], torch.tensor([1.5, 1.0, 4.5, 3.0]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Assembled model (tiny)
+# ----------------------------------------------------------------------------------------------------------------
+def test_padded_batch_of_two_sizes(tiny):
+    model = build_model(tiny)
+    images = torch.zeros(2, 3, 64, 96)
+    images[0] = torch.rand(3, 64, 96)
+    images[1, :, :48, :64] = torch.rand(3, 48, 64)
+    masks = torch.ones(2, 64, 96, dtype=torch.bool)
+    masks[0] = False
+    masks[1, :48, :64] = False
+    out = model(images, masks, targets=_targets(2))
+    assert out["sr_image"].shape == (2, 3, 128, 192)
+    assert out["valid_ratios"][0].eq(1).all()
+    assert torch.allclose(out["valid_ratios"][1, 0], torch.tensor([64 / 96, 48 / 64]))
+    assert out["level_masks"][0][1].sum() == 8 * 12 - 6 * 8 and not out["level_masks"][0][0].any()
+    model.eval()
+    with torch.no_grad():
+        detections = model.infer(images, masks)
+    assert detections["boxes"].shape == (2, tiny.detector.num_detections, 4)
+    assert all(torch.isfinite(v.float()).all() for v in detections.values())
+
+
+def test_non_square_input_shapes(tiny):
+    model = build_model(tiny)
+    out = model(torch.rand(1, 3, 64, 96), targets=_targets(1))
+    assert out["pred_logits"].shape == (1, tiny.detector.num_queries, tiny.detector.num_classes)
+    assert out["spatial_shapes"].tolist() == [[8, 12], [4, 6], [2, 3], [1, 2]]
+    assert out["sr_image"].shape == (1, 3, 128, 192)
+    assert len(out["saliency_logits"]) == 4 and out["saliency_logits"][0].shape == (1, 96)
+    model.eval()
+    with torch.no_grad():
+        detections = model.infer(torch.rand(1, 3, 64, 96))
+    assert detections["saliency"].shape == (1, 1, 8, 12)
+    assert detections["labels"].dtype == torch.int64
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+
+def test_backward_reaches_every_branch(tiny):
+    model = build_model(tiny)
+    out = model(torch.rand(2, 3, 64, 64), targets=_targets(2))
+    loss = (out["pred_logits"].sigmoid().mean() + out["pred_boxes"].mean() + out["sr_image"].abs().mean()
+            + sum(s.sigmoid().mean() for s in out["saliency_logits"]))
+    loss.backward()
+    saliency = model.detector.saliency
+    rest_of_detector = [p for n, p in model.detector.named_parameters() if not n.startswith("saliency.")]
+    for name, module in (("encoder", model.encoder), ("neck", model.neck), ("saliency", saliency),
+                         ("sr_decoder", model.sr_decoder)):
+        assert _grad_norm(module) > 0, f"no gradient reached the {name}"
+    assert sum(float(p.grad.abs().sum()) for p in rest_of_detector if p.grad is not None) > 0
+
+    # the SR loss alone trains the shared encoder but not the detection branch
+    model.zero_grad(set_to_none=True)
+    model(torch.rand(1, 3, 64, 64))["sr_image"].abs().mean().backward()
+    assert _grad_norm(model.encoder) > 0 and _grad_norm(model.sr_decoder) > 0
+    assert _grad_norm(model.neck) == 0 and _grad_norm(model.detector) == 0
+
+
+def test_sr_switch_and_run_sr_false(tiny):
+    without_sr = build_model(dataclasses.replace(tiny, sr=False))
+    assert without_sr.sr_decoder is None
+    assert "sr_image" not in without_sr(torch.rand(1, 3, 64, 64))
+
+    model = build_model(tiny)
+    calls = []
+    model.sr_decoder.register_forward_hook(lambda *args: calls.append(1))
+    out = model(torch.rand(1, 3, 64, 64), run_sr=False)
+    assert calls == [] and "sr_image" not in out
+    model(torch.rand(1, 3, 64, 64), run_sr=True)
+    assert calls == [1]
+
+
+def test_trace_inference_matches_eager(tiny):
+    model = build_model(tiny).eval()
+    example, other = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape-derived Python ints are constant by design
+        traced = torch.jit.trace_module(model, {"infer": (example,)}, strict=False, check_trace=False)
+    with torch.no_grad():
+        for images in (example, other):  # a new input checks nothing data-dependent was frozen into the trace
+            eager, graph = model.infer(images), traced.infer(images)
+            assert eager.keys() == graph.keys()
+            for key in eager:
+                assert torch.allclose(eager[key].float(), graph[key].float(), atol=1e-5), key
+
+
+def test_serial_baseline_runs_sr_then_detects_at_hr(tiny):
+    serial = SerialBaseline(tiny)
+    assert serial.detection_network.sr_decoder is None
+    out = serial(torch.rand(1, 3, 64, 64), targets=_targets(1))
+    assert out["sr_image"].shape == (1, 3, 128, 128)
+    assert out["spatial_shapes"].tolist() == [[16, 16], [8, 8], [4, 4], [2, 2]]  # HR-size detector
+    serial.eval()
+    with torch.no_grad():
+        detections = serial.infer(torch.rand(1, 3, 64, 64))
+    assert detections["boxes"].shape == (1, tiny.detector.num_detections, 4)
+    assert detections["saliency"].shape == (1, 1, 16, 16)
+
+
+def test_summary_cli_json(tmp_path, tiny):
+    path = tmp_path / "summary.json"
+    summary_main(["--config", "tiny", "--imgsz", "64", "--json", str(path)])
+    cost = json.loads(path.read_text())
+    params, gmacs = cost["params_m"], cost["gmacs"]
+    assert {"encoder", "neck", "detector", "saliency", "sr_decoder", "total_inference"} <= params.keys()
+    assert {"inference", "serial_baseline", "no_saliency", "no_sr", "detection_only"} <= gmacs.keys()
+    assert params["total_inference"] == pytest.approx(params["encoder"] + params["neck"] + params["detector"])
+    model = SDCoNet(tiny)
+    assert params["sr_decoder"] == pytest.approx(sum(p.numel() for p in model.sr_decoder.parameters()) / 1e6)
+    assert gmacs["no_sr"] == pytest.approx(gmacs["inference"])  # the SR decoder is not in the inference graph
+    assert gmacs["training_forward"] > gmacs["inference"] and gmacs["serial_baseline"] > gmacs["inference"]
+    assert sum(v for k, v in cost["gmacs_breakdown"]["inference"].items() if k != "saliency") == pytest.approx(
+        gmacs["inference"])
+    assert cost["gmacs_breakdown"]["inference"]["sr_decoder"] == 0
+    assert cost["encoder_tokens_per_layer"] == model.detector.encoder_token_counts([[8, 8], [4, 4], [2, 2], [1, 1]])
+    assert cost["paper_gflops"] == {"inference": 16.94, "serial_baseline": 88.22}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Full size (paper config, 256 x 256 LR): one training forward with SR and one inference pass
+# ----------------------------------------------------------------------------------------------------------------
+def test_paper_model_at_256():
+    cfg = load_config("paper").model
+    model = build_model(cfg)
+    assert model.detector.encoder_token_counts([[32, 32], [16, 16], [8, 8], [4, 4]]) == [898, 718, 538, 538, 359,
+                                                                                          179]
+    images = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        out = model(images, targets=_targets(1))
+    assert out["sr_image"].shape == (1, 3, 512, 512) and torch.isfinite(out["sr_image"]).all()
+    assert out["spatial_shapes"].tolist() == [[32, 32], [16, 16], [8, 8], [4, 4]]  # 1360 neck tokens
+    assert out["encoder_tokens_per_layer"] == [898, 718, 538, 538, 359, 179]
+    assert out["pred_logits"].shape == (1, 300, cfg.detector.num_classes) and torch.isfinite(out["pred_logits"]).all()
+
+    model.eval()
+    with torch.no_grad():
+        detections = model.infer(images)
+    k = cfg.detector.num_detections
+    assert detections["boxes"].shape == (1, k, 4) and detections["scores"].shape == (1, k)
+    assert detections["labels"].shape == (1, k) and detections["labels"].dtype == torch.int64
+    assert detections["saliency"].shape == (1, 1, 32, 32)
+    assert all(torch.isfinite(v.float()).all() for v in detections.values())
+    assert ((detections["saliency"] >= 0) & (detections["saliency"] <= 1)).all()
