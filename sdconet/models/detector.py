@@ -161,8 +161,9 @@ class SaliencyDINO(nn.Module):
     def _valid_ratio(mask: torch.Tensor) -> torch.Tensor:
         """``mask [B, H, W]`` -> ``[B, 2]`` (valid width fraction, valid height fraction); padding is bottom/right."""
         height, width = mask.shape[1:]
-        valid_h = (~mask[:, :, 0]).sum(1).float()
-        valid_w = (~mask[:, 0, :]).sum(1).float()
+        # at least one valid row/column: a zero ratio would turn reference points into NaN (inf * 0)
+        valid_h = (~mask[:, :, 0]).sum(1).float().clamp(min=1.0)
+        valid_w = (~mask[:, 0, :]).sum(1).float().clamp(min=1.0)
         return torch.stack((valid_w / width, valid_h / height), dim=-1)
 
     def _keep_per_level(self, shapes: list[tuple[int, int]],
