@@ -172,7 +172,8 @@ def model_cost(cfg: ModelConfig, imgsz: int | Sequence[int] = 256, ablations: bo
 def format_table(cost: dict, title: str = "") -> str:
     """Human-readable table of :func:`model_cost`'s result."""
     height, width = cost["imgsz"]
-    lines = [f"SDCoNet cost {title} at LR {height}x{width}, batch 1 (GMACs = FLOPs/2 x1e9)".replace("  ", " "), ""]
+    heading = " ".join(part for part in ("SDCoNet cost", title) if part)
+    lines = [f"{heading} at LR {height}x{width}, batch 1 (GMACs = FLOPs/2 x1e9)", ""]
     lines.append(f"{'parameters':<34}{'M':>10}")
     for name, value in cost["params_m"].items():
         lines.append(f"  {name:<32}{value:>10.2f}")
