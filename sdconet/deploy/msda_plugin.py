@@ -226,3 +226,153 @@ def ort_compatible_model(model, op_types: Sequence[str] = (TRT_PLUGIN_OP_TYPE,))
     if not any(o.domain == ORT_CONTRIB_DOMAIN for o in copy.opset_import):
         copy.opset_import.append(onnx.helper.make_opsetid(ORT_CONTRIB_DOMAIN, 1))
     return copy
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Graph surgery: plugin nodes <-> pure-ONNX (gather) MSDA subgraphs
+# ----------------------------------------------------------------------------------------------------------------
+MSDA_SUBGRAPH_PREFIX = "msda_onnx"  # node-name prefix of spliced subgraphs: msda_onnx<i>/...
+
+
+class _GatherMSDA(torch.nn.Module):
+    """One MSDA call with constant shapes, exported as the pure-ONNX replacement of a plugin node."""
+
+    def __init__(self, spatial_shapes: Sequence[tuple[int, int]]) -> None:
+        super().__init__()
+        self.spatial_shapes = [tuple(s) for s in spatial_shapes]
+
+    def forward(self, value, sampling_locations, attention_weights):
+        n, _, m, d = value.shape
+        out = msda_gather(value, self.spatial_shapes, None, sampling_locations, attention_weights)
+        return out.view(n, sampling_locations.shape[1], m, d)
+
+
+def _gather_subgraph(spatial_shapes: Sequence[tuple[int, int]], value_shape: Sequence[int],
+                     locations_shape: Sequence[int], opset: int):
+    """Simplified ONNX model of :class:`_GatherMSDA` (dynamic batch) for one plugin-node signature."""
+    import io
+
+    import onnx
+
+    from sdconet.deploy.onnx_export import simplify
+
+    value = torch.rand(2, *value_shape[1:])
+    locations = torch.rand(2, *locations_shape[1:])
+    weights = torch.rand(2, *locations_shape[1:-1])
+    names = ["value", "sampling_locations", "attention_weights"]
+    buffer = io.BytesIO()
+    torch.onnx.export(_GatherMSDA(spatial_shapes), (value, locations, weights), buffer, dynamo=False,
+                      opset_version=opset, input_names=names, output_names=["output"],
+                      dynamic_axes={name: {0: "batch"} for name in (*names, "output")})
+    return simplify(onnx.load_from_string(buffer.getvalue()))
+
+
+def plugin_nodes_to_onnx(model, op_types: Sequence[str]):
+    """Replace every plugin node (``op_types``) by the pure-ONNX gather subgraph computing the same result.
+
+    Spliced nodes are named ``msda_onnx<i>/...`` so that :func:`onnx_msda_to_plugin_nodes` can swap them back (after
+    quantization, for instance). Tensor names at the boundary stay those of the plugin node.
+    """
+    import copy
+
+    import onnx
+
+    from sdconet.deploy.onnx_export import custom_node_inputs, prune_dead_nodes, topological_sort
+
+    model = copy.deepcopy(model)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    arrays = custom_node_inputs(model)  # batch-1 values: static shapes and the spatial_shapes constants
+    cache: dict[tuple, object] = {}
+    kept, spliced_nodes, spliced_inits = [], [], []
+    index = 0
+    for node in model.graph.node:
+        if node.op_type not in op_types:
+            kept.append(node)
+            continue
+        shapes = [tuple(int(v) for v in row) for row in arrays[node.input[1]].tolist()]
+        value_shape = arrays[node.input[0]].shape
+        loc_shape = arrays[node.input[3]].shape
+        key = (tuple(shapes), tuple(value_shape[1:]), tuple(loc_shape[1:]))
+        if key not in cache:
+            cache[key] = _gather_subgraph(shapes, value_shape, loc_shape, opset)
+        sub = cache[key]
+        prefix = f"{MSDA_SUBGRAPH_PREFIX}{index}/"
+        index += 1
+        rename = {"value": node.input[0], "sampling_locations": node.input[3], "attention_weights": node.input[4],
+                  "output": node.output[0]}
+        for init in sub.graph.initializer:
+            new = copy.deepcopy(init)
+            new.name = rename.setdefault(init.name, prefix + init.name)
+            spliced_inits.append(new)
+        for sub_node in sub.graph.node:
+            new = copy.deepcopy(sub_node)
+            new.name = prefix + (sub_node.name or sub_node.op_type)
+            new.input[:] = [rename.setdefault(n, prefix + n) if n else n for n in sub_node.input]
+            new.output[:] = [rename.setdefault(n, prefix + n) for n in sub_node.output]
+            spliced_nodes.append(new)
+    if not index:
+        return model
+    del model.graph.node[:]
+    model.graph.node.extend(kept + spliced_nodes)
+    model.graph.initializer.extend(spliced_inits)
+    domains = {n.domain for n in model.graph.node}
+    opsets = [o for o in model.opset_import if o.domain in domains or o.domain in ("", "ai.onnx")]
+    del model.opset_import[:]
+    model.opset_import.extend(opsets)
+    return prune_dead_nodes(topological_sort(model))
+
+
+def onnx_msda_to_plugin_nodes(model, plugin_model, op_types: Sequence[str]):
+    """Swap the ``msda_onnx<i>/`` subgraphs of ``model`` (e.g. its Q/DQ version) for ``plugin_model``'s plugin nodes.
+
+    ``model`` must come from :func:`plugin_nodes_to_onnx` on ``plugin_model`` (possibly transformed by a tool that
+    keeps node and boundary tensor names, as ModelOpt does with the subgraphs excluded from quantization).
+    """
+    import copy
+
+    from sdconet.deploy.onnx_export import prune_dead_nodes, topological_sort
+
+    model = copy.deepcopy(model)
+    plugin_nodes = [n for n in plugin_model.graph.node if n.op_type in op_types]
+    kept = [n for n in model.graph.node if not n.name.startswith(MSDA_SUBGRAPH_PREFIX)]
+    produced = {name for n in kept for name in n.output} | {i.name for i in model.graph.input}
+    produced |= {init.name for init in model.graph.initializer}
+    constants = {init.name: init for init in plugin_model.graph.initializer}
+    constant_nodes = {n.output[0]: n for n in plugin_model.graph.node if n.op_type == "Constant"}
+    extra_nodes = []
+    for node in plugin_nodes:
+        for name in node.input:
+            if name in produced:
+                continue
+            if name in constants:
+                model.graph.initializer.append(copy.deepcopy(constants[name]))
+            elif name in constant_nodes:
+                extra_nodes.append(copy.deepcopy(constant_nodes[name]))
+            else:
+                raise RuntimeError(f"cannot swap in plugin node {node.name}: its input '{name}' is missing from the "
+                                   f"transformed model (a tool renamed boundary tensors)")
+            produced.add(name)
+    del model.graph.node[:]
+    model.graph.node.extend(kept + extra_nodes + [copy.deepcopy(n) for n in plugin_nodes])
+    existing = {o.domain for o in model.opset_import}
+    model.opset_import.extend(copy.deepcopy(o) for o in plugin_model.opset_import if o.domain not in existing)
+    return prune_dead_nodes(topological_sort(model))
+
+
+def ort_session(model, threads: int | None = None):
+    """ONNX Runtime CPU session for a pure or plugin-mode model (plugin nodes run as the NumPy custom op)."""
+    import onnx
+    import onnxruntime as ort
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model))
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    plugin_types = sorted({n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+    if plugin_types:
+        for op_type in plugin_types:
+            library = register_ort_custom_op(op_type)
+        options.register_custom_ops_library(library)
+        model = ort_compatible_model(model, plugin_types)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

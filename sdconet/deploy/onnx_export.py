@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import onnx
 import torch
 
@@ -125,10 +126,13 @@ def restore_custom_nodes(cut_model: onnx.ModelProto, cut: Sequence[CutNode], ori
     model = copy.deepcopy(cut_model)
     custom_outputs = {name for item in cut for name in item.node.output}
     real_outputs = [o.name for o in original.graph.output]
+    # the temporary inputs/outputs become internal tensors again; their types stay as value_info
     inputs = [i for i in model.graph.input if i.name not in custom_outputs]
+    model.graph.value_info.extend(copy.deepcopy(i) for i in model.graph.input if i.name in custom_outputs)
     del model.graph.input[:]
     model.graph.input.extend(inputs)
     outputs = {o.name: o for o in model.graph.output}
+    model.graph.value_info.extend(copy.deepcopy(o) for name, o in outputs.items() if name not in real_outputs)
     del model.graph.output[:]
     model.graph.output.extend(copy.deepcopy(outputs[name]) for name in real_outputs)
     model.graph.node.extend(item.node for item in cut)
@@ -206,3 +210,57 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path))
     return path
+
+
+def prune_dead_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop nodes (and initializers) that no graph output depends on."""
+    needed = {o.name for o in model.graph.output}
+    kept = []
+    for node in reversed(model.graph.node):
+        if any(name in needed for name in node.output):
+            kept.append(node)
+            needed.update(node.input)
+            for attr in node.attribute:  # names used inside If/Loop bodies
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    needed.update(n for sub in attr.g.node for n in sub.input)
+    kept.reverse()
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    initializers = [init for init in model.graph.initializer if init.name in needed]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(initializers)
+    return model
+
+
+def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Values of initializers and ``Constant`` node outputs, by tensor name."""
+    from onnx import numpy_helper
+
+    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and not is_custom(node):
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
+
+
+def custom_node_inputs(model: onnx.ModelProto, batch: int = 1) -> dict[str, np.ndarray]:
+    """Values of every custom node's inputs for an all-zero input batch, computed with ONNX Runtime on the graph
+    with the custom nodes cut out (so no custom-op library is needed). Gives their static shapes and constants."""
+    import onnxruntime as ort
+
+    cut_model, cut = cut_custom_nodes(model)
+    feeds = {}
+    for info in cut_model.graph.input:
+        dims = [d.dim_value if d.HasField("dim_value") else batch for d in info.type.tensor_type.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type)
+        feeds[info.name] = np.zeros(dims, dtype=dtype)
+    wanted = [name for item in cut for name in item.node.input if name]
+    session = ort.InferenceSession(cut_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    available = {o.name for o in session.get_outputs()}
+    constants = constant_values(cut_model)
+    names = [n for n in wanted if n in available]
+    values = dict(zip(names, session.run(names, feeds)))
+    values.update({n: constants[n] for n in wanted if n not in values and n in constants})
+    return values

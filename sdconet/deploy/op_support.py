@@ -16,11 +16,11 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from sdconet.deploy.onnx_export import STANDARD_DOMAINS, constant_values
 
 OP_TABLE_PATH = Path(__file__).with_name("trt_onnx_ops.json")
 TOPK_MAX_K = 3840  # "K input must be less than 3840"
-STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 class UnsupportedOpError(RuntimeError):
@@ -76,16 +76,6 @@ def _walk_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
                     yield from _walk_nodes(sub)
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.domain in STANDARD_DOMAINS:
-            for attr in node.attribute:
-                if attr.name == "value":
-                    values[node.output[0]] = numpy_helper.to_array(attr.t)
-    return values
-
-
 def _attr(node: onnx.NodeProto, name: str, default=None):
     for attr in node.attribute:
         if attr.name == name:
@@ -123,7 +113,7 @@ def check_tensorrt_support(model: onnx.ModelProto, plugins: Mapping[str, Sequenc
     if not table["opset_min"] <= opset <= table["opset_max"]:
         report.errors.append(OpIssue("<opset>", "<model>", f"opset {opset} outside TensorRT {table['tensorrt_version']}"
                                      f"'s range {table['opset_min']}..{table['opset_max']}"))
-    constants = _constants(model)
+    constants = constant_values(model)
     for node in _walk_nodes(model.graph):
         name = node.name or (node.output[0] if node.output else "?")
         if node.domain in STANDARD_DOMAINS:

@@ -1,0 +1,167 @@
+"""INT8 by explicit quantization: Q/DQ ONNX from NVIDIA ModelOpt's ONNX PTQ, and its COCO AP on CPU.
+
+ModelOpt (``nvidia-modelopt[onnx]``) pulls ``onnxruntime-gpu``, cupy and an older ``onnx``, so it lives in its own
+virtualenv and runs as a subprocess::
+
+    <python> -m modelopt.onnx.quantization --onnx_path fp32.onnx --quantize_mode int8
+        --calibration_data_path calib.npz --calibration_eps cpu --high_precision_dtype fp32 --output_path int8.onnx
+
+The interpreter is, in order: the ``python`` argument (``--modelopt-python``), ``$SDCONET_MODELOPT_PYTHON``, then
+``.venv-modelopt/bin/python`` in the repository root (docs/export.md shows how to create it).
+
+Calibration always runs on the pure-ONNX graph (ONNX Runtime CPU cannot execute TensorRT plugins). Its MSDA
+subgraphs (``msda_onnx<i>/...``) are excluded from quantization so that the plugin nodes can be swapped in afterwards
+(:func:`sdconet.deploy.msda_plugin.onnx_msda_to_plugin_nodes`); the plugin runs in FP32/FP16 anyway.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from sdconet.utils.logging import get_logger
+
+LOG = get_logger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MODELOPT_PYTHON_ENV = "SDCONET_MODELOPT_PYTHON"
+DEFAULT_MODELOPT_PYTHON = REPO_ROOT / ".venv-modelopt" / "bin" / "python"
+
+
+class QuantizationError(RuntimeError):
+    """ModelOpt is missing or failed; the message says which and how to fix it."""
+
+
+def modelopt_python(explicit: str | Path | None = None) -> Path:
+    """The interpreter that has ModelOpt (argument > $SDCONET_MODELOPT_PYTHON > .venv-modelopt)."""
+    return Path(explicit or os.environ.get(MODELOPT_PYTHON_ENV) or DEFAULT_MODELOPT_PYTHON)
+
+
+def modelopt_unavailable_reason(python: str | Path | None = None) -> str | None:
+    """None when ``python -m modelopt.onnx.quantization`` can run, else why not (for skip messages and the report)."""
+    interpreter = modelopt_python(python)
+    if not interpreter.exists():
+        return (f"ModelOpt interpreter {interpreter} not found (create it as in docs/export.md, or set "
+                f"{MODELOPT_PYTHON_ENV})")
+    probe = subprocess.run([str(interpreter), "-c", "import modelopt.onnx.quantization"], capture_output=True,
+                           text=True, timeout=600)
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"{interpreter} cannot import modelopt.onnx.quantization: {last}"
+    return None
+
+
+def fit_to_input(image: torch.Tensor, imgsz: int) -> torch.Tensor:
+    """``[3, h, w]`` LR image -> ``[3, imgsz, imgsz]`` (bilinear resize when the size differs; boxes are mapped
+    back per axis by the caller)."""
+    if tuple(image.shape[-2:]) == (imgsz, imgsz):
+        return image
+    return F.interpolate(image[None], size=(imgsz, imgsz), mode="bilinear", align_corners=False)[0].clamp(0, 1)
+
+
+def calibration_images(dataset, count: int, imgsz: int, seed: int = 0) -> np.ndarray:
+    """``count`` LR images (``[N, 3, imgsz, imgsz]`` float32 in [0, 1]) drawn reproducibly from ``dataset``."""
+    if count < 1:
+        raise ValueError(f"--calib-images must be >= 1, got {count}")
+    if len(dataset) == 0:
+        raise ValueError("the calibration dataset is empty")
+    generator = np.random.default_rng(seed)
+    indices = generator.permutation(len(dataset))[:count]
+    if count > len(dataset):
+        LOG.warning("asked for %d calibration images, the training set has %d: using all of them", count,
+                    len(dataset))
+    images = [fit_to_input(dataset[int(i)]["image_lr"], imgsz) for i in tqdm(indices, desc="calibration images")]
+    return torch.stack(images).numpy().astype(np.float32)
+
+
+def write_calibration_data(images: np.ndarray, path: str | Path, input_name: str = "images") -> Path:
+    """ModelOpt's ``--calibration_data_path`` format: an npz keyed by graph input name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **{input_name: images})
+    return path
+
+
+def quantize_int8(onnx_path: str | Path, output_path: str | Path, calibration_path: str | Path, *,
+                  python: str | Path | None = None, exclude_nodes: Sequence[str] = (),
+                  calibration_method: str = "entropy", log_path: str | Path | None = None,
+                  timeout_s: int = 3600) -> dict:
+    """Run ModelOpt INT8 PTQ (CPU calibration) and return a summary (command, seconds, Q/DQ node count)."""
+    import onnx
+
+    reason = modelopt_unavailable_reason(python)
+    if reason:
+        raise QuantizationError(reason)
+    output_path = Path(output_path)
+    command = [str(modelopt_python(python)), "-m", "modelopt.onnx.quantization", "--onnx_path", str(onnx_path),
+               "--quantize_mode", "int8", "--calibration_method", calibration_method,
+               "--calibration_data_path", str(calibration_path), "--calibration_eps", "cpu",
+               "--high_precision_dtype", "fp32", "--output_path", str(output_path)]
+    if exclude_nodes:
+        command += ["--nodes_to_exclude", *exclude_nodes]
+    LOG.info("ModelOpt INT8 PTQ: %s", " ".join(command))
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    seconds = time.perf_counter() - start
+    if log_path is not None:
+        Path(log_path).write_text(result.stdout + result.stderr)
+    if result.returncode != 0 or not output_path.exists():
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+        raise QuantizationError(f"ModelOpt INT8 quantization failed (exit {result.returncode}):\n{tail}")
+    model = onnx.load(str(output_path), load_external_data=False)
+    q_nodes = sum(node.op_type == "QuantizeLinear" for node in model.graph.node)
+    dq_nodes = sum(node.op_type == "DequantizeLinear" for node in model.graph.node)
+    if not dq_nodes:
+        raise QuantizationError(f"ModelOpt wrote {output_path} without any DequantizeLinear node")
+    return {"command": command, "seconds": round(seconds, 1), "quantize_linear": q_nodes,
+            "dequantize_linear": dq_nodes, "calibration_method": calibration_method}
+
+
+def predict_dataset(model, dataset, imgsz: int, batch_size: int = 4, desc: str = "ONNX Runtime eval") -> list[dict]:
+    """COCO detections (HR pixels of the annotation file) of an ONNX model over ``dataset`` with ONNX Runtime."""
+    from sdconet.deploy.msda_plugin import ort_session
+
+    session = ort_session(model)
+    input_name = session.get_inputs()[0].name
+    detections: list[dict] = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc=desc):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = torch.stack([fit_to_input(item["image_lr"], imgsz) for item in items]).numpy()
+        boxes, scores, labels = session.run(["boxes", "scores", "labels"], {input_name: batch})
+        for item, img_boxes, img_scores, img_labels in zip(items, boxes, scores, labels):
+            target = item["target"]
+            height, width = (float(s) for s in target["orig_size"])
+            scale = np.array([width, height, width, height], dtype=np.float64) / imgsz
+            xyxy = img_boxes.astype(np.float64) * scale
+            xyxy[:, 0::2] = xyxy[:, 0::2].clip(0, width)
+            xyxy[:, 1::2] = xyxy[:, 1::2].clip(0, height)
+            for box, score, label in zip(xyxy, img_scores, img_labels):
+                detections.append({"image_id": int(target["image_id"]),
+                                   "category_id": int(dataset.label_to_category_id[int(label)]),
+                                   "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                                   "score": float(score)})
+    return detections
+
+
+def evaluate_ap(model, dataset, imgsz: int, batch_size: int = 4, desc: str = "ONNX Runtime eval") -> dict[str, float]:
+    """COCO box AP of an ONNX model (path or ModelProto) on ``dataset`` with ONNX Runtime CPU."""
+    from sdconet.engine.metrics import coco_evaluate
+
+    detections = predict_dataset(model, dataset, imgsz, batch_size, desc)
+    return coco_evaluate(dataset.ann_file, detections)
+
+
+def compare_int8_ap(fp32_model, int8_model, dataset, imgsz: int, batch_size: int = 4) -> dict:
+    """FP32 vs INT8 COCO AP on ``dataset`` (a benchmark figure: the target drop is <= 1 AP point)."""
+    fp32 = evaluate_ap(fp32_model, dataset, imgsz, batch_size, "FP32 ONNX eval")
+    int8 = evaluate_ap(int8_model, dataset, imgsz, batch_size, "INT8 ONNX eval")
+    drop = (fp32["AP"] - int8["AP"]) * 100.0
+    return {"fp32": fp32, "int8": int8, "ap_drop_points": round(drop, 3), "target_drop_points": 1.0,
+            "images": len(dataset), "within_target": bool(drop <= 1.0)}
