@@ -26,7 +26,8 @@ def _dataset(root: Path, annotations: list[dict], images: list[dict] | None = No
     images = images if images is not None else [{"id": 1, "file_name": "a.png", "width": 64, "height": 48}]
     for image in images:
         if not (images_dir / image["file_name"]).exists():
-            Image.fromarray(np.zeros((image["height"], image["width"], 3), np.uint8)).save(images_dir / image["file_name"])
+            pixels = np.zeros((image["height"], image["width"], 3), np.uint8)
+            Image.fromarray(pixels).save(images_dir / image["file_name"])
     ann_file = root / "ann.json"
     ann_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": CATEGORIES}))
     return images_dir, ann_file

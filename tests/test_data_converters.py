@@ -146,7 +146,8 @@ def test_hrsc_box_by_box(tmp_path):
     (tmp_path / "Annotations" / "100000001.xml").write_text(HRSC_XML)
     out = tmp_path / "hrsc.json"
     convert_hrsc(tmp_path / "AllImages", tmp_path / "Annotations", out, progress=False)
-    assert _boxes(out) == [("100000001.bmp", "ship", 12, 18, 103, 47, 0), ("100000001.bmp", "ship", 110, 60, 150, 119, 1)]
+    assert _boxes(out) == [("100000001.bmp", "ship", 12, 18, 103, 47, 0),
+                           ("100000001.bmp", "ship", 110, 60, 150, 119, 1)]
     per_class = tmp_path / "hrsc_classes.json"
     convert_hrsc(tmp_path / "AllImages", tmp_path / "Annotations", per_class, per_class_id=True, progress=False)
     assert [row[1] for row in _boxes(per_class)] == ["100000013", "100000005"]

@@ -111,14 +111,14 @@ def test_empty_patches_and_train_val_by_source(tmp_path):
     ann = _write_source(tmp_path, scenes)
     settings = SplitSettings(window=256, overlap=0)
     sparse = split_dataset(tmp_path / "src", ann, tmp_path / "sparse", settings, progress=False)
-    dense = split_dataset(tmp_path / "src", ann, tmp_path / "dense", SplitSettings(window=256, overlap=0, keep_empty=True),
-                          progress=False)
+    dense = split_dataset(tmp_path / "src", ann, tmp_path / "dense",
+                          SplitSettings(window=256, overlap=0, keep_empty=True), progress=False)
     # a: x starts 0, 256, 344 (flush) x y starts 0, 44 -> 6 windows; b: 2 x 2 windows
     assert dense["counts"]["patches"] == 10 and dense["counts"]["empty_patches_kept"] > 0
     assert sparse["counts"]["patches"] + sparse["counts"]["empty_patches_skipped"] == 10
     assert sparse["counts"]["empty_patches_kept"] == 0
-    split = split_dataset(tmp_path / "src", ann, tmp_path / "tv", SplitSettings(window=256, overlap=0, val_fraction=0.5),
-                          progress=False)
+    split = split_dataset(tmp_path / "src", ann, tmp_path / "tv",
+                          SplitSettings(window=256, overlap=0, val_fraction=0.5), progress=False)
     sources = {name: {image["source_file"] for image in
                       json.loads((tmp_path / "tv" / "annotations" / f"{name}.json").read_text())["images"]}
                for name in split["splits"]}

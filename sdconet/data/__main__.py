@@ -128,7 +128,8 @@ def _add_common(parser: argparse.ArgumentParser, strict: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sdconet.data", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m sdconet.data",
+                                     description="Synthetic data, converters, patch splitter and statistics.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -65,8 +65,9 @@ class CocoIndex:
                            "height": image.height, **image.extra})
             for box, category_id, difficult, crowd, ann_id in zip(image.boxes, image.category_ids, image.difficult,
                                                                   image.iscrowd, image.annotation_ids):
+                ignored = bool(crowd) or (ignore_difficult and bool(difficult))
                 annotations.append(make_annotation(int(ann_id), image.id, int(category_id), box.tolist(),
-                                                   bool(difficult), bool(crowd) or (ignore_difficult and bool(difficult))))
+                                                   bool(difficult), ignored))
         return {"info": {"description": f"validated copy of {self.path}"}, "images": images,
                 "annotations": annotations, "categories": self.categories}
 

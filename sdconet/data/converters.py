@@ -142,7 +142,8 @@ def convert_dota(images_dir: str | Path, labels_dir: str | Path, out_json: str |
         for line_no, tokens in rows:
             where = f"{label_file}:{line_no}"
             if len(tokens) not in (9, 10):
-                raise DataError(f"{where}: expected 'x1 y1 x2 y2 x3 y3 x4 y4 class [difficult]', got '{' '.join(tokens)}'")
+                raise DataError(f"{where}: expected 'x1 y1 x2 y2 x3 y3 x4 y4 class [difficult]', "
+                                f"got '{' '.join(tokens)}'")
             try:
                 coords = [float(v) for v in tokens[:8]]
                 difficult = int(tokens[9]) if len(tokens) == 10 else 0

@@ -58,6 +58,17 @@ def window_starts(length: int, window: int, step: int) -> list[int]:
     return sorted(set(range(0, length - window, step)) | {length - window})
 
 
+def _assign_splits(num_images: int, settings: SplitSettings) -> list[str]:
+    """Split name per source image: all ``subset``, or a seeded random ``val_fraction`` of them ``val``."""
+    if settings.val_fraction == 0:
+        return [settings.subset] * num_images
+    splits = ["train"] * num_images
+    order = np.random.default_rng(settings.seed).permutation(num_images)
+    for i in order[:round(num_images * settings.val_fraction)]:
+        splits[int(i)] = "val"
+    return splits
+
+
 def split_dataset(images_dir: str | Path, ann_file: str | Path, out_dir: str | Path, settings: SplitSettings,
                   strict: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                   progress: bool = True) -> dict[str, Any]:
@@ -66,10 +77,7 @@ def split_dataset(images_dir: str | Path, ann_file: str | Path, out_dir: str | P
     settings.validate()
     images_dir, out_dir = Path(images_dir), Path(out_dir)
     index = load_coco(ann_file, strict=strict)
-    order = np.random.default_rng(settings.seed).permutation(len(index.images))
-    num_val = round(len(index.images) * settings.val_fraction)
-    split_of = {int(i): ("val" if rank < num_val else "train") if settings.val_fraction > 0 else settings.subset
-                for rank, i in enumerate(order)}
+    split_of = _assign_splits(len(index.images), settings)
     builders: dict[str, CocoBuilder] = {}
     counts = {"source_images": len(index.images), "source_boxes": index.num_boxes, "patches": 0,
               "empty_patches_kept": 0, "empty_patches_skipped": 0, "box_instances": 0, "boxes_covered": 0,
