@@ -320,7 +320,8 @@ def test_engine_matches_reference():
     config.add_optimization_profile(profile)
     engine = trt.Runtime(logger).deserialize_cuda_engine(builder.build_serialized_network(network, config))
     context = engine.create_execution_context()
-    out = torch.empty(2, 300, 8, 32, dtype=torch.float16, device=DEVICE)
+    out_dtype = {trt.float16: torch.float16, trt.float32: torch.float32}[engine.get_tensor_dtype("msda_out")]
+    out = torch.empty(2, 300, 8, 32, dtype=out_dtype, device=DEVICE)
     for name, tensor in (("value", value), ("sampling_locations", loc), ("attention_weights", attn)):
         context.set_input_shape(name, tuple(tensor.shape))
         context.set_tensor_address(name, tensor.data_ptr())

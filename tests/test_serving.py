@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,63 +33,32 @@ from sdconet.serve.client import SDCoNetClient, detect_many  # noqa: E402
 from sdconet.serve.python_env import PythonEnvError, inspect_python_env  # noqa: E402
 from sdconet.serve.server import ServerError, TritonServer, _group_members, find_tritonserver, free_port  # noqa: E402
 
-CLASS_NAMES = ["airplane", "ship", "vehicle"]
-IMGSZ = 64
+CLASS_NAMES = ["airplane", "ship", "storage tank", "vehicle", "bridge", "harbor"]  # tiny: 6 classes
+IMGSZ = 128  # LR engine size of the served tiny model
 MAX_BATCH = 8
-SCORE_THRESHOLD = 0.3
+SCORE_THRESHOLD = 0.02  # the random-init tiny model scores ~0.01-0.05
 MAX_IMAGE_PIXELS = 500 * 500  # small, so the over-limit request is cheap to send
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The detector under test (the ONE fixture to swap for the real tiny-model export)
+# The detector under test (the ONE fixture to swap the served model)
 # ---------------------------------------------------------------------------------------------------------------------
-class GridDetector(torch.nn.Module):
-    """Stand-in with the exported detector's I/O contract: ``images`` [B, 3, S, S] in [0, 1] -> ``boxes`` [B, K, 4]
-    xyxy input pixels, ``scores`` [B, K], ``labels`` [B, K] int32, ``saliency`` [B, 1, S/8, S/8]. Scores come from a
-    per-cell classifier standardised per class (so several classes and a spread of scores appear)."""
-
-    def __init__(self, num_classes: int, num_detections: int):
-        super().__init__()
-        self.num_detections = num_detections
-        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, stride=4, padding=1), torch.nn.ReLU(),
-                                            torch.nn.Conv2d(16, 16, 3, stride=2, padding=1), torch.nn.ReLU())
-        self.classifier = torch.nn.Conv2d(16, num_classes, 1)
-        self.regressor = torch.nn.Conv2d(16, 4, 1)
-
-    def forward(self, images: torch.Tensor):
-        features = self.features(images)
-        batch, _, height, width = features.shape
-        logits = self.classifier(features).flatten(2).transpose(1, 2)  # [B, N, C]
-        logits = (logits - logits.mean(1, keepdim=True)) / (logits.std(1, keepdim=True) + 1e-6) * 2.0 - 2.0
-        num_classes = logits.shape[2]
-        scores, index = logits.sigmoid().flatten(1).topk(self.num_detections, dim=1)
-        cell, labels = index // num_classes, (index % num_classes).to(torch.int32)
-        offsets = self.regressor(features).flatten(2).transpose(1, 2).sigmoid()  # [B, N, 4]
-        offsets = torch.gather(offsets, 1, cell[..., None].expand(-1, -1, 4))
-        stride = images.shape[-1] / width
-        cx = ((cell % width).float() + offsets[..., 0]) * stride
-        cy = (torch.div(cell, width, rounding_mode="floor").float() + offsets[..., 1]) * stride
-        half_w, half_h = offsets[..., 2] * 2 * stride, offsets[..., 3] * 2 * stride
-        boxes = torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=-1)
-        saliency = logits.amax(-1).sigmoid().reshape(batch, 1, height, width)
-        return boxes, scores, labels, saliency
-
-
 @pytest.fixture(scope="module")
 def detector_onnx(tmp_path_factory) -> Path:
-    """The exported detector ONNX served by the tests (dynamic batch, static K as after onnxsim)."""
+    """The real tiny SDCoNet inference graph (random init, seeded), exported as the deploy pipeline does: pure-ONNX
+    MSDA, dynamic batch, onnxsim, saliency output included."""
+    from sdconet.config import load_config
+    from sdconet.deploy.inference_graph import build_inference_graph
+    from sdconet.deploy.onnx_export import check_model, export_module, save_model, simplify
+
     torch.manual_seed(0)
-    model = GridDetector(len(CLASS_NAMES), num_detections=20).eval()
-    path = tmp_path_factory.mktemp("onnx") / "detector.onnx"
-    names = ["images", "boxes", "scores", "labels", "saliency"]
-    torch.onnx.export(model, (torch.rand(1, 3, IMGSZ, IMGSZ),), str(path), input_names=names[:1],
-                      output_names=names[1:], dynamic_axes={name: {0: "batch"} for name in names}, opset_version=17,
-                      dynamo=False)
-    graph = onnx.load(str(path))
-    for output in graph.graph.output:  # K is a constant of the graph; state it as onnxsim would
-        if output.name in ("boxes", "scores", "labels"):
-            output.type.tensor_type.shape.dim[1].dim_value = model.num_detections
-    onnx.save(graph, str(path))
+    with warnings.catch_warnings():  # tracer notes about the model's static shapes belong to the export tests
+        warnings.simplefilter("ignore")
+        graph = build_inference_graph(load_config("tiny"), None, msda_impl="gather", with_saliency=True)
+        model = export_module(graph, torch.rand(1, 3, IMGSZ, IMGSZ), input_name="images",
+                              output_names=graph.output_names)
+        path = save_model(simplify(model), tmp_path_factory.mktemp("onnx") / "sdconet_tiny.onnx")
+    check_model(path)
     return path
 
 
@@ -150,14 +120,15 @@ def test_letterbox_geometry_round_trips_boxes():
     in_network = original * np.array([info[3], info[2], info[3], info[2]], np.float32)
     np.testing.assert_allclose(processing.boxes_to_original(in_network, info), original, atol=1e-4)
     # boxes reaching into the padding are clipped to the image
-    clipped = processing.boxes_to_original(np.array([[-5.0, 30.0, 70.0, 63.0]], np.float32), info)
+    clipped = processing.boxes_to_original(np.array([[-5.0, 30.0, IMGSZ + 6.0, IMGSZ - 1.0]], np.float32), info)
     np.testing.assert_allclose(clipped, [[0.0, 30.0 / info[2], 150.0, 90.0]], rtol=1e-5)
 
 
 def test_small_image_is_upscaled_to_the_engine_size():
     network_input, info = processing.letterbox(scene(32, 20, seed=2), IMGSZ)
-    assert info[2] == 2.0 and info[3] == pytest.approx(40 / 20)
-    assert network_input[:, :, 40:].max() == 0.0 and network_input[:, :, :40].max() > 0.0
+    new_w = round(20 * IMGSZ / 32)
+    assert info[2] == IMGSZ / 32 and info[3] == pytest.approx(new_w / 20)
+    assert network_input[:, :, new_w:].max() == 0.0 and network_input[:, :, :new_w].max() > 0.0
 
 
 def test_select_detections_thresholds_sorts_and_maps():
@@ -271,8 +242,8 @@ def test_gpu_detector_configs_match_the_exported_model(tmp_path, detector_onnx, 
 
 
 def test_builder_refuses_what_would_not_serve(tmp_path, detector_onnx):
-    with pytest.raises(RepositoryError, match="is 64x64 but imgsz is 128"):
-        build_repository(tmp_path / "a", onnx_path=detector_onnx, backend="cpu", imgsz=128, max_batch=4,
+    with pytest.raises(RepositoryError, match=f"is {IMGSZ}x{IMGSZ} but imgsz is {2 * IMGSZ}"):
+        build_repository(tmp_path / "a", onnx_path=detector_onnx, backend="cpu", imgsz=2 * IMGSZ, max_batch=4,
                          class_names=CLASS_NAMES)
     with pytest.raises(RepositoryError, match="backend 'trt' needs engine_path"):
         build_repository(tmp_path / "b", onnx_path=detector_onnx, backend="trt", imgsz=IMGSZ, max_batch=4,
@@ -363,6 +334,24 @@ def test_http_and_grpc_match_direct_onnxruntime(server, session, images):
                 reference = reference_detections(session, image)
                 assert_same_detections(client.detect(png_bytes(image)), reference)
                 assert_same_detections(client.detect(image), reference)  # raw uint8 array input
+
+
+def test_one_request_may_carry_several_images(server, session, images):
+    import tritonclient.http as httpclient
+
+    from sdconet.serve.client import parse_result
+
+    batch = np.array([[png_bytes(images[0])], [png_bytes(images[1])]], dtype=object)
+    tensor = httpclient.InferInput("IMAGE_BYTES", list(batch.shape), "BYTES")
+    tensor.set_data_from_numpy(batch)
+    client = httpclient.InferenceServerClient(server.endpoints.http)
+    try:
+        per_image = parse_result(client.infer("sdconet", [tensor]))
+    finally:
+        client.close()
+    assert len(per_image) == 2  # rows past each image's num_detections are padding
+    for detections, image in zip(per_image, images[:2]):
+        assert_same_detections(detections, reference_detections(session, image))
 
 
 def test_concurrent_clients_get_batched_and_correct_answers(server, session, images):
@@ -481,7 +470,7 @@ def test_loadgen_sweep_reports_latency_and_queue_compute_split(server, images, t
         assert models["detector_cpu"]["inferences"] == 12
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_serve_cli_starts_prints_endpoints_and_stops_cleanly(cpu_repo, tmp_path, stop_signal):
     _require_server_binary()
     ports = [free_port() for _ in range(3)]

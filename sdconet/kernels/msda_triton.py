@@ -232,7 +232,7 @@ def _prepare(value: torch.Tensor, spatial_shapes: SpatialShapes, level_start_ind
         if sum(h * w for h, w in shape_list) != s:
             raise ValueError(f"MSDA spatial_shapes {shape_list} hold {sum(h * w for h, w in shape_list)} tokens but "
                              f"value has S={s}")
-        shapes = torch.tensor(shape_list, dtype=torch.int32).to(value.device, non_blocking=True)
+        shapes = torch.tensor(shape_list, dtype=torch.int32).to(value.device)
     if tuple(shapes.shape) != (num_levels, 2):
         raise ValueError(f"MSDA spatial_shapes must be [L={num_levels}, 2], got {tuple(shapes.shape)}")
     if level_start_index is None:
@@ -279,8 +279,7 @@ def msda_triton_backward(grad_out: torch.Tensor, value: torch.Tensor, spatial_sh
                          attention_weights: torch.Tensor, block_q: int = DEFAULT_BLOCK_Q
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients w.r.t. value, sampling_locations and attention_weights, each in its input's dtype."""
-    n, s, m, d = value.shape
-    lq = sampling_locations.shape[1]
+    s, lq = value.shape[1], sampling_locations.shape[1]
     grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
     grad_locations = torch.zeros(sampling_locations.shape, dtype=torch.float32, device=value.device)
     grad_weights = torch.zeros(attention_weights.shape, dtype=torch.float32, device=value.device)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from sdconet.serve.python_env import PythonEnvInfo, inspect_python_env
+from sdconet.serve.python_env import inspect_python_env
 from sdconet.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -188,13 +188,15 @@ class TritonServer:
             raise ServerError(f"the python models use environments of different Python versions {sorted(versions)}; "
                               f"one server can load one python backend stub")
         if infos:
-            target: PythonEnvInfo | None = infos[0]
-            version, libdir = target.version, target.libdir
+            version, libdir = infos[0].version, infos[0].libdir
         else:
             log.warning("no python model in %s sets EXECUTION_ENV_PATH: the stub will use the base interpreter of "
                         "%s, whose numpy must be < 2", self.repo, sys.executable)
             version = f"{sys.version_info[0]}.{sys.version_info[1]}"
             libdir = sysconfig.get_config_var("LIBDIR")
+        if not libdir or not list(Path(libdir).glob(f"libpython{version}.so*")):
+            raise ServerError(f"the python backend stub links libpython{version}.so, which is not in {libdir!r}: use a "
+                              f"Python built with --enable-shared (e.g. pyenv: PYTHON_CONFIGURE_OPTS=--enable-shared)")
         dist = self.binary.parents[1]  # .../pytriton/tritonserver
         stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
         if not stub.is_file():
