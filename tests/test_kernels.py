@@ -18,6 +18,8 @@ from pathlib import Path  # noqa: E402
 import onnx  # noqa: E402
 import pytest  # noqa: E402
 
+pytest.importorskip("triton", reason="the `triton` package is not installed (it ships with Linux CUDA torch wheels)")
+
 from sdconet.kernels import msda_triton  # noqa: E402
 from sdconet.kernels.trt_plugin import (  # noqa: E402
     MSDA_PLUGIN_INPUTS, MSDA_PLUGIN_OUTPUT, SDCONET_MSDA_ATTRIBUTES, SDCONET_MSDA_NAMESPACE, SDCONET_MSDA_OP_TYPE,
