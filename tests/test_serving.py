@@ -31,7 +31,8 @@ from sdconet.deploy.triton_repo import (  # noqa: E402
 from sdconet.serve import processing  # noqa: E402
 from sdconet.serve.client import SDCoNetClient, detect_many  # noqa: E402
 from sdconet.serve.python_env import PythonEnvError, inspect_python_env  # noqa: E402
-from sdconet.serve.server import ServerError, TritonServer, _group_members, find_tritonserver, free_port  # noqa: E402
+from sdconet.serve.server import (  # noqa: E402
+    ServerError, ServerUnavailable, TritonServer, process_group_members, find_tritonserver, free_port)
 
 CLASS_NAMES = ["airplane", "ship", "storage tank", "vehicle", "bridge", "harbor"]  # tiny: 6 classes
 IMGSZ = 128  # LR engine size of the served tiny model
@@ -279,7 +280,10 @@ def test_python_env_check(tmp_path):
 
 
 def test_bundled_server_refuses_gpu_backends_before_starting(tmp_path, detector_onnx):
-    binary, bundled = find_tritonserver()
+    try:
+        binary, bundled = find_tritonserver()
+    except ServerUnavailable as err:
+        pytest.skip(str(err))
     if not bundled:
         pytest.skip(f"tritonserver on PATH ({binary}) has real backends; this checks the nvidia-pytriton one")
     repo = _build(tmp_path, detector_onnx, "onnx")
@@ -292,11 +296,12 @@ def test_bundled_server_refuses_gpu_backends_before_starting(tmp_path, detector_
 # ---------------------------------------------------------------------------------------------------------------------
 # The real server (bundled tritonserver, cpu deployment)
 # ---------------------------------------------------------------------------------------------------------------------
-def _require_server_binary() -> None:
+def _require_server(repo: Path) -> None:
+    """Skip (with the reason) where no tritonserver can run; a broken repository or environment still fails."""
     try:
-        find_tritonserver()
-    except ServerError as err:
-        pytest.skip(str(err))
+        TritonServer(repo).preflight()
+    except ServerUnavailable as err:
+        pytest.skip(f"no runnable tritonserver here: {err}")
 
 
 @pytest.fixture(scope="module")
@@ -307,13 +312,13 @@ def cpu_repo(tmp_path_factory, detector_onnx) -> Path:
 
 @pytest.fixture(scope="module")
 def server(cpu_repo, tmp_path_factory):
-    _require_server_binary()
+    _require_server(cpu_repo)
     log_file = tmp_path_factory.mktemp("server_log") / "tritonserver.log"
     instance = TritonServer(cpu_repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                             log_file=log_file)
     with instance:
         yield instance
-    assert not _group_members(instance.process.pid), "server processes left behind"
+    assert not process_group_members(instance.process.pid), "server processes left behind"
 
 
 @pytest.fixture(scope="module")
@@ -472,7 +477,7 @@ def test_loadgen_sweep_reports_latency_and_queue_compute_split(server, images, t
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_serve_cli_starts_prints_endpoints_and_stops_cleanly(cpu_repo, tmp_path, stop_signal):
-    _require_server_binary()
+    _require_server(cpu_repo)
     ports = [free_port() for _ in range(3)]
     command = [sys.executable, "-m", "sdconet.serve", "--repo", str(cpu_repo), "--http-port", str(ports[0]),
                "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--json",
@@ -492,7 +497,7 @@ def test_serve_cli_starts_prints_endpoints_and_stops_cleanly(cpu_repo, tmp_path,
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert not _group_members(info["pid"]), "tritonserver or a backend stub outlived the launcher"
+    assert not process_group_members(info["pid"]), "tritonserver or a backend stub outlived the launcher"
     assert not Path(f"/proc/{info['pid']}").exists()
 
 

@@ -48,7 +48,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
         raise InvalidImageError(f"image refused as a decompression bomb: {err}") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except UnidentifiedImageError as err:
+        raise InvalidImageError(f"{len(data)} bytes are not a decodable image (unknown or unsupported format)") from err
+    except (OSError, SyntaxError, ValueError) as err:
         raise InvalidImageError(f"{len(data)} bytes are not a decodable image ({err})") from err
     with image:
         width, height = image.size

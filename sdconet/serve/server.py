@@ -45,6 +45,10 @@ class ServerError(RuntimeError):
     """The server could not be started or stopped; the message carries the reason and the log tail."""
 
 
+class ServerUnavailable(ServerError):
+    """This machine cannot run a tritonserver at all (none installed, no stub for this Python, no shared libpython)."""
+
+
 @dataclass(frozen=True)
 class Endpoints:
     host: str
@@ -87,7 +91,7 @@ def find_tritonserver() -> tuple[Path, bool]:
         return Path(on_path), False
     bundled = bundled_tritonserver()
     if bundled is None:
-        raise ServerError("no tritonserver found: not on PATH and nvidia-pytriton is not installed "
+        raise ServerUnavailable("no tritonserver found: not on PATH and nvidia-pytriton is not installed "
                           "(pip install 'sdconet[serving]', or use NVIDIA's Triton container)")
     return bundled, True
 
@@ -120,7 +124,7 @@ def _python_env_paths(repo: Path) -> set[str]:
     return paths
 
 
-def _group_members(pgid: int) -> list[int]:
+def process_group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes in process group ``pgid`` (Linux /proc)."""
     members = []
     for entry in Path("/proc").iterdir():
@@ -179,8 +183,11 @@ class TritonServer:
             return ""
         return "\n".join(self._log_file.read_text(errors="replace").splitlines()[-lines:])
 
-    def _prepare_bundled(self, env: dict[str, str]) -> list[str]:
-        """Backend directory with the matching stub + library path for the bundled server -> extra arguments."""
+    def _bundled_runtime(self) -> tuple[Path, str]:
+        """(python backend stub, libpython directory) for the bundled server and this repository's python models.
+
+        Raises ServerUnavailable when this machine cannot run the bundled server (no stub for the Python version, no
+        shared libpython)."""
         env_paths = _python_env_paths(self.repo)
         infos = [inspect_python_env(path) for path in sorted(env_paths)]
         versions = {info.version for info in infos}
@@ -195,13 +202,29 @@ class TritonServer:
             version = f"{sys.version_info[0]}.{sys.version_info[1]}"
             libdir = sysconfig.get_config_var("LIBDIR")
         if not libdir or not list(Path(libdir).glob(f"libpython{version}.so*")):
-            raise ServerError(f"the python backend stub links libpython{version}.so, which is not in {libdir!r}: use a "
-                              f"Python built with --enable-shared (e.g. pyenv: PYTHON_CONFIGURE_OPTS=--enable-shared)")
-        dist = self.binary.parents[1]  # .../pytriton/tritonserver
-        stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+            raise ServerUnavailable(f"the python backend stub links libpython{version}.so, which is not in {libdir!r}: "
+                                    f"use a Python built with --enable-shared (pyenv: "
+                                    f"PYTHON_CONFIGURE_OPTS=--enable-shared)")
+        stubs = self.binary.parents[1] / "python_backend_stubs"
+        stub = stubs / version / "triton_python_backend_stub"
         if not stub.is_file():
-            available = sorted(p.name for p in (dist / "python_backend_stubs").iterdir())
-            raise ServerError(f"nvidia-pytriton has no python backend stub for Python {version} (has {available})")
+            available = sorted(p.name for p in stubs.iterdir()) if stubs.is_dir() else []
+            raise ServerUnavailable(f"nvidia-pytriton has no python backend stub for Python {version} "
+                                    f"(has {available})")
+        return stub, libdir
+
+    def preflight(self) -> None:
+        """Every check possible without starting: the server has the backends the repository needs and, for the
+        bundled server, the python environment, stub and libpython are usable. Raises ServerError /
+        ServerUnavailable."""
+        self._check_backends()
+        if self.bundled:
+            self._bundled_runtime()
+
+    def _prepare_bundled(self, env: dict[str, str]) -> list[str]:
+        """Backend directory with the matching stub + library path for the bundled server -> extra arguments."""
+        stub, libdir = self._bundled_runtime()
+        dist = self.binary.parents[1]  # .../pytriton/tritonserver
         backend_dir = self._scratch / "backends" / "python"
         backend_dir.mkdir(parents=True)
         for item in (dist / "backends" / "python").iterdir():
@@ -246,7 +269,7 @@ class TritonServer:
         """Start the process (returns at once; call :meth:`wait_ready`)."""
         if self.process is not None:
             raise ServerError("server already started")
-        self._check_backends()
+        self._check_backends()  # the bundled runtime is checked while it is prepared below
         e = self.endpoints
         for name, port in (("http", e.http_port), ("grpc", e.grpc_port), ("metrics", e.metrics_port)):
             if not port_is_free(e.host, port):
@@ -313,10 +336,10 @@ class TritonServer:
                 self.process.wait()
         # python backend stubs are the server's children; make sure none outlives it
         deadline = time.monotonic() + 10
-        while _group_members(pgid) and time.monotonic() < deadline:
+        while process_group_members(pgid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _group_members(pgid):
-            log.warning("killing %d leftover process(es) of the server's group", len(_group_members(pgid)))
+        if process_group_members(pgid):
+            log.warning("killing %d leftover process(es) of the server's group", len(process_group_members(pgid)))
             try:
                 os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:
