@@ -1,0 +1,1 @@
+"""Latency/throughput measurement of every backend (torch, ONNX Runtime, TensorRT, Triton) and result reporting."""

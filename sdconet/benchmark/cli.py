@@ -1,0 +1,121 @@
+"""``python benchmarks/latency.py``: latency/throughput of every backend on the same deploy graph."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from tqdm import tqdm
+
+from sdconet.benchmark.report import (compare_chart, compare_table, load_records, markdown_table, write_records)
+from sdconet.benchmark.runners import BACKENDS, PRECISIONS, RUNNERS, BenchContext, default_work_dir
+from sdconet.config import ConfigError, load_config
+from sdconet.utils.logging import get_logger, setup_logging
+
+log = get_logger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/latency.py",
+        description="Time the SDCoNet deploy graph (encoder + neck + saliency-filtered DINO, no SR decoder) on every "
+                    "backend. With no model given, the paper-size model with random weights is timed (weights do not "
+                    "change latency) and whatever a backend needs (ONNX, INT8 Q/DQ) is exported on the fly.")
+    parser.add_argument("--backend", nargs="+", choices=BACKENDS, default=["torch", "onnxruntime"],
+                        help="backends to time (default: torch onnxruntime)")
+    parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["fp32"],
+                        help="precisions (fp16/bf16: GPU autocast for torch; int8: ModelOpt Q/DQ for onnxruntime)")
+    parser.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes (triton: requests in flight)")
+    parser.add_argument("--imgsz", type=int, default=256, help="LR input side (default 256)")
+    parser.add_argument("--warmup", type=int, default=5, help="unmeasured calls before timing")
+    parser.add_argument("--iters", type=int, default=30, help="measured calls per configuration")
+    parser.add_argument("--config", default="paper", help="model preset or YAML when no checkpoint is given")
+    parser.add_argument("--checkpoint", help="trained weights (.safetensors or run dir); default: random weights")
+    parser.add_argument("--onnx", type=Path, help="fp32 ONNX to time instead of exporting one")
+    parser.add_argument("--int8-onnx", type=Path, help="INT8 Q/DQ ONNX to time instead of quantizing one")
+    parser.add_argument("--engine", type=Path, help="TensorRT engine for --backend tensorrt")
+    parser.add_argument("--compile", action="store_true", help="torch: also time torch.compile (GPU)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="torch: also time CUDA-graph replay (GPU)")
+    parser.add_argument("--protocol", choices=("http", "grpc"), default="http", help="triton client protocol")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch and ONNX Runtime (default: all)")
+    parser.add_argument("--work-dir", type=Path, help="where on-the-fly exports go (default: a temp dir)")
+    parser.add_argument("--json", type=Path, help="write the records (a JSON list) here")
+    parser.add_argument("--markdown", type=Path, help="also write the markdown table here")
+    parser.add_argument("--compare", nargs="+", type=Path, metavar="JSON",
+                        help="render a side-by-side table and a PNG chart of earlier --json files, then exit")
+    parser.add_argument("--chart", type=Path, default=Path("benchmarks/results/compare.png"),
+                        help="PNG path for --compare (default: benchmarks/results/compare.png)")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.detector.num_queries=100")
+    return parser
+
+
+def _compare(paths: Sequence[Path], chart: Path) -> int:
+    runs = {}
+    for path in paths:
+        runs[path.stem if path.stem not in runs else str(path)] = load_records(path)
+    print(compare_table(runs))
+    print(f"\nchart: {compare_chart(runs, chart)}")
+    return 0
+
+
+def _context(args: argparse.Namespace) -> BenchContext:
+    state_dict = None
+    if args.checkpoint:
+        from sdconet.engine.checkpoint import load_model_weights, resolve_checkpoint
+
+        cfg, state_dict, _ = load_model_weights(resolve_checkpoint(args.checkpoint))
+    else:
+        cfg = load_config(args.config, args.overrides)
+    work_dir = args.work_dir or default_work_dir()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return BenchContext(cfg=cfg, state_dict=state_dict, imgsz=args.imgsz, warmup=args.warmup, iters=args.iters,
+                        work_dir=work_dir, onnx_path=args.onnx, int8_onnx_path=args.int8_onnx,
+                        engine_path=args.engine)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    if args.compare:
+        return _compare(args.compare, args.chart)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        ctx = _context(args)
+    except (ConfigError, RuntimeError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    plan = [(b, p, n) for b in args.backend for p in args.precision for n in args.batch]
+    if "torch" in args.backend:
+        plan += [("torch", p, n, {"compile_model": True}) for p in args.precision for n in args.batch
+                 if args.compile]
+        plan += [("torch", p, n, {"cuda_graphs": True}) for p in args.precision for n in args.batch
+                 if args.cuda_graphs]
+    records = []
+    for item in tqdm(plan, desc="benchmark", unit="config"):
+        backend, precision, batch = item[:3]
+        kwargs = dict(item[3]) if len(item) > 3 else {}
+        if backend == "triton":
+            kwargs["protocol"] = args.protocol
+        record = RUNNERS[backend](ctx, precision, batch, **kwargs)
+        record["device_facts"] = ctx.facts
+        record["model"] = {"config": ctx.cfg.name, "checkpoint": args.checkpoint or "random weights"}
+        records.append(record)
+        tqdm.write(f"{backend}/{precision}/b{batch}: {record['status']}"
+                   + (f", p50 {record['p50_ms']:.2f} ms" if record["status"] == "ok" else ""))
+    table = markdown_table(records)
+    print(table)
+    if args.json:
+        write_records(records, args.json)
+        print(f"\nrecords: {args.json}")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

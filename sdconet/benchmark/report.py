@@ -1,0 +1,108 @@
+"""Benchmark records: JSON files, markdown tables, side-by-side comparison and a PNG chart."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+REQUIRED_KEYS = ("backend", "precision", "batch", "imgsz", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput",
+                 "peak_mem_mb", "device", "status")
+
+
+def config_label(record: dict[str, Any]) -> str:
+    """``backend/precision/bN`` (+ variant such as ``compile`` when present)."""
+    variant = f"+{record['variant']}" if record.get("variant") else ""
+    return f"{record['backend']}{variant}/{record['precision']}/b{record['batch']}"
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(records: Iterable[dict[str, Any]]) -> str:
+    header = "| backend | precision | batch | imgsz | p50 ms | p90 ms | p99 ms | mean ms | img/s | peak MB | status |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in records:
+        backend = r["backend"] + (f"+{r['variant']}" if r.get("variant") else "")
+        lines.append(f"| {backend} | {r['precision']} | {r['batch']} | {r['imgsz']} | {_fmt(r.get('p50_ms'))} | "
+                     f"{_fmt(r.get('p90_ms'))} | {_fmt(r.get('p99_ms'))} | {_fmt(r.get('mean_ms'))} | "
+                     f"{_fmt(r.get('throughput'), 1)} | {_fmt(r.get('peak_mem_mb'), 0)} | {r['status']} |")
+    return "\n".join(lines)
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """Read a benchmark JSON (a list of records), checking the required keys."""
+    path = Path(path)
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable benchmark JSON ({err})") from err
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a list of records")
+    for i, record in enumerate(records):
+        missing = [k for k in REQUIRED_KEYS if k not in record]
+        if missing:
+            raise ValueError(f"{path}: record {i} lacks {', '.join(missing)}")
+    return records
+
+
+def write_records(records: list[dict[str, Any]], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(records, indent=2))
+
+
+def compare_table(runs: dict[str, list[dict[str, Any]]]) -> str:
+    """p50 latency of each configuration (rows) in each run (columns); '-' where a run lacks it or skipped it."""
+    labels: list[str] = []
+    for records in runs.values():
+        for r in records:
+            if config_label(r) not in labels:
+                labels.append(config_label(r))
+    names = list(runs)
+    lines = ["| configuration | " + " | ".join(f"{n} p50 ms" for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for label in labels:
+        cells = []
+        for name in names:
+            match = [r for r in runs[name] if config_label(r) == label]
+            cells.append(_fmt(match[0]["p50_ms"]) if match and match[0]["status"] == "ok" else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare_chart(runs: dict[str, list[dict[str, Any]]], path: str | Path) -> Path:
+    """Grouped horizontal bars of p50 latency per configuration, one colour per run; returns the PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels: list[str] = []
+    for records in runs.values():
+        for r in records:
+            if r["status"] == "ok" and config_label(r) not in labels:
+                labels.append(config_label(r))
+    height = 0.8 / max(1, len(runs))
+    fig, ax = plt.subplots(figsize=(8, 1.0 + 0.45 * max(1, len(labels)) * max(1, len(runs)) ** 0.5))
+    for k, (name, records) in enumerate(runs.items()):
+        values = []
+        for label in labels:
+            match = [r for r in records if config_label(r) == label and r["status"] == "ok"]
+            values.append(match[0]["p50_ms"] if match else 0.0)
+        ax.barh([i + k * height for i in range(len(labels))], values, height=height, label=name)
+    ax.set_yticks([i + height * (len(runs) - 1) / 2 for i in range(len(labels))])
+    ax.set_yticklabels(labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("p50 latency (ms, lower is better)")
+    ax.legend(loc="best", fontsize="small")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

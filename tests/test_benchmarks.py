@@ -1,0 +1,79 @@
+"""benchmarks/latency.py: each CPU backend runs with tiny settings and writes well-formed JSON; unavailable backends
+are reported as skipped with the reason; --compare renders the table and a PNG."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdconet.benchmark.report import REQUIRED_KEYS, load_records
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, cwd=ROOT, timeout=600):
+    proc = subprocess.run([sys.executable, "benchmarks/latency.py", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_records(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    json_path = out / "tiny.json"
+    proc = _run(["--config", "tiny", "--imgsz", "64", "--warmup", "1", "--iters", "3", "--threads", "1",
+                 "--backend", "torch", "onnxruntime", "tensorrt", "--precision", "fp32", "fp16",
+                 "--work-dir", str(out / "work"), "--json", str(json_path)])
+    return json_path, load_records(json_path), proc.stdout
+
+
+def test_cpu_backends_write_wellformed_records(tiny_records):
+    _, records, stdout = tiny_records
+    assert "| backend | precision |" in stdout
+    by_key = {(r["backend"], r["precision"]): r for r in records}
+    assert len(records) == 6
+    for backend in ("torch", "onnxruntime"):
+        record = by_key[(backend, "fp32")]
+        assert record["status"] == "ok"
+        assert all(k in record for k in REQUIRED_KEYS)
+        assert 0 < record["p50_ms"] <= record["p90_ms"] <= record["p99_ms"]
+        assert record["throughput"] == pytest.approx(1000.0 / record["mean_ms"])
+        assert record["peak_mem_mb"] > 0 and record["imgsz"] == 64 and record["batch"] == 1
+
+
+def test_unavailable_backends_are_skipped_with_reason(tiny_records):
+    _, records, _ = tiny_records
+    import torch
+
+    statuses = {(r["backend"], r["precision"]): r["status"] for r in records}
+    try:
+        import tensorrt  # noqa: F401
+        has_trt = True
+    except ImportError:
+        has_trt = False
+    if not has_trt:
+        assert statuses[("tensorrt", "fp32")].startswith("skipped: tensorrt is not importable")
+    if not torch.cuda.is_available():
+        assert statuses[("torch", "fp16")] == "skipped: fp16 autocast is timed on GPU only; no CUDA device here"
+    assert statuses[("onnxruntime", "fp16")].startswith("skipped:")
+
+
+def test_compare_renders_table_and_png(tiny_records, tmp_path):
+    json_path, records, _ = tiny_records
+    other = tmp_path / "other.json"
+    slower = [dict(r, p50_ms=(r["p50_ms"] or 0) * 2) for r in records]
+    other.write_text(json.dumps(slower))
+    chart = tmp_path / "chart.png"
+    proc = _run(["--compare", str(json_path), str(other), "--chart", str(chart)])
+    assert "| configuration | tiny p50 ms | other p50 ms |" in proc.stdout
+    assert "torch/fp32/b1" in proc.stdout
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_rejects_malformed_json(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"backend": "torch"}]))
+    with pytest.raises(ValueError, match="record 0 lacks"):
+        load_records(bad)
