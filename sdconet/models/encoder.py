@@ -11,10 +11,13 @@ Two deviations from a stock timm Swin, both so that one set of weights behaves t
 """
 from __future__ import annotations
 
+import functools
+
 import re
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import timm
 import torch
 import torch.nn as nn
@@ -48,13 +51,37 @@ class PaddedShiftSwinBlock(SwinTransformerBlock):
         attn_mask = None
         if has_shift:
             x = torch.roll(x, shifts=(-shift_h, -shift_w), dims=(1, 2))
-            attn_mask = self.get_attn_mask(x)  # regions of the padded, shifted grid
+            attn_mask = shifted_window_mask(padded_h, padded_w, self.window_size, self.shift_size).to(x)
         windows = window_partition(x, self.window_size).view(-1, self.window_area, channels)
         windows = self.attn(windows, mask=attn_mask)
         x = window_reverse(windows.view(-1, window_h, window_w, channels), self.window_size, padded_h, padded_w)
         if has_shift:
             x = torch.roll(x, shifts=(shift_h, shift_w), dims=(1, 2))
         return x[:, :height, :width].contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _shifted_window_mask_array(height: int, width: int, window: tuple[int, int], shift: tuple[int, int]) -> np.ndarray:
+    regions = np.zeros((height, width), dtype=np.float32)
+    label = 0
+    for rows in (slice(0, -window[0]), slice(-window[0], -shift[0]), slice(-shift[0], None)):
+        for cols in (slice(0, -window[1]), slice(-window[1], -shift[1]), slice(-shift[1], None)):
+            regions[rows, cols] = label
+            label += 1
+    windows = regions.reshape(height // window[0], window[0], width // window[1], window[1])
+    windows = windows.transpose(0, 2, 1, 3).reshape(-1, window[0] * window[1])  # [nW, window_area]
+    different = windows[:, None, :] != windows[:, :, None]
+    return np.where(different, -100.0, 0.0).astype(np.float32)
+
+
+def shifted_window_mask(height: int, width: int, window: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor:
+    """Attention mask ``[nW, window_area, window_area]`` of shifted-window attention on a padded ``height x width``
+    grid (0 within a region, -100 across regions).
+
+    Built with numpy from Python ints, so an exported graph holds it as a constant: computing it with tensor
+    slicing (timm's way) exports ScatterND nodes that ONNX Runtime rejects when a slice is empty (window == map size).
+    """
+    return torch.from_numpy(_shifted_window_mask_array(int(height), int(width), tuple(window), tuple(shift)))
 
 
 def use_padded_shift_blocks(module: nn.Module) -> None:

@@ -195,7 +195,7 @@ def format_table(cost: dict, title: str = "") -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m sdconet.models.summary", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="paper", help="preset name (paper, tiny) or YAML path")
     parser.add_argument("--imgsz", type=int, nargs="+", default=[256], metavar="N",
