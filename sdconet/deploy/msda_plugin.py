@@ -322,13 +322,17 @@ def plugin_nodes_to_onnx(model, op_types: Sequence[str]):
     return prune_dead_nodes(topological_sort(model))
 
 
-def onnx_msda_to_plugin_nodes(model, plugin_model, op_types: Sequence[str]):
+def onnx_msda_to_plugin_nodes(model, plugin_model, op_types: Sequence[str], cast_float_inputs: bool = False):
     """Swap the ``msda_onnx<i>/`` subgraphs of ``model`` (e.g. its Q/DQ version) for ``plugin_model``'s plugin nodes.
 
     ``model`` must come from :func:`plugin_nodes_to_onnx` on ``plugin_model`` (possibly transformed by a tool that
     keeps node and boundary tensor names, as ModelOpt does with the subgraphs excluded from quantization).
+    ``cast_float_inputs`` puts a Cast-to-FP32 on the plugin's float inputs: in a mixed-precision (AutoCast) graph
+    their producers may differ in type, and the plugin needs one type for all of them.
     """
     import copy
+
+    import onnx
 
     from sdconet.deploy.onnx_export import prune_dead_nodes, topological_sort
 
@@ -352,8 +356,16 @@ def onnx_msda_to_plugin_nodes(model, plugin_model, op_types: Sequence[str]):
                 raise RuntimeError(f"cannot swap in plugin node {node.name}: its input '{name}' is missing from the "
                                    f"transformed model (a tool renamed boundary tensors)")
             produced.add(name)
+    new_nodes = [copy.deepcopy(n) for n in plugin_nodes]
+    if cast_float_inputs:
+        for index, node in enumerate(new_nodes):
+            for slot in (0, 3, 4):  # value, sampling_locations, attention_weights
+                cast_name = f"{node.input[slot]}_fp32_for_plugin{index}"
+                extra_nodes.append(onnx.helper.make_node("Cast", [node.input[slot]], [cast_name],
+                                                         name=f"plugin{index}_cast{slot}", to=onnx.TensorProto.FLOAT))
+                node.input[slot] = cast_name
     del model.graph.node[:]
-    model.graph.node.extend(kept + extra_nodes + [copy.deepcopy(n) for n in plugin_nodes])
+    model.graph.node.extend(kept + extra_nodes + new_nodes)
     existing = {o.domain for o in model.opset_import}
     model.opset_import.extend(copy.deepcopy(o) for o in plugin_model.opset_import if o.domain not in existing)
     return prune_dead_nodes(topological_sort(model))

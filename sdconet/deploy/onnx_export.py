@@ -166,11 +166,38 @@ def topological_sort(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+@contextlib.contextmanager
+def _native_output_to_log():
+    """onnxsim's C++ core prints one line per node it cannot fold; send that to the debug log, not the console."""
+    import os
+    import sys
+    import tempfile
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            sink.seek(0)
+            lines = sink.read().decode(errors="replace").splitlines()
+            if lines:
+                LOG.debug("onnxsim printed %d lines, e.g.: %s", len(lines), lines[0])
+
+
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnxsim on a standard-op model; raises if onnxsim's own check fails."""
     import onnxsim
 
-    simplified, ok = onnxsim.simplify(model)
+    with _native_output_to_log():
+        simplified, ok = onnxsim.simplify(model)
     if not ok:
         raise RuntimeError("onnxsim could not validate the simplified model")
     return simplified

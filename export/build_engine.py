@@ -1,0 +1,93 @@
+"""Export SDCoNet for deployment: ONNX (plugin / pure), INT8 Q/DQ, TensorRT engine, Triton repository, report.
+
+Examples::
+
+    python export/build_engine.py --fp16                                   # latest run's best checkpoint
+    python export/build_engine.py --checkpoint runs/tiny --msda onnx --imgsz 256 --max-batch 4
+    python export/build_engine.py --int8 --calib-images 64 --require-engine --plugin-lib libmyplugins.so
+
+Every artifact goes to ``--out`` (default ``engines/``); docs/export.md describes them and the report keys.
+Without TensorRT or a GPU the ONNX artifacts and the report are still written and the skipped steps are listed
+(exit status 0 unless ``--require-engine``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sdconet.deploy.exporter import MSDA_MODES, ExportError, ExportOptions, print_summary, run_export  # noqa: E402
+from sdconet.deploy.msda_plugin import sdconet_plugin_available  # noqa: E402
+from sdconet.deploy.op_support import UnsupportedOpError  # noqa: E402
+from sdconet.deploy.quantize import QuantizationError  # noqa: E402
+from sdconet.engine.checkpoint import CheckpointError  # noqa: E402
+from sdconet.utils.logging import get_logger, setup_logging  # noqa: E402
+
+LOG = get_logger("sdconet.export")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = parser.add_argument_group("source")
+    src.add_argument("--checkpoint", default=None,
+                     help="weights file or run directory (default: best checkpoint of the latest run under --runs)")
+    src.add_argument("--runs", default="runs", help="where train/run.py writes runs (default: runs)")
+    graph = parser.add_argument_group("graph")
+    graph.add_argument("--imgsz", type=int, default=256, help="fixed LR input side in pixels (default 256)")
+    graph.add_argument("--max-batch", type=int, default=8, help="largest batch of the dynamic batch axis (default 8)")
+    graph.add_argument("--opt-batch", type=int, default=1, help="batch TensorRT optimises for (default 1)")
+    msda_choices = [m for m in MSDA_MODES if m != "sdconet" or sdconet_plugin_available()]
+    graph.add_argument("--msda", choices=msda_choices, default="plugin",
+                       help="MSDA as the TensorRT plugin node (plugin), pure ONNX gather sampling (onnx)"
+                            + (", or our own plugin (sdconet)" if "sdconet" in msda_choices else ""))
+    graph.add_argument("--plugin-version", type=int, choices=(1, 2), default=1,
+                       help="MultiscaleDeformableAttnPlugin_TRT version: 1 (IPluginV2, TRT >= 8.4, JetPack 6) or "
+                            "2 (IPluginV3, TRT >= 10.11)")
+    graph.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
+    graph.add_argument("--with-saliency", action="store_true", help="add the finest-level saliency map output")
+    prec = parser.add_argument_group("precision")
+    prec.add_argument("--fp16", action="store_true", help="FP16 engine (TRT 11: from a ModelOpt AutoCast FP16 ONNX)")
+    prec.add_argument("--int8", action="store_true", help="INT8 by explicit Q/DQ (ModelOpt PTQ) + CPU AP comparison")
+    prec.add_argument("--calib-images", type=int, default=64, help="training images for INT8 calibration")
+    prec.add_argument("--eval-images", type=int, default=None,
+                      help="validation images for the FP32-vs-INT8 AP comparison (default: all)")
+    prec.add_argument("--modelopt-python", default=None,
+                      help="interpreter with nvidia-modelopt[onnx] (default: $SDCONET_MODELOPT_PYTHON or "
+                           ".venv-modelopt/bin/python)")
+    trt = parser.add_argument_group("TensorRT")
+    trt.add_argument("--plugin-lib", action="append", default=[], help="extra TensorRT plugin library (repeatable)")
+    trt.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GiB (default 4)")
+    trt.add_argument("--timing-cache", default=None, help="timing cache file (default <out>/timing.cache)")
+    trt.add_argument("--require-engine", action="store_true", help="exit 1 when no engine could be built")
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", default="engines", help="artifact folder (default engines/)")
+    out.add_argument("--name", default=None, help="artifact file stem (default sdconet_<config>_<imgsz>)")
+    out.add_argument("--triton-repo", default=None, help="also populate this Triton model repository")
+    out.add_argument("--seed", type=int, default=0, help="seed for the parity batch and calibration sampling")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    options = ExportOptions(checkpoint=args.checkpoint, runs_dir=args.runs, out=args.out, name=args.name,
+                            imgsz=args.imgsz, max_batch=args.max_batch, opt_batch=args.opt_batch, msda=args.msda,
+                            plugin_version=args.plugin_version, opset=args.opset, with_saliency=args.with_saliency,
+                            fp16=args.fp16, int8=args.int8, calib_images=args.calib_images,
+                            eval_images=args.eval_images, modelopt_python=args.modelopt_python,
+                            plugin_libs=tuple(args.plugin_lib), workspace_gib=args.workspace,
+                            timing_cache=args.timing_cache, require_engine=args.require_engine,
+                            triton_repo=args.triton_repo, seed=args.seed)
+    try:
+        result = run_export(options)
+    except (ExportError, CheckpointError, QuantizationError, UnsupportedOpError) as err:
+        LOG.error("%s", err)
+        return 2
+    print(print_summary(result))
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

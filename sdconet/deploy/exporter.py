@@ -1,0 +1,328 @@
+"""The export pipeline behind ``export/build_engine.py``: one function per artifact, options validated once.
+
+Order: checkpoint -> inference graph -> plugin-mode ONNX (simplified around the plugin nodes) -> pure-ONNX graph
+(gather subgraphs spliced in place of the plugin nodes) -> checker + TensorRT op check -> parity with PyTorch on
+ONNX Runtime -> [INT8 Q/DQ + AP] -> [FP16 AutoCast ONNX] -> [TensorRT engine + metadata] -> [Triton repository] ->
+report. Steps that need what this machine lacks (TensorRT, a GPU, ModelOpt) are skipped with their reason recorded;
+only ``--require-engine`` turns a missing engine into a failure.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import torch
+
+from sdconet.deploy import msda_plugin
+from sdconet.deploy.inference_graph import INPUT_NAME, build_inference_graph
+from sdconet.deploy.onnx_export import (DEFAULT_OPSET, check_model, export_module, op_counts, save_model,
+                                        simplify_around_custom_nodes)
+from sdconet.deploy.op_support import assert_tensorrt_support
+from sdconet.deploy.report import ExportReport, parity_figures, render_summary, sha256_of
+from sdconet.utils.logging import get_logger
+
+LOG = get_logger(__name__)
+
+MSDA_MODES = ("plugin", "onnx", "sdconet")
+MSDA_EXCLUDE_PATTERN = f"{msda_plugin.MSDA_SUBGRAPH_PREFIX}[0-9]+/.*"
+
+
+class ExportError(RuntimeError):
+    """A requested export step cannot be done; the message says which and why."""
+
+
+@dataclass
+class ExportOptions:
+    """Everything ``export/build_engine.py`` accepts (docs/export.md)."""
+
+    checkpoint: str | None = None  # weights file or run directory; None = best checkpoint of the latest run
+    runs_dir: str = "runs"
+    out: str = "engines"
+    name: str | None = None  # artifact stem; default sdconet_<config>_<imgsz>
+    imgsz: int = 256
+    max_batch: int = 8
+    opt_batch: int = 1
+    msda: str = "plugin"
+    plugin_version: int = 1
+    opset: int = DEFAULT_OPSET
+    with_saliency: bool = False
+    fp16: bool = False
+    int8: bool = False
+    calib_images: int = 64
+    eval_images: int | None = None  # validation images for the INT8 AP comparison (None = all)
+    modelopt_python: str | None = None
+    plugin_libs: Sequence[str] = field(default_factory=tuple)
+    workspace_gib: float = 4.0
+    timing_cache: str | None = None  # default <out>/timing.cache
+    require_engine: bool = False
+    triton_repo: str | None = None
+    parity_batch: int = 2
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.msda not in MSDA_MODES:
+            raise ExportError(f"--msda must be one of {', '.join(MSDA_MODES)}, got '{self.msda}'")
+        if self.msda == "sdconet" and not msda_plugin.sdconet_plugin_available():
+            raise ExportError("--msda sdconet needs sdconet/kernels/trt_plugin.py with PLUGIN_OP_TYPE and "
+                              "PLUGIN_VERSION (the kernel teammate's plugin); it is not available yet")
+        if self.imgsz <= 0 or self.imgsz % 32:
+            raise ExportError(f"--imgsz must be a positive multiple of 32 (the encoder's stride), got {self.imgsz}")
+        if not 1 <= self.opt_batch <= self.max_batch:
+            raise ExportError(f"need 1 <= --opt-batch <= --max-batch, got {self.opt_batch} and {self.max_batch}")
+        if self.opset < 17:
+            raise ExportError(f"--opset must be >= 17, got {self.opset}")
+        if self.int8 and self.calib_images < 1:
+            raise ExportError(f"--calib-images must be >= 1, got {self.calib_images}")
+        if self.parity_batch < 1:
+            raise ExportError(f"parity batch must be >= 1, got {self.parity_batch}")
+        for lib in self.plugin_libs:
+            if not Path(lib).is_file():
+                raise ExportError(f"--plugin-lib {lib}: file not found")
+
+    @property
+    def precision(self) -> str:
+        return "int8" if self.int8 else "fp16" if self.fp16 else "fp32"
+
+
+def plugin_spec(options: ExportOptions) -> msda_plugin.PluginSpec:
+    if options.msda == "sdconet":
+        return msda_plugin.sdconet_plugin_spec()
+    return msda_plugin.trt_plugin_spec(options.plugin_version)
+
+
+@dataclass
+class ExportResult:
+    report_path: Path
+    summary_path: Path
+    report: dict
+    exit_code: int
+
+
+class Exporter:
+    """Runs the export steps for one checkpoint; each ``step_*`` method produces one artifact family."""
+
+    def __init__(self, options: ExportOptions) -> None:
+        options.validate()
+        self.options = options
+        self.out = Path(options.out)
+        self.spec = plugin_spec(options)
+        self.plugin_types = [self.spec.op_type]
+        self.extra_plugins = {self.spec.op_type: [str(self.spec.attributes.get("plugin_version", "1"))]}
+
+    # ------------------------------------------------------------------------------------------------------------
+    def run(self) -> ExportResult:
+        from sdconet.engine.checkpoint import load_model_weights, resolve_checkpoint
+
+        opts = self.options
+        checkpoint = resolve_checkpoint(opts.checkpoint, runs_dir=opts.runs_dir)
+        cfg, state_dict, meta = load_model_weights(checkpoint)
+        self.cfg, self.meta = cfg, meta
+        self.name = opts.name or f"sdconet_{cfg.name}_{opts.imgsz}"
+        self.report = ExportReport(self.name, checkpoint={"path": str(checkpoint), "sha256": sha256_of(checkpoint),
+                                                          "config": cfg.name, "meta": meta},
+                                   options=asdict(opts) | {"plugin_libs": [str(p) for p in opts.plugin_libs]})
+        self.out.mkdir(parents=True, exist_ok=True)
+        LOG.info("exporting %s (config %s) at %dx%d, MSDA %s -> %s/", checkpoint, cfg.name, opts.imgsz, opts.imgsz,
+                 opts.msda, self.out)
+
+        graph = build_inference_graph(cfg, state_dict, msda_impl="plugin", with_saliency=opts.with_saliency)
+        self.output_names = graph.output_names
+        images = self.parity_images()
+        with torch.no_grad():
+            reference = [t.numpy() for t in graph(images)]
+
+        plugin_model, pure_model = self.step_onnx(graph, images)
+        pure_path = self.write_graph("onnx", pure_model, f"{self.name}.onnx")
+        self.check_parity("onnx", pure_model, images, reference)
+        plugin_path = None
+        if opts.msda != "onnx":
+            plugin_path = self.write_graph("onnx_plugin", plugin_model, f"{self.name}.plugin.onnx")
+            self.check_parity("onnx_plugin", plugin_model, images, reference)
+
+        int8_paths = self.step_int8(pure_path, plugin_model) if opts.int8 else None
+        fp16_paths = self.step_fp16(pure_path, plugin_model) if opts.fp16 and not opts.int8 else None
+        engine_path = self.step_engine(pure_path, plugin_path, int8_paths, fp16_paths)
+        if opts.triton_repo:
+            self.step_triton(pure_path, engine_path)
+
+        report_path, summary_path = self.report.write(self.out)
+        data = json.loads(report_path.read_text())
+        failed_parity = [k for k, v in self.report.parity.items() if not v["passed"]]
+        exit_code = 0
+        if failed_parity:
+            LOG.error("parity with PyTorch failed for %s (see %s)", ", ".join(failed_parity), report_path)
+            exit_code = 1
+        if opts.require_engine and engine_path is None:
+            LOG.error("--require-engine: no engine was built (%s)",
+                      "; ".join(s["reason"] for s in self.report.skipped if s["step"] == "engine"))
+            exit_code = 1
+        LOG.info("report: %s (summary %s)", report_path, summary_path)
+        return ExportResult(report_path, summary_path, data, exit_code)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def parity_images(self) -> torch.Tensor:
+        """A fixed batch for the parity checks: seeded uniform noise (needs no dataset; exercises every path)."""
+        generator = torch.Generator().manual_seed(self.options.seed)
+        return torch.rand(self.options.parity_batch, 3, self.options.imgsz, self.options.imgsz, generator=generator)
+
+    def step_onnx(self, graph, images: torch.Tensor) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+        """Plugin-mode export simplified around the plugin nodes, and the pure graph derived from it."""
+        with msda_plugin.use_plugin_spec(self.spec):
+            exported = export_module(graph, images, input_name=INPUT_NAME, output_names=self.output_names,
+                                     opset=self.options.opset, custom_domains=[self.spec.domain])
+        plugin_model = simplify_around_custom_nodes(exported)
+        pure_model = msda_plugin.plugin_nodes_to_onnx(plugin_model, self.plugin_types)
+        return plugin_model, pure_model
+
+    def write_graph(self, kind: str, model: onnx.ModelProto, filename: str) -> Path:
+        """checker + TensorRT op check, then write the ONNX file and record it."""
+        check_model(model)
+        support = assert_tensorrt_support(model, self.extra_plugins, what=filename)
+        path = save_model(model, self.out / filename)
+        self.report.add_artifact(kind, path)
+        self.report.graphs[kind] = {"nodes": len(model.graph.node), "op_counts": op_counts(model),
+                                    "op_support": support.to_dict()}
+        LOG.info("wrote %s (%d nodes)", path, len(model.graph.node))
+        return path
+
+    def check_parity(self, kind: str, model: onnx.ModelProto, images: torch.Tensor,
+                     reference: Sequence[np.ndarray]) -> dict:
+        session = msda_plugin.ort_session(model)
+        outputs = session.run(list(self.output_names), {INPUT_NAME: images.numpy()})
+        figures = parity_figures(reference, outputs, self.options.imgsz)
+        self.report.parity[kind] = figures
+        LOG.info("parity %s vs PyTorch: box %.2e px, score %.2e, labels %s -> %s", kind,
+                 figures["max_box_error_px"], figures["max_score_error"], figures["top_labels_match"],
+                 "ok" if figures["passed"] else "FAILED")
+        return figures
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _datasets(self):
+        from sdconet.data import build_dataset
+
+        data_cfg, upscale = self.cfg.data, self.cfg.model.upscale
+        return (build_dataset(data_cfg, "train", upscale, train=False),
+                build_dataset(data_cfg, "val", upscale, train=False))
+
+    def step_int8(self, pure_path: Path, plugin_model: onnx.ModelProto) -> dict | None:
+        """ModelOpt INT8 PTQ on the pure graph (MSDA subgraphs excluded), plugin swap, FP32-vs-INT8 AP on CPU."""
+        from sdconet.deploy import quantize
+
+        opts = self.options
+        reason = quantize.modelopt_unavailable_reason(opts.modelopt_python)
+        if reason:
+            self.report.skip("int8", reason)
+            self.report.int8 = {"skipped": reason}
+            LOG.warning("INT8 skipped: %s", reason)
+            return None
+        train_set, val_set = self._datasets()
+        calib = quantize.calibration_images(train_set, opts.calib_images, opts.imgsz, opts.seed)
+        calib_path = quantize.write_calibration_data(calib, self.out / f"{self.name}.calib.npz", INPUT_NAME)
+        int8_path = self.out / f"{self.name}.int8.onnx"
+        summary = quantize.quantize_int8(pure_path, int8_path, calib_path, python=opts.modelopt_python,
+                                         exclude_nodes=[MSDA_EXCLUDE_PATTERN],
+                                         log_path=self.out / f"{self.name}.int8.log")
+        int8_model = onnx.load(str(int8_path))
+        self.write_graph("onnx_int8", int8_model, int8_path.name)
+        paths = {"onnx": int8_path}
+        if opts.msda != "onnx":
+            swapped = msda_plugin.onnx_msda_to_plugin_nodes(int8_model, plugin_model, self.plugin_types)
+            paths["plugin"] = self.write_graph("onnx_int8_plugin", swapped, f"{self.name}.int8.plugin.onnx")
+        ap = quantize.compare_int8_ap(pure_path, int8_path, val_set, opts.imgsz, opts.eval_images)
+        self.report.int8 = ap | {"calibration_images": int(calib.shape[0]), "quantization": summary}
+        LOG.info("INT8 AP %.4f vs FP32 %.4f (drop %.2f points)", ap["int8"]["AP"], ap["fp32"]["AP"],
+                 ap["ap_drop_points"])
+        return paths
+
+    def step_fp16(self, pure_path: Path, plugin_model: onnx.ModelProto) -> dict | None:
+        """FP16 ONNX from ModelOpt AutoCast (what TensorRT 11's strongly typed build needs for FP16)."""
+        from sdconet.deploy import quantize
+
+        opts = self.options
+        reason = quantize.modelopt_unavailable_reason(opts.modelopt_python)
+        if reason:
+            self.report.skip("fp16_onnx", f"{reason} (only TensorRT 11 needs the FP16 ONNX; TensorRT 10 builds FP16 "
+                                          f"from the FP32 ONNX with the FP16 flag)")
+            return None
+        fp16_path = self.out / f"{self.name}.fp16.onnx"
+        quantize.autocast_fp16(pure_path, fp16_path, python=opts.modelopt_python, exclude_nodes=[MSDA_EXCLUDE_PATTERN],
+                               log_path=self.out / f"{self.name}.fp16.log")
+        fp16_model = onnx.load(str(fp16_path))
+        self.write_graph("onnx_fp16", fp16_model, fp16_path.name)
+        paths = {"onnx": fp16_path}
+        if opts.msda != "onnx":
+            swapped = msda_plugin.onnx_msda_to_plugin_nodes(fp16_model, plugin_model, self.plugin_types,
+                                                            cast_float_inputs=True)
+            paths["plugin"] = self.write_graph("onnx_fp16_plugin", swapped, f"{self.name}.fp16.plugin.onnx")
+        return paths
+
+    def step_engine(self, pure_path: Path, plugin_path: Path | None, int8_paths: dict | None,
+                    fp16_paths: dict | None) -> Path | None:
+        """Serialized TensorRT engine + ``.engine.json`` metadata, or a recorded skip."""
+        from sdconet.deploy import tensorrt_build
+
+        opts = self.options
+        reason = tensorrt_build.tensorrt_unavailable_reason()
+        if reason:
+            self.report.skip("engine", reason)
+            LOG.warning("TensorRT engine skipped: %s", reason)
+            return None
+        key = "plugin" if opts.msda != "onnx" else "onnx"
+        strongly_typed = tensorrt_build.tensorrt_major() >= 11
+        if opts.int8:
+            if int8_paths is None:
+                self.report.skip("engine", "INT8 requested but no Q/DQ ONNX was produced (see the int8 step)")
+                return None
+            onnx_path = int8_paths[key]
+        elif opts.fp16 and strongly_typed:
+            if fp16_paths is None:
+                self.report.skip("engine", "TensorRT 11 needs the AutoCast FP16 ONNX, which was not produced")
+                return None
+            onnx_path = fp16_paths[key]
+        else:
+            onnx_path = plugin_path if key == "plugin" else pure_path
+        build = tensorrt_build.EngineBuildOptions(
+            precision=opts.precision, min_batch=1, opt_batch=opts.opt_batch, max_batch=opts.max_batch,
+            workspace_gib=opts.workspace_gib, timing_cache=opts.timing_cache or str(self.out / "timing.cache"),
+            plugin_libs=tuple(opts.plugin_libs))
+        engine_path = self.out / f"{self.name}.{opts.precision}.engine"
+        facts = tensorrt_build.build_engine(onnx_path, engine_path, build)
+        metadata = facts | {"precision": opts.precision, "onnx": str(onnx_path), "onnx_sha256": sha256_of(onnx_path),
+                            "imgsz": opts.imgsz, "msda": opts.msda, "plugin": self.spec.name,
+                            "export_options": self.report.options, "path": str(engine_path)}
+        meta_path = engine_path.with_suffix(".engine.json")
+        meta_path.write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+        self.report.add_artifact("engine", engine_path, precision=opts.precision)
+        self.report.add_artifact("engine_metadata", meta_path)
+        self.report.engine = metadata
+        return engine_path
+
+    def step_triton(self, pure_path: Path, engine_path: Path | None) -> None:
+        """Populate the Triton model repository with the serving teammate's builder."""
+        try:
+            from sdconet.deploy.triton_repo import build_repository
+        except ImportError as err:
+            raise ExportError(f"--triton-repo needs sdconet.deploy.triton_repo.build_repository ({err})") from err
+        backend = "trt" if engine_path is not None else "onnx"
+        class_names = list(self.meta.get("category_names") or [])
+        if not class_names:
+            class_names = [f"class_{i}" for i in range(self.cfg.model.detector.num_classes)]
+        repo = build_repository(self.options.triton_repo, onnx_path=pure_path, engine_path=engine_path,
+                                backend=backend, imgsz=self.options.imgsz, max_batch=self.options.max_batch,
+                                class_names=class_names)
+        self.report.triton = {"repo": str(repo), "backend": backend}
+        if engine_path is None:
+            self.report.skip("triton_trt", "no TensorRT engine: the repository serves the pure ONNX with ONNX Runtime")
+        LOG.info("Triton repository written to %s (backend %s)", repo, backend)
+
+
+def run_export(options: ExportOptions) -> ExportResult:
+    return Exporter(options).run()
+
+
+def print_summary(result: ExportResult) -> str:
+    return render_summary(result.report)
