@@ -250,21 +250,15 @@ class _GatherMSDA(torch.nn.Module):
 def _gather_subgraph(spatial_shapes: Sequence[tuple[int, int]], value_shape: Sequence[int],
                      locations_shape: Sequence[int], opset: int):
     """Simplified ONNX model of :class:`_GatherMSDA` (dynamic batch) for one plugin-node signature."""
-    import io
-
-    import onnx
-
-    from sdconet.deploy.onnx_export import simplify
+    from sdconet.deploy.onnx_export import export_module, simplify
 
     value = torch.rand(2, *value_shape[1:])
     locations = torch.rand(2, *locations_shape[1:])
     weights = torch.rand(2, *locations_shape[1:-1])
-    names = ["value", "sampling_locations", "attention_weights"]
-    buffer = io.BytesIO()
-    torch.onnx.export(_GatherMSDA(spatial_shapes), (value, locations, weights), buffer, dynamo=False,
-                      opset_version=opset, input_names=names, output_names=["output"],
-                      dynamic_axes={name: {0: "batch"} for name in (*names, "output")})
-    return simplify(onnx.load_from_string(buffer.getvalue()))
+    exported = export_module(_GatherMSDA(spatial_shapes), (value, locations, weights), opset=opset,
+                             input_names=["value", "sampling_locations", "attention_weights"],
+                             output_names=["output"])
+    return simplify(exported)
 
 
 def plugin_nodes_to_onnx(model, op_types: Sequence[str]):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -58,18 +59,25 @@ def _export_symbolics(opset: int):
         torch.onnx.unregister_custom_op_symbolic("aten::sort", opset)
 
 
-def export_module(module: torch.nn.Module, example_input: torch.Tensor, *, input_name: str,
-                  output_names: Sequence[str], opset: int = DEFAULT_OPSET,
+def export_module(module: torch.nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], *,
+                  input_names: str | Sequence[str], output_names: Sequence[str], opset: int = DEFAULT_OPSET,
                   custom_domains: Sequence[str] = ()) -> onnx.ModelProto:
-    """Trace ``module(example_input)`` into an ONNX model with a dynamic batch axis on every input/output."""
+    """Trace ``module(*example_inputs)`` into an ONNX model with a dynamic batch axis on every input/output."""
     if opset < 17:
         raise ValueError(f"opset must be >= 17 (LayerNormalization and the TensorRT 10 parser), got {opset}")
-    dynamic_axes = {name: {0: "batch"} for name in (input_name, *output_names)}
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    input_names = [input_names] if isinstance(input_names, str) else list(input_names)
+    dynamic_axes = {name: {0: "batch"} for name in (*input_names, *output_names)}
     buffer = io.BytesIO()
     module.eval()
-    with torch.no_grad(), _export_symbolics(opset):
-        torch.onnx.export(module, (example_input,), buffer, dynamo=False, opset_version=opset,
-                          input_names=[input_name], output_names=list(output_names), dynamic_axes=dynamic_axes,
+    with torch.no_grad(), _export_symbolics(opset), warnings.catch_warnings():
+        # tracing constant shapes is the point (static export); the TorchScript exporter is chosen on purpose
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        torch.onnx.export(module, tuple(example_inputs), buffer, dynamo=False, opset_version=opset,
+                          input_names=input_names, output_names=list(output_names), dynamic_axes=dynamic_axes,
                           do_constant_folding=True, autograd_inlining=False,
                           custom_opsets={domain: 1 for domain in custom_domains})
     return onnx.load_from_string(buffer.getvalue())

@@ -1,0 +1,142 @@
+"""MSDA plugin node: TensorRT layout, ONNX Runtime custom op, simplification around it, plugin <-> pure-ONNX swap."""
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from sdconet.deploy import msda_plugin as mp
+from sdconet.deploy.onnx_export import check_model, export_module, op_counts, simplify_around_custom_nodes
+from sdconet.models.deformable_attention import MSDeformAttn
+from sdconet.ops.msda import msda_gather, msda_grid_sample, multi_scale_deformable_attn
+
+SHAPES = [(8, 8), (4, 4)]
+TOKENS = sum(h * w for h, w in SHAPES)
+
+
+class MSDAOnly(torch.nn.Module):
+    """Self-attention over two levels with fixed reference points that reach outside [0, 1] (zero padding)."""
+
+    def __init__(self, impl: str) -> None:
+        super().__init__()
+        self.attn = MSDeformAttn(d_model=32, num_levels=2, num_heads=4, num_points=2, impl=impl)
+        self.register_buffer("reference", torch.rand(1, TOKENS, 2, 2) * 1.4 - 0.2)
+        for p in self.attn.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+
+    def forward(self, tokens):  # [B, S, 32]
+        starts = torch.tensor(mp.level_start_index_for(SHAPES))
+        reference = self.reference.expand(tokens.shape[0], -1, -1, -1)
+        return self.attn(tokens, reference, tokens, SHAPES, starts)
+
+
+def _export(version: int = 1):
+    module = MSDAOnly("plugin").eval()
+    tokens = torch.randn(2, TOKENS, 32)
+    with mp.use_plugin_spec(mp.trt_plugin_spec(version)):
+        exported = export_module(module, tokens, input_names="tokens", output_names=["out"],
+                                 custom_domains=[mp.PLUGIN_DOMAIN])
+    return module, simplify_around_custom_nodes(exported)
+
+
+@pytest.fixture(scope="module")
+def exported():
+    torch.manual_seed(0)
+    return _export(1)
+
+
+def _random_msda_inputs(batch=2, queries=5, heads=3, dim=4, points=2):
+    value = torch.randn(batch, TOKENS, heads, dim)
+    locations = torch.rand(batch, queries, heads, len(SHAPES), points, 2) * 1.6 - 0.3
+    weights = torch.rand(batch, queries, heads, len(SHAPES), points).softmax(-1)
+    return value, locations, weights
+
+
+def test_numpy_plugin_semantics_match_grid_sample():
+    value, locations, weights = _random_msda_inputs()
+    starts = np.array(mp.level_start_index_for(SHAPES), dtype=np.int32)
+    out = mp.msda_reference_numpy(value.numpy(), np.array(SHAPES, dtype=np.int32), starts, locations.numpy(),
+                                  weights.numpy())
+    reference = msda_grid_sample(value, SHAPES, None, locations, weights)
+    assert out.shape == (2, 5, 3, 4)  # the plugin's [N, Lq, M, D]
+    np.testing.assert_allclose(out.reshape(2, 5, 12), reference.numpy(), atol=1e-5)
+
+
+def test_plugin_impl_eager_equals_gather():
+    value, locations, weights = _random_msda_inputs()
+    out = multi_scale_deformable_attn(value, SHAPES, None, locations, weights, impl="plugin")
+    torch.testing.assert_close(out, msda_gather(value, SHAPES, None, locations, weights))
+
+
+def _plugin_attributes(model):
+    (node,) = [n for n in model.graph.node if n.domain == mp.PLUGIN_DOMAIN]
+    assert node.op_type == mp.TRT_PLUGIN_OP_TYPE
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def test_plugin_version_attribute(exported):
+    assert _plugin_attributes(exported[1]) == {"plugin_version": b"1"}
+    assert _plugin_attributes(_export(2)[1]) == {"plugin_version": b"2"}  # IPluginV3 variant, TensorRT >= 10.11
+
+
+def test_plugin_node_inputs_in_tensorrt_order(exported):
+    _, model = exported
+    check_model(model)
+    (node,) = [n for n in model.graph.node if n.op_type == mp.TRT_PLUGIN_OP_TYPE]
+    assert len(node.input) == 5 and len(node.output) == 1
+    from sdconet.deploy.onnx_export import constant_values, custom_node_inputs
+
+    values = custom_node_inputs(model)
+    value, shapes, starts, locations, weights = (values[name] for name in node.input)
+    assert value.shape == (1, TOKENS, 4, 8)  # [N, S, M, D]
+    assert shapes.dtype == np.int32 and shapes.tolist() == [list(s) for s in SHAPES]
+    assert starts.dtype == np.int32 and starts.tolist() == [0, 64]
+    assert locations.shape == (1, TOKENS, 4, 2, 2, 2)  # [N, Lq, M, L, P, 2]
+    assert weights.shape == (1, TOKENS, 4, 2, 2)  # [N, Lq, M, L, P]
+    # the spatial shapes are graph constants (TensorRT needs them as build-time values)
+    assert node.input[1] in constant_values(model)
+
+
+def test_plugin_graph_on_onnxruntime_matches_pytorch(exported):
+    module, model = exported
+    session = mp.ort_session(model)
+    for batch in (2, 3):  # dynamic batch
+        tokens = torch.randn(batch, TOKENS, 32)
+        with torch.no_grad():
+            reference = module(tokens).numpy()
+        (out,) = session.run(None, {"tokens": tokens.numpy()})
+        np.testing.assert_allclose(out, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_simplification_keeps_plugin_and_folds_the_rest(exported):
+    module, simplified = exported
+    with mp.use_plugin_spec(mp.trt_plugin_spec(1)):
+        raw = export_module(module, torch.randn(2, TOKENS, 32), input_names="tokens", output_names=["out"],
+                            custom_domains=[mp.PLUGIN_DOMAIN])
+    assert op_counts(simplified)[f"{mp.PLUGIN_DOMAIN}::{mp.TRT_PLUGIN_OP_TYPE}"] == 1
+    assert len(simplified.graph.node) < len(raw.graph.node)
+    assert [o.name for o in simplified.graph.output] == ["out"]
+    assert [i.name for i in simplified.graph.input] == ["tokens"]
+
+
+def test_swap_plugin_nodes_for_onnx_and_back(exported):
+    module, plugin_model = exported
+    pure = mp.plugin_nodes_to_onnx(plugin_model, [mp.TRT_PLUGIN_OP_TYPE])
+    check_model(pure)
+    assert not [n for n in pure.graph.node if n.domain not in ("", "ai.onnx")]
+    assert "GridSample" not in op_counts(pure)  # TensorRT's GridSample has wrong-result bugs
+    tokens = torch.randn(2, TOKENS, 32)
+    with torch.no_grad():
+        reference = module(tokens).numpy()
+    (out,) = mp.ort_session(pure).run(None, {"tokens": tokens.numpy()})
+    np.testing.assert_allclose(out, reference, atol=1e-5, rtol=1e-5)
+
+    back = mp.onnx_msda_to_plugin_nodes(pure, plugin_model, [mp.TRT_PLUGIN_OP_TYPE])
+    check_model(back)
+    assert op_counts(back) == op_counts(plugin_model)
+    (out_back,) = mp.ort_session(back).run(None, {"tokens": tokens.numpy()})
+    np.testing.assert_allclose(out_back, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_plugin_version_is_validated():
+    with pytest.raises(ValueError, match="plugin-version"):
+        mp.trt_plugin_spec(3)
