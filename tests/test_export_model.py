@@ -110,6 +110,32 @@ def test_report_and_skips(export):
         assert result.exit_code == 0
 
 
+def test_onnx_detections_in_annotation_pixels_match_pytorch_evaluation(export, checkpoint):
+    """The AP path (ONNX Runtime -> COCO detections) gives the trainer's detections for the same image."""
+    from sdconet.data import build_dataset
+    from sdconet.deploy.quantize import predict_dataset
+    from sdconet.engine.checkpoint import load_model_weights
+    from sdconet.engine.metrics import outputs_to_detections
+
+    _, out = export
+    cfg, state_dict, _ = load_model_weights(checkpoint)
+    model = build_model(cfg.model).eval()
+    model.load_state_dict(state_dict)
+    val_set = build_dataset(cfg.data, "val", cfg.model.upscale, train=False)
+    item = val_set[0]
+    assert tuple(item["image_lr"].shape[-2:]) == (IMGSZ, IMGSZ)
+    with torch.no_grad():
+        outputs = model(item["image_lr"][None], run_sr=False)
+    expected = outputs_to_detections(outputs, [item["target"]], val_set.label_to_category_id, top_k=5)
+    detections, image_ids = predict_dataset(out / "tiny.onnx", val_set, IMGSZ, limit=1)
+    assert image_ids == [int(item["target"]["image_id"])]
+    got = sorted(detections, key=lambda d: -d["score"])[:5]
+    for want, have in zip(expected, got):
+        assert have["category_id"] == want["category_id"] and have["image_id"] == want["image_id"]
+        assert have["score"] == pytest.approx(want["score"], abs=1e-4)
+        np.testing.assert_allclose(have["bbox"], want["bbox"], atol=1e-2)
+
+
 def test_int8_qdq_runs_on_cpu_and_ap_is_compared(export, checkpoint, tmp_path):
     from sdconet.deploy import quantize
 

@@ -66,6 +66,13 @@ def fit_to_input(image: torch.Tensor, imgsz: int) -> torch.Tensor:
     return F.interpolate(image[None], size=(imgsz, imgsz), mode="bilinear", align_corners=False)[0].clamp(0, 1)
 
 
+def _warn_on_resize(image: torch.Tensor, imgsz: int, what: str) -> None:
+    if tuple(image.shape[-2:]) != (imgsz, imgsz):
+        LOG.warning("%s: dataset LR images are %dx%d, the graph takes %dx%d: images are resized, so the model sees "
+                    "objects at another scale than in training (export with --imgsz %d to match)", what,
+                    image.shape[-2], image.shape[-1], imgsz, imgsz, image.shape[-1])
+
+
 def calibration_images(dataset, count: int, imgsz: int, seed: int = 0) -> np.ndarray:
     """``count`` LR images (``[N, 3, imgsz, imgsz]`` float32 in [0, 1]) drawn reproducibly from ``dataset``."""
     if count < 1:
@@ -77,6 +84,7 @@ def calibration_images(dataset, count: int, imgsz: int, seed: int = 0) -> np.nda
     if count > len(dataset):
         LOG.warning("asked for %d calibration images, the training set has %d: using all of them", count,
                     len(dataset))
+    _warn_on_resize(dataset[int(indices[0])]["image_lr"], imgsz, "calibration")
     images = [fit_to_input(dataset[int(i)]["image_lr"], imgsz) for i in tqdm(indices, desc="calibration images")]
     return torch.stack(images).numpy().astype(np.float32)
 
@@ -137,6 +145,8 @@ def predict_dataset(model, dataset, imgsz: int, limit: int | None = None, batch_
     image_ids: list[int] = []
     for start in tqdm(range(0, count, batch_size), desc=desc):
         items = [dataset[i] for i in range(start, min(start + batch_size, count))]
+        if start == 0:
+            _warn_on_resize(items[0]["image_lr"], imgsz, desc)
         batch = torch.stack([fit_to_input(item["image_lr"], imgsz) for item in items]).numpy()
         boxes, scores, labels = session.run(["boxes", "scores", "labels"], {input_name: batch})
         for item, img_boxes, img_scores, img_labels in zip(items, boxes, scores, labels):
