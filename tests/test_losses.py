@@ -265,9 +265,11 @@ def _ddp_worker(rank, world_size, init_file, result_file):
 
 
 def test_num_boxes_averaged_across_ddp_ranks(tmp_path):
-    # fork: the workers reuse the imported modules (spawn would re-import torch in each, ~20 s on a busy CPU)
+    # forkserver, not fork: forking a process whose torch thread pools are running can deadlock the children;
+    # preloading makes the server import torch once for both workers
+    mp.get_context("forkserver").set_forkserver_preload(["torch", "sdconet.losses"])
     mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "l1")), nprocs=2, join=True,
-                       start_method="fork")
+                       start_method="forkserver")
     for rank in range(2):
         l1 = torch.load(tmp_path / f"l1.{rank}").item()
         assert l1 == pytest.approx(5 * 0.05 / 2.5, rel=1e-5), f"rank {rank}"

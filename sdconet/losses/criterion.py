@@ -27,14 +27,14 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torchvision.ops import sigmoid_focal_loss
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from sdconet.config import Config, LossConfig, SaliencyConfig
 from sdconet.engine.distributed import reduce_mean
 from sdconet.losses.matcher import HungarianMatcher, ignore_flags
 from sdconet.losses.saliency_targets import count_positives, saliency_loss, saliency_targets
 from sdconet.losses.sr_loss import sr_l1_loss
-from sdconet.ops.box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
+from sdconet.ops.box_ops import box_cxcywh_to_xyxy, box_iou
 
 Indices = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -83,8 +83,9 @@ class SetCriterion(nn.Module):
 
         matched_boxes = boxes[batch_idx, query_idx]
         loss_l1 = (matched_boxes - target_boxes).abs().sum() / normaliser
-        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(matched_boxes), box_cxcywh_to_xyxy(target_boxes)))
-        loss_giou = (1 - giou).sum() / normaliser
+        # elementwise 1 - GIoU of each matched pair (not the pairwise matrix: dn sets have hundreds of pairs)
+        loss_giou = generalized_box_iou_loss(box_cxcywh_to_xyxy(matched_boxes), box_cxcywh_to_xyxy(target_boxes),
+                                             reduction="sum") / normaliser
         return {"class": loss_class, "l1": loss_l1, "giou": loss_giou}
 
     def _matched_class_weights(self, boxes: torch.Tensor, targets: list[dict], indices: Indices) -> torch.Tensor:
