@@ -239,6 +239,13 @@ def test_criterion_ignored_targets():
         strict({"pred_logits": logits, "pred_boxes": boxes}, targets)["loss_class"].item() + 1.0
 
 
+def test_criterion_rejects_labels_beyond_the_model_classes():
+    output, targets, _ = perfect_case()
+    targets[1]["labels"] = torch.tensor([NUM_CLASSES])
+    with pytest.raises(ValueError, match="num_classes"):
+        SetCriterion(LossConfig())(output, targets)
+
+
 def test_criterion_without_targets_still_has_gradients():
     criterion = SetCriterion(LossConfig())
     logits = torch.randn(2, 5, NUM_CLASSES, requires_grad=True)

@@ -71,7 +71,7 @@ class SetCriterion(nn.Module):
         logits, boxes = output["pred_logits"].float(), output["pred_boxes"].float()
         batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)]).to(logits.device)
         query_idx = torch.cat([q for q, _ in indices]).to(logits.device)
-        target_labels = torch.cat([t["labels"][j.to(t["labels"].device)].to(logits.device)
+        target_labels = torch.cat([t["labels"][j.to(t["labels"].device)].to(logits.device, torch.int64)
                                    for t, (_, j) in zip(targets, indices)])
         target_boxes = torch.cat([t["boxes"][j.to(t["boxes"].device)].to(boxes.device).float()
                                   for t, (_, j) in zip(targets, indices)]).view(-1, 4)
@@ -149,6 +149,13 @@ class SetCriterion(nn.Module):
             ``{"loss_class": ..., ..., "loss": total}`` (weighted scalar tensors).
         """
         device = outputs["pred_logits"].device
+        num_classes = outputs["pred_logits"].shape[-1]
+        for target in targets:
+            labels = target["labels"]
+            if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+                raise ValueError(f"image_id={target.get('image_id')}: labels {labels.tolist()} outside "
+                                 f"0..{num_classes - 1} (the model predicts {num_classes} classes: check "
+                                 "model.detector.num_classes)")
         counts = {"num_boxes": sum(int((~ignore_flags(t, len(t["labels"]), device)).sum()) for t in targets)}
         saliency = None
         if outputs.get("saliency_logits") is not None:
