@@ -140,3 +140,29 @@ def test_swap_plugin_nodes_for_onnx_and_back(exported):
 def test_plugin_version_is_validated():
     with pytest.raises(ValueError, match="plugin-version"):
         mp.trt_plugin_spec(3)
+
+
+def test_sdconet_plugin_node_matches_the_kernel_plugin_signature():
+    """``--msda sdconet``: our AOT plugin's node, checked with the kernel package's own signature check."""
+    from sdconet.deploy.op_support import check_tensorrt_support
+    from sdconet.kernels import trt_plugin
+
+    spec = mp.sdconet_plugin_spec()
+    torch.manual_seed(0)
+    module = MSDAOnly("plugin").eval()
+    tokens = torch.randn(2, TOKENS, 32)
+    with mp.use_plugin_spec(spec):
+        raw = export_module(module, tokens, input_names="tokens", output_names=["out"], custom_domains=[spec.domain])
+    model = simplify_around_custom_nodes(raw)
+    check_model(model)
+    (node,) = [n for n in model.graph.node if n.domain == trt_plugin.PLUGIN_NAMESPACE]
+    trt_plugin.check_msda_node(node, onnx.shape_inference.infer_shapes(model).graph)
+    assert check_tensorrt_support(model, plugins={spec.op_type: [trt_plugin.PLUGIN_VERSION]}).ok
+    assert not check_tensorrt_support(model).ok  # unknown to TensorRT unless its plugin is declared
+    with torch.no_grad():
+        reference = module(tokens).numpy()
+    (out,) = mp.ort_session(model).run(None, {"tokens": tokens.numpy()})
+    np.testing.assert_allclose(out, reference, atol=1e-5, rtol=1e-5)
+    pure = mp.plugin_nodes_to_onnx(model, [spec.op_type])
+    (out_pure,) = mp.ort_session(pure).run(None, {"tokens": tokens.numpy()})
+    np.testing.assert_allclose(out_pure, reference, atol=1e-5, rtol=1e-5)

@@ -288,7 +288,7 @@ class Exporter:
         build = tensorrt_build.EngineBuildOptions(
             precision=opts.precision, min_batch=1, opt_batch=opts.opt_batch, max_batch=opts.max_batch,
             workspace_gib=opts.workspace_gib, timing_cache=opts.timing_cache or str(self.out / "timing.cache"),
-            plugin_libs=tuple(opts.plugin_libs))
+            plugin_libs=tuple(opts.plugin_libs), sdconet_plugin=opts.msda == "sdconet")
         engine_path = self.out / f"{self.name}.{opts.precision}.engine"
         facts = tensorrt_build.build_engine(onnx_path, engine_path, build)
         metadata = facts | {"precision": opts.precision, "onnx": str(onnx_path), "onnx_sha256": sha256_of(onnx_path),

@@ -190,19 +190,25 @@ def msda_reference_numpy(value: np.ndarray, spatial_shapes: np.ndarray, level_st
 _REGISTERED_ORT_OPS: set[str] = set()
 
 
-def register_ort_custom_op(op_type: str = TRT_PLUGIN_OP_TYPE) -> str:
+def register_ort_custom_op(op_type: str = TRT_PLUGIN_OP_TYPE, attributes: dict[str, int] | None = None) -> str:
     """Register ``op_type`` as an onnxruntime-extensions Python op implementing the plugin; returns its library path.
 
-    Nodes must sit in the ``ai.onnx.contrib`` domain to bind to it: see :func:`ort_compatible_model`.
+    ``attributes`` maps the node's attribute names to their ``onnx.AttributeProto`` type (default: the string
+    ``plugin_version``). Nodes must sit in the ``ai.onnx.contrib`` domain to bind to it: see
+    :func:`ort_compatible_model`.
     """
+    import onnx
     from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
+    kinds = {onnx.AttributeProto.STRING: PyCustomOpDef.dt_string, onnx.AttributeProto.INT: PyCustomOpDef.dt_int64,
+             onnx.AttributeProto.FLOAT: PyCustomOpDef.dt_float}
+    attributes = {"plugin_version": onnx.AttributeProto.STRING} if attributes is None else attributes
     if op_type not in _REGISTERED_ORT_OPS:
         @onnx_op(op_type=op_type,
                  inputs=[PyCustomOpDef.dt_float, PyCustomOpDef.dt_int32, PyCustomOpDef.dt_int32,
                          PyCustomOpDef.dt_float, PyCustomOpDef.dt_float],
                  outputs=[PyCustomOpDef.dt_float],
-                 attrs={"plugin_version": PyCustomOpDef.dt_string})
+                 attrs={name: kinds[kind] for name, kind in attributes.items()})
         def _plugin(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, **_attrs):
             return msda_reference_numpy(value, spatial_shapes, level_start_index, sampling_locations,
                                         attention_weights)
@@ -366,7 +372,11 @@ def onnx_msda_to_plugin_nodes(model, plugin_model, op_types: Sequence[str], cast
 
 
 def ort_session(model, threads: int | None = None):
-    """ONNX Runtime CPU session for a pure or plugin-mode model (plugin nodes run as the NumPy custom op)."""
+    """ONNX Runtime CPU session for a pure or plugin-mode model.
+
+    Custom nodes are taken to be MSDA plugins (the only custom nodes this package exports) and run as the NumPy
+    implementation of the plugin's semantics.
+    """
     import onnx
     import onnxruntime as ort
 
@@ -375,10 +385,12 @@ def ort_session(model, threads: int | None = None):
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    plugin_types = sorted({n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")})
-    if plugin_types:
-        for op_type in plugin_types:
-            library = register_ort_custom_op(op_type)
-        options.register_custom_ops_library(library)
+    plugin_nodes = [n for n in model.graph.node if n.domain not in ("", "ai.onnx")]
+    if plugin_nodes:
+        plugin_types = sorted({n.op_type for n in plugin_nodes})
         model = ort_compatible_model(model, plugin_types)
+        for op_type in plugin_types:
+            attributes = {a.name: a.type for n in model.graph.node if n.op_type == op_type for a in n.attribute}
+            library = register_ort_custom_op(op_type, attributes)
+        options.register_custom_ops_library(library)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

@@ -69,6 +69,7 @@ class EngineBuildOptions:
     workspace_gib: float = 4.0
     timing_cache: str | None = None
     plugin_libs: Sequence[str] = field(default_factory=tuple)
+    sdconet_plugin: bool = False  # register our AOT Python plugin (sdconet.kernels.trt_plugin) before parsing
     builder_optimization_level: int | None = None
 
     def validate(self) -> None:
@@ -119,6 +120,10 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: Engine
     options.validate()
     logger = trt_logger()
     load_plugins(logger, options.plugin_libs)
+    if options.sdconet_plugin:
+        from sdconet.kernels.trt_plugin import register_msda_plugin
+
+        register_msda_plugin()
     major = tensorrt_major()
     strongly_typed = major >= 11
     builder = trt.Builder(logger)
