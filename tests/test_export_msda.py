@@ -33,7 +33,7 @@ def _export(version: int = 1):
     module = MSDAOnly("plugin").eval()
     tokens = torch.randn(2, TOKENS, 32)
     with mp.use_plugin_spec(mp.trt_plugin_spec(version)):
-        exported = export_module(module, tokens, input_names="tokens", output_names=["out"],
+        exported = export_module(module, tokens, input_name="tokens", output_names=["out"],
                                  custom_domains=[mp.PLUGIN_DOMAIN])
     return module, simplify_around_custom_nodes(exported)
 
@@ -110,7 +110,7 @@ def test_plugin_graph_on_onnxruntime_matches_pytorch(exported):
 def test_simplification_keeps_plugin_and_folds_the_rest(exported):
     module, simplified = exported
     with mp.use_plugin_spec(mp.trt_plugin_spec(1)):
-        raw = export_module(module, torch.randn(2, TOKENS, 32), input_names="tokens", output_names=["out"],
+        raw = export_module(module, torch.randn(2, TOKENS, 32), input_name="tokens", output_names=["out"],
                             custom_domains=[mp.PLUGIN_DOMAIN])
     assert op_counts(simplified)[f"{mp.PLUGIN_DOMAIN}::{mp.TRT_PLUGIN_OP_TYPE}"] == 1
     assert len(simplified.graph.node) < len(raw.graph.node)
@@ -152,7 +152,7 @@ def test_sdconet_plugin_node_matches_the_kernel_plugin_signature():
     module = MSDAOnly("plugin").eval()
     tokens = torch.randn(2, TOKENS, 32)
     with mp.use_plugin_spec(spec):
-        raw = export_module(module, tokens, input_names="tokens", output_names=["out"], custom_domains=[spec.domain])
+        raw = export_module(module, tokens, input_name="tokens", output_names=["out"], custom_domains=[spec.domain])
     model = simplify_around_custom_nodes(raw)
     check_model(model)
     (node,) = [n for n in model.graph.node if n.domain == trt_plugin.PLUGIN_NAMESPACE]

@@ -35,14 +35,14 @@ def plugin_onnx(tmp_path_factory):
     module = MSDAEncoderLayer().eval()
     spec = mp.trt_plugin_spec(2 if tensorrt_major() >= 11 else 1)
     with mp.use_plugin_spec(spec):
-        model = export_module(module, torch.randn(2, TOKENS, 64), input_names="tokens", output_names=["out"],
+        model = export_module(module, torch.randn(2, TOKENS, 64), input_name="tokens", output_names=["out"],
                               custom_domains=[mp.PLUGIN_DOMAIN])
     path = save_model(simplify_around_custom_nodes(model), tmp_path_factory.mktemp("trt") / "msda.onnx")
     return module, path
 
 
 def test_fp32_engine_matches_onnxruntime(plugin_onnx, tmp_path):
-    from sdconet.deploy.trt_runtime import TRTEngine
+    from sdconet.deploy.trt_runtime import TensorRTRunner
 
     _, onnx_path = plugin_onnx
     cache = tmp_path / "timing.cache"
@@ -51,7 +51,7 @@ def test_fp32_engine_matches_onnxruntime(plugin_onnx, tmp_path):
     assert cache.stat().st_size > 0
     assert facts["input_shapes"]["tokens"]["max"] == [4, TOKENS, 64]
     json.dumps(facts)  # metadata must be JSON-serialisable
-    engine = TRTEngine(tmp_path / "msda.engine")
+    engine = TensorRTRunner(tmp_path / "msda.engine")
     tokens = torch.randn(3, TOKENS, 64)
     out = engine(tokens.cuda())["out"].cpu().numpy()
     (reference,) = mp.ort_session(onnx_path).run(None, {"tokens": tokens.numpy()})
@@ -61,12 +61,12 @@ def test_fp32_engine_matches_onnxruntime(plugin_onnx, tmp_path):
 def test_fp16_engine_close_to_fp32(plugin_onnx, tmp_path):
     if tensorrt_major() >= 11:
         pytest.skip("TensorRT 11 is strongly typed: FP16 comes from an AutoCast ONNX (covered by the exporter)")
-    from sdconet.deploy.trt_runtime import TRTEngine
+    from sdconet.deploy.trt_runtime import TensorRTRunner
 
     module, onnx_path = plugin_onnx
     build_engine(onnx_path, tmp_path / "msda16.engine", EngineBuildOptions(precision="fp16", max_batch=2))
     tokens = torch.randn(2, TOKENS, 64)
-    out = TRTEngine(tmp_path / "msda16.engine")(tokens.cuda())["out"].float().cpu()
+    out = TensorRTRunner(tmp_path / "msda16.engine")(tokens.cuda())["out"].float().cpu()
     with torch.no_grad():
         reference = module(tokens)
     torch.testing.assert_close(out, reference, atol=2e-2, rtol=2e-2)

@@ -172,7 +172,7 @@ class Exporter:
     def step_onnx(self, graph, images: torch.Tensor) -> tuple[onnx.ModelProto, onnx.ModelProto]:
         """Plugin-mode export simplified around the plugin nodes, and the pure graph derived from it."""
         with msda_plugin.use_plugin_spec(self.spec):
-            exported = export_module(graph, images, input_names=INPUT_NAME, output_names=self.output_names,
+            exported = export_module(graph, images, input_name=INPUT_NAME, output_names=self.output_names,
                                      opset=self.options.opset, custom_domains=[self.spec.domain])
         plugin_model = simplify_around_custom_nodes(exported)
         pure_model = msda_plugin.plugin_nodes_to_onnx(plugin_model, self.plugin_types)

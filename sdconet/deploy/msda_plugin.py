@@ -68,7 +68,8 @@ def sdconet_plugin_spec() -> PluginSpec:
     try:
         module = importlib.import_module("sdconet.kernels.trt_plugin")
     except ImportError as err:
-        raise RuntimeError(f"--msda sdconet needs sdconet.kernels.trt_plugin, which cannot be imported ({err})") from err
+        raise RuntimeError(f"--msda sdconet needs sdconet.kernels.trt_plugin, which cannot be imported "
+                           f"({err})") from err
     missing = [name for name in ("PLUGIN_OP_TYPE", "PLUGIN_VERSION") if not hasattr(module, name)]
     if missing:
         raise RuntimeError(f"sdconet.kernels.trt_plugin does not define {', '.join(missing)}")
@@ -262,7 +263,7 @@ def _gather_subgraph(spatial_shapes: Sequence[tuple[int, int]], value_shape: Seq
     locations = torch.rand(2, *locations_shape[1:])
     weights = torch.rand(2, *locations_shape[1:-1])
     exported = export_module(_GatherMSDA(spatial_shapes), (value, locations, weights), opset=opset,
-                             input_names=["value", "sampling_locations", "attention_weights"],
+                             input_name=["value", "sampling_locations", "attention_weights"],
                              output_names=["output"])
     return simplify(exported)
 

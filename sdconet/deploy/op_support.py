@@ -131,8 +131,9 @@ def check_tensorrt_support(model: onnx.ModelProto, plugins: Mapping[str, Sequenc
             version = _attr(node, "plugin_version", b"1")
             version = version.decode() if isinstance(version, bytes) else str(version)
             if node.op_type not in known_plugins:
-                report.errors.append(OpIssue(node.op_type, name, f"custom op in domain '{node.domain}' is not a known "
-                                                                  f"TensorRT plugin (load its library with --plugin-lib)"))
+                report.errors.append(OpIssue(node.op_type, name, f"custom op in domain '{node.domain}' is not a "
+                                                                  f"known TensorRT plugin (load its library with "
+                                                                  f"--plugin-lib)"))
             elif version not in known_plugins[node.op_type]:
                 report.errors.append(OpIssue(node.op_type, name, f"plugin_version {version} not available (known: "
                                                                   f"{', '.join(sorted(known_plugins[node.op_type]))})"))

@@ -130,7 +130,8 @@ def render_summary(data: dict) -> str:
         custom = sum(v for k, v in graph["op_counts"].items() if "::" in k)
         support = graph.get("op_support", {})
         verdict = "ok" if support.get("ok") else f"FAILS: {', '.join(support.get('offending_ops', []))}"
-        lines.append(f"| {kind} | {graph['nodes']} | {custom} | {verdict} (TensorRT {support.get('tensorrt_version')}) |")
+        lines.append(f"| {kind} | {graph['nodes']} | {custom} | {verdict} "
+                     f"(TensorRT {support.get('tensorrt_version')}) |")
     lines += ["", "## Parity with PyTorch (ONNX Runtime CPU)", "",
               "| graph | max box error (px / rel) | max score error | top labels equal | passed |",
               "|---|---|---|---|---|"]

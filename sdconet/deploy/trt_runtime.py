@@ -1,7 +1,7 @@
 """A small TensorRT runtime wrapper (``execute_async_v3``) used by benchmarks and serving.
 
-``TRTEngine(path)(images)`` takes a ``[B, 3, H, W]`` float32 tensor (or a dict by input name) and returns a dict of
-output tensors. With a CUDA build of torch, I/O are torch CUDA tensors bound by address
+``TensorRTRunner(path)(images)`` takes a ``[B, 3, H, W]`` float32 tensor (or a dict by input name) and returns a dict
+of output tensors. With a CUDA build of torch, I/O are torch CUDA tensors bound by address
 (``set_tensor_address``) and the engine runs on torch's current stream. Without CUDA torch (e.g. a Jetson image with a
 CPU torch) it falls back to pycuda device buffers; inputs/outputs are then NumPy arrays.
 """
@@ -24,7 +24,7 @@ def _torch_cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-class TRTEngine:
+class TensorRTRunner:
     """Deserialized engine + one execution context; call it with inputs, get ``{name: output}``."""
 
     def __init__(self, engine_path: str | Path, plugin_libs: Sequence[str] = (), backend: str = "auto") -> None:
