@@ -105,7 +105,8 @@ def test_report_and_skips(export):
         assert {"step": "engine", "reason": reason} in data["skipped"]
         assert data["engine"] is None and result.exit_code == 1
     else:
-        meta = json.loads(Path(data["engine"]["path"]).with_suffix(".engine.json").read_text())
+        engine = Path(data["engine"]["path"])
+        meta = json.loads(engine.with_name(engine.name + ".json").read_text())
         assert {"tensorrt_version", "gpu", "precision", "input_shapes", "onnx_sha256"} <= set(meta)
         assert result.exit_code == 0
 

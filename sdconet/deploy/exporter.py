@@ -262,7 +262,7 @@ class Exporter:
 
     def step_engine(self, pure_path: Path, plugin_path: Path | None, int8_paths: dict | None,
                     fp16_paths: dict | None) -> Path | None:
-        """Serialized TensorRT engine + ``.engine.json`` metadata, or a recorded skip."""
+        """Serialized TensorRT engine (``.plan``, as Triton names it) + ``.plan.json`` metadata, or a recorded skip."""
         from sdconet.deploy import tensorrt_build
 
         opts = self.options
@@ -289,12 +289,12 @@ class Exporter:
             precision=opts.precision, min_batch=1, opt_batch=opts.opt_batch, max_batch=opts.max_batch,
             workspace_gib=opts.workspace_gib, timing_cache=opts.timing_cache or str(self.out / "timing.cache"),
             plugin_libs=tuple(opts.plugin_libs), sdconet_plugin=opts.msda == "sdconet")
-        engine_path = self.out / f"{self.name}.{opts.precision}.engine"
+        engine_path = self.out / f"{self.name}.{opts.precision}.plan"
         facts = tensorrt_build.build_engine(onnx_path, engine_path, build)
         metadata = facts | {"precision": opts.precision, "onnx": str(onnx_path), "onnx_sha256": sha256_of(onnx_path),
                             "imgsz": opts.imgsz, "msda": opts.msda, "plugin": self.spec.name,
                             "export_options": self.report.options, "path": str(engine_path)}
-        meta_path = engine_path.with_suffix(".engine.json")
+        meta_path = engine_path.with_name(engine_path.name + ".json")
         meta_path.write_text(json.dumps(metadata, indent=2, default=str) + "\n")
         self.report.add_artifact("engine", engine_path, precision=opts.precision)
         self.report.add_artifact("engine_metadata", meta_path)
