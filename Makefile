@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# ModelOpt (INT8 Q/DQ) pulls onnxruntime-gpu, cupy and its own onnx/numpy: it lives in a venv of its own and is
+# called as a subprocess (sdconet/deploy/quantize.py finds it at .venv-modelopt/bin/python).
+MODELOPT_VENV ?= .venv-modelopt
+MODELOPT_STAMP := $(MODELOPT_VENV)/.installed
 
 .PHONY: setup test demo clean
 
@@ -15,12 +19,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-setup: $(STAMP)
+$(MODELOPT_STAMP):
+	$(PYTHON) -m venv $(MODELOPT_VENV)
+	$(MODELOPT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MODELOPT_VENV)/bin/python -m pip install -q torch==2.14.1 "nvidia-modelopt[onnx]"
+	touch $(MODELOPT_STAMP)
 
-test: $(STAMP)
+setup: $(STAMP) $(MODELOPT_STAMP)
+
+test: setup
 	$(PY) -m pytest -q
 
-demo: $(STAMP)
+demo: setup
 	$(PY) train/run.py
 
 clean:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdconet.deploy.exporter import MSDA_MODES, ExportError, ExportOptions, print_summary, run_export  # noqa: E402
+from sdconet.deploy.exporter import (MSDA_MODES, TRITON_BACKENDS, ExportError, ExportOptions,  # noqa: E402
+                                      print_summary, run_export)
 from sdconet.deploy.msda_plugin import sdconet_plugin_available  # noqa: E402
 from sdconet.deploy.op_support import UnsupportedOpError  # noqa: E402
 from sdconet.deploy.quantize import QuantizationError  # noqa: E402
@@ -65,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--out", default="engines", help="artifact folder (default engines/)")
     out.add_argument("--name", default=None, help="artifact file stem (default sdconet_<config>_<imgsz>)")
     out.add_argument("--triton-repo", default=None, help="also populate this Triton model repository")
+    out.add_argument("--triton-backend", choices=TRITON_BACKENDS, default="auto",
+                     help="detector deployment in the repository: trt (tensorrt_plan), onnx (onnxruntime_onnx, "
+                          "NVIDIA's Triton container) or cpu (python backend + ONNX Runtime, runs with the Triton "
+                          "bundled in nvidia-pytriton); auto = trt when an engine was built, else cpu")
     out.add_argument("--seed", type=int, default=0, help="seed for the parity batch and calibration sampling")
     return parser.parse_args(argv)
 
@@ -79,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                             eval_images=args.eval_images, modelopt_python=args.modelopt_python,
                             plugin_libs=tuple(args.plugin_lib), workspace_gib=args.workspace,
                             timing_cache=args.timing_cache, require_engine=args.require_engine,
-                            triton_repo=args.triton_repo, seed=args.seed)
+                            triton_repo=args.triton_repo, triton_backend=args.triton_backend,
+                            seed=args.seed)
     try:
         result = run_export(options)
     except (ExportError, CheckpointError, QuantizationError, UnsupportedOpError) as err:

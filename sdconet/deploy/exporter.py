@@ -31,6 +31,9 @@ MSDA_MODES = ("plugin", "onnx", "sdconet")
 MSDA_EXCLUDE_PATTERN = f"{msda_plugin.MSDA_SUBGRAPH_PREFIX}[0-9]+/.*"
 
 
+TRITON_BACKENDS = ("auto", "trt", "onnx", "cpu")
+
+
 class ExportError(RuntimeError):
     """A requested export step cannot be done; the message says which and why."""
 
@@ -60,6 +63,7 @@ class ExportOptions:
     timing_cache: str | None = None  # default <out>/timing.cache
     require_engine: bool = False
     triton_repo: str | None = None
+    triton_backend: str = "auto"  # auto = trt when an engine was built, else cpu (python backend + ONNX Runtime)
     parity_batch: int = 2
     seed: int = 0
 
@@ -77,6 +81,9 @@ class ExportOptions:
             raise ExportError(f"--opset must be >= 17, got {self.opset}")
         if self.int8 and self.calib_images < 1:
             raise ExportError(f"--calib-images must be >= 1, got {self.calib_images}")
+        if self.triton_backend not in TRITON_BACKENDS:
+            raise ExportError(f"--triton-backend must be one of {', '.join(TRITON_BACKENDS)}, "
+                              f"got '{self.triton_backend}'")
         if self.parity_batch < 1:
             raise ExportError(f"parity batch must be >= 1, got {self.parity_batch}")
         for lib in self.plugin_libs:
@@ -307,7 +314,12 @@ class Exporter:
             from sdconet.deploy.triton_repo import build_repository
         except ImportError as err:
             raise ExportError(f"--triton-repo needs sdconet.deploy.triton_repo.build_repository ({err})") from err
-        backend = "trt" if engine_path is not None else "onnx"
+        backend = self.options.triton_backend
+        if backend == "auto":
+            backend = "trt" if engine_path is not None else "cpu"
+        if backend == "trt" and engine_path is None:
+            raise ExportError("--triton-backend trt needs a TensorRT engine, and none was built (see the skipped "
+                              "steps); use --triton-backend onnx (NVIDIA's Triton container) or cpu")
         class_names = list(self.meta.get("category_names") or [])
         if not class_names:
             class_names = [f"class_{i}" for i in range(self.cfg.model.detector.num_classes)]
@@ -316,7 +328,8 @@ class Exporter:
                                 class_names=class_names)
         self.report.triton = {"repo": str(repo), "backend": backend}
         if engine_path is None:
-            self.report.skip("triton_trt", "no TensorRT engine: the repository serves the pure ONNX with ONNX Runtime")
+            self.report.skip("triton_trt", f"no TensorRT engine: the repository serves the pure ONNX ({backend} "
+                                           "deployment)")
         LOG.info("Triton repository written to %s (backend %s)", repo, backend)
 
 
