@@ -104,14 +104,21 @@ class GradientRouter:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig):
         self.train = train
+        self.optimizer = optimizer
         sr_decoder = getattr(model, "sr_decoder", None)
         self.sr_params = list(sr_decoder.parameters()) if sr_decoder is not None else []
-        groups = [g for g in optimizer.param_groups if g.get("name") == SR_GROUP]
-        if self.sr_params and len(groups) != 1:
+        if self.sr_params:
+            self._sr_group()  # fail early when the optimizer was not built with the named groups
+        self.stage: int | None = None
+
+    def _sr_group(self) -> dict:
+        """The SR decoder's parameter group, looked up each time: ``optimizer.load_state_dict`` replaces the
+        group dicts, so a stored reference would go stale after a resume."""
+        groups = [g for g in self.optimizer.param_groups if g.get("name") == SR_GROUP]
+        if len(groups) != 1:
             raise RuntimeError(f"the optimizer needs exactly one '{SR_GROUP}' parameter group holding the SR "
                                f"decoder (build it with sdconet.engine.optim.build_optimizer)")
-        self.sr_group = groups[0] if groups else None
-        self.stage: int | None = None
+        return groups[0]
 
     @property
     def has_sr(self) -> bool:
@@ -132,8 +139,8 @@ class GradientRouter:
             trainable = stage == STAGE_JOINT
             for param in self.sr_params:
                 param.requires_grad_(trainable)
-            self.sr_group["lr"] = (self.train.lr * self.train.sr_lr_ratio * lr_factor(self.train, epoch)
-                                   if trainable else 0.0)
+            self._sr_group()["lr"] = (self.train.lr * self.train.sr_lr_ratio * lr_factor(self.train, epoch)
+                                      if trainable else 0.0)
         if stage != self.stage:
             logger.info("gradient routing: epoch %d in stage %d (%s)", epoch + 1, stage, describe_stage(
                 stage, self.has_sr))

@@ -115,7 +115,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def _finite_loss_terms(losses: dict[str, torch.Tensor]) -> str:
-    return ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items() if not math.isfinite(float(v)))
+    return ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items() if not math.isfinite(float(v.detach())))
 
 
 class Trainer:
@@ -242,7 +242,9 @@ class Trainer:
                         note: Optional[str] = None) -> Path:
         """Write ``last`` weights + trainer state (and ``best`` when ``metrics`` has a new best AP). Rank 0 only."""
         meta = {"epoch": epochs_done, "step": self.counters.global_step, "stage": stage,
-                "schedule": self.cfg.train.schedule, "metrics": metrics or {}}
+                "schedule": self.cfg.train.schedule, "metrics": metrics or {},
+                "category_names": list(getattr(self.train_set, "category_names", [])),
+                "label_to_category_id": [int(c) for c in getattr(self.train_set, "label_to_category_id", [])]}
         if note:
             meta["note"] = note
         if metrics is not None and metrics.get("AP", -math.inf) > self.counters.best_ap:
@@ -470,7 +472,7 @@ class Trainer:
 
 def _headline(losses: dict[str, float | torch.Tensor]) -> dict[str, float]:
     """The total and the final-layer terms (aux/enc/dn terms stay out of the headline logs)."""
-    return {k: float(v) for k, v in losses.items()
+    return {k: float(v.detach() if isinstance(v, torch.Tensor) else v) for k, v in losses.items()
             if k == "loss" or not any(tag in k for tag in ("_aux", "_enc", "_dn"))}
 
 

@@ -1,0 +1,171 @@
+"""Train and evaluate SDCoNet.
+
+  python train/run.py                                   # demo: tiny model, synthetic data (generated on first use)
+  python train/run.py --config paper --data /data/nwpu  # the real-data path (COCO-format dataset)
+  python train/run.py --epochs 1 --out runs/quick train.lr=2e-4 model.saliency.sigma=0.7
+  python train/run.py --resume runs/quick               # continue a run from its last checkpoint
+  python train/run.py --eval-only --checkpoint runs/quick
+  torchrun --nproc_per_node=2 train/run.py --config paper --data /data/nwpu   # DDP (gloo on CPU, nccl on GPU)
+
+Dotted overrides (``section.key=value``) are applied after the preset, named flags after them. See docs/training.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
+
+from sdconet.config import Config, ConfigError, load_config, save_config  # noqa: E402
+from sdconet.engine.checkpoint import (CheckpointError, LAST_NAME, read_checkpoint_metadata,  # noqa: E402
+                                       resolve_checkpoint)
+from sdconet.engine.distributed import cleanup_distributed, init_distributed, resolve_device  # noqa: E402
+from sdconet.engine.metrics import COCO_METRICS  # noqa: E402
+from sdconet.engine.routing import SCHEDULES, scale_epochs  # noqa: E402
+from sdconet.utils.logging import get_logger, setup_logging  # noqa: E402
+
+logger = get_logger("sdconet.train")
+
+DEFAULT_CONFIG = "demo"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="dotted config overrides, e.g. train.lr=2e-4 model.saliency.sigma=0.7")
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help=f"preset name (demo, tiny, paper) or YAML path (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--data", metavar="DIR", help="COCO-format dataset root (data.root); default: synthetic data")
+    parser.add_argument("--epochs", type=int,
+                        help="number of epochs; stage 1 and the LR drops are rescaled to keep their share of the run "
+                             "(with --resume: the new total, nothing rescaled)")
+    parser.add_argument("--batch-size", type=int, help="images per process and step (train.batch_size)")
+    parser.add_argument("--out", metavar="DIR", help="run directory (default: runs/<config>-<time>)")
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (train.device)")
+    parser.add_argument("--schedule", choices=list(SCHEDULES),
+                        help="gradient-routing schedule / ablation (train.schedule)")
+    parser.add_argument("--resume", metavar="RUN_OR_CKPT",
+                        help="continue a run directory (or its last.safetensors) from its last checkpoint")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate a checkpoint instead of training")
+    parser.add_argument("--checkpoint", metavar="CKPT",
+                        help="with --eval-only: weights file or run directory (default: the latest run's best)")
+    return parser
+
+
+def config_with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply dotted overrides to an in-memory config (through the one YAML loader, so they are validated alike)."""
+    if not overrides:
+        return cfg
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{cfg.name}.yaml"
+        save_config(cfg, path)
+        return load_config(path, overrides)
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Preset (or the resumed checkpoint's config) + dotted overrides + named flags."""
+    if args.resume:
+        cfg, _ = read_checkpoint_metadata(resolve_checkpoint(args.resume, prefer=LAST_NAME))
+        cfg = config_with_overrides(cfg, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    train = cfg.train
+    if args.epochs is not None:
+        train = dataclasses.replace(train, epochs=args.epochs) if args.resume else scale_epochs(train, args.epochs)
+    if args.batch_size is not None:
+        train = dataclasses.replace(train, batch_size=args.batch_size)
+    if args.device is not None:
+        train = dataclasses.replace(train, device=args.device)
+    if args.schedule is not None:
+        train = dataclasses.replace(train, schedule=args.schedule)
+    data = cfg.data if args.data is None else dataclasses.replace(cfg.data, root=args.data)
+    return dataclasses.replace(cfg, train=train, data=data)
+
+
+def run_directory(args: argparse.Namespace, cfg: Config) -> Path:
+    if args.out:
+        return Path(args.out)
+    if args.resume:
+        resumed = Path(args.resume)
+        return resumed if resumed.is_dir() else resolve_checkpoint(resumed).parent.parent
+    return Path(cfg.train.out_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def metrics_table(metrics: dict[str, float]) -> str:
+    names = [k for k in (*COCO_METRICS, "PSNR", "SSIM") if k in metrics]
+    header = " | ".join(f"{n:>6}" for n in names)
+    values = " | ".join(f"{metrics[n]:6.2f}" if n == "PSNR" else f"{metrics[n]:6.3f}" for n in names)
+    rule = "-" * len(header)
+    return f"{header}\n{rule}\n{values}"
+
+
+def eval_only(args: argparse.Namespace) -> int:
+    from sdconet.engine.evaluate import evaluate_checkpoint
+
+    setup_logging()
+    device = resolve_device(args.device or "auto")
+    overrides = {"root": args.data} if args.data else None
+    result = evaluate_checkpoint(args.checkpoint, device, overrides=overrides, batch_size=args.batch_size)
+    checkpoint = Path(result["checkpoint"])
+    out = Path(args.out) if args.out else checkpoint.parent.parent
+    out.mkdir(parents=True, exist_ok=True)
+    report = out / f"eval_{checkpoint.stem}.json"
+    report.write_text(json.dumps({"checkpoint": str(checkpoint), "epoch": result["meta"].get("epoch"),
+                                  **result["metrics"]}, indent=2))
+    print(f"\nevaluated {checkpoint} (epoch {result['meta'].get('epoch')})\n{metrics_table(result['metrics'])}")
+    print(f"\nmetrics JSON: {report}")
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    from sdconet.engine.trainer import Trainer
+
+    cfg = resolve_config(args)
+    dist_info, device = init_distributed(cfg.train.device)
+    out_dir = run_directory(args, cfg)
+    try:
+        trainer = Trainer(cfg, out_dir, dist_info=dist_info, device=device)
+        if args.resume:
+            trainer.resume(args.resume)
+        summary = trainer.fit()
+    finally:
+        cleanup_distributed()
+    if not dist_info.is_main:
+        return 0
+    best = summary["best"] if Path(summary["best"]).is_file() else summary["last"]
+    print(f"\nrun finished: {summary['out_dir']} ({summary['epochs']} epochs, "
+          f"{summary['skipped_steps']} skipped step(s))")
+    print(f"  checkpoint (best AP) {best}")
+    print(f"  checkpoint (last)    {summary['last']}")
+    print(f"  metrics              {summary['metrics_file']}")
+    print(f"  pictures             {summary['pictures']}/")
+    print(f"  log                  {summary['log']}")
+    print(f"  TensorBoard          tensorboard --logdir {summary['tensorboard']}")
+    if summary["metrics"]:
+        print(f"\nfinal validation metrics (HR pixels, maxDets 100):\n{metrics_table(summary['metrics'])}")
+    print(f"\nre-evaluate: python train/run.py --eval-only --checkpoint {best}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.checkpoint and not args.eval_only:
+        build_parser().error("--checkpoint goes with --eval-only (use --resume to continue training)")
+    from sdconet.data.validation import DataError
+    from sdconet.engine.trainer import TrainingDiverged
+
+    try:
+        return eval_only(args) if args.eval_only else train(args)
+    except (ConfigError, CheckpointError, DataError, TrainingDiverged) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
