@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from sdconet.ops.box_ops import box_cxcywh_to_xyxy
+from sdconet.models.postprocess import select_topk_detections
 from sdconet.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -135,20 +135,22 @@ def outputs_to_detections(outputs: dict, targets: list[dict],
     if not isinstance(label_to_category, Mapping) and len(label_to_category) < num_classes:
         raise ValueError(f"label_to_category has {len(label_to_category)} entries but the model predicts "
                          f"{num_classes} classes")
-    scores, flat_idx = logits.float().sigmoid().flatten(1).topk(min(top_k, num_queries * num_classes), dim=1)
-    query_idx, labels = flat_idx // num_classes, flat_idx % num_classes
-    selected = torch.gather(boxes.float(), 1, query_idx.unsqueeze(-1).expand(-1, -1, 4))  # [B, k, 4]
-    detections = []
+    orig_sizes = []
     for b, target in enumerate(targets):
         if "orig_size" not in target or "image_id" not in target:
             raise KeyError(f"target {b} needs 'orig_size' and 'image_id' for evaluation (has {sorted(target)})")
-        height, width = (float(s) for s in target["orig_size"])
-        xyxy = box_cxcywh_to_xyxy(selected[b]) * selected.new_tensor([width, height, width, height])
+        orig_sizes.append([float(s) for s in target["orig_size"]])
+    image_sizes = torch.tensor(orig_sizes, dtype=torch.float32, device=boxes.device)  # [B, 2] (H, W)
+    selected = select_topk_detections(logits.float(), boxes.float(), image_sizes, min(top_k, num_queries * num_classes))
+    detections = []
+    for b, target in enumerate(targets):
+        height, width = orig_sizes[b]
+        xyxy = selected["boxes"][b]
         xyxy = torch.stack((xyxy[:, 0].clamp(0, width), xyxy[:, 1].clamp(0, height),
                             xyxy[:, 2].clamp(0, width), xyxy[:, 3].clamp(0, height)), dim=-1)
         xywh = torch.cat((xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]), dim=-1).tolist()
         image_id = int(target["image_id"])
-        for box, score, label in zip(xywh, scores[b].tolist(), labels[b].tolist()):
+        for box, score, label in zip(xywh, selected["scores"][b].tolist(), selected["labels"][b].tolist()):
             if isinstance(label_to_category, Mapping) and label not in label_to_category:
                 raise KeyError(f"label {label} has no entry in label_to_category")
             detections.append({"image_id": image_id, "category_id": int(label_to_category[label]),
