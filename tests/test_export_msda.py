@@ -51,14 +51,17 @@ def _random_msda_inputs(batch=2, queries=5, heads=3, dim=4, points=2):
     return value, locations, weights
 
 
-def test_numpy_plugin_semantics_match_grid_sample():
+def test_ort_plugin_op_matches_grid_sample():
     value, locations, weights = _random_msda_inputs()
     starts = np.array(mp.level_start_index_for(SHAPES), dtype=np.int32)
-    out = mp.msda_reference_numpy(value.numpy(), np.array(SHAPES, dtype=np.int32), starts, locations.numpy(),
-                                  weights.numpy())
+    out = mp.msda_plugin_reference(value.numpy(), np.array(SHAPES, dtype=np.int32), starts, locations.numpy(),
+                                   weights.numpy())
     reference = msda_grid_sample(value, SHAPES, None, locations, weights)
     assert out.shape == (2, 5, 3, 4)  # the plugin's [N, Lq, M, D]
     np.testing.assert_allclose(out.reshape(2, 5, 12), reference.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="level_start_index"):
+        mp.msda_plugin_reference(value.numpy(), np.array(SHAPES, dtype=np.int32), starts[::-1].copy(),
+                                 locations.numpy(), weights.numpy())
 
 
 def test_plugin_impl_eager_equals_gather():

@@ -16,9 +16,9 @@ TensorRT's ONNX parser imports an unknown node as the plugin whose name is the n
 ``plugin_version`` attribute (default "1") and namespace its ``plugin_namespace`` attribute (default "", falling
 back to the node's domain); the remaining attributes become plugin fields.
 
-For ONNX Runtime the node is executed by :func:`register_ort_custom_op`, a NumPy implementation written from the
-plugin's documented semantics (not from our PyTorch code), so that the parity test checks the node wiring
-independently.
+For ONNX Runtime the node is executed by :func:`register_ort_custom_op`, which runs :func:`msda_plugin_reference`
+(the gather form of :mod:`sdconet.ops.msda` on the node's inputs, in the plugin's layout): inputs wired in the wrong
+order or layout show up as a parity failure against the PyTorch model.
 """
 from __future__ import annotations
 
@@ -153,39 +153,25 @@ register_msda_impl("plugin", msda_plugin)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# ONNX Runtime: the plugin's semantics as a Python custom op (onnxruntime-extensions)
+# ONNX Runtime: the plugin node as a Python custom op (onnxruntime-extensions)
 # ----------------------------------------------------------------------------------------------------------------
-def msda_reference_numpy(value: np.ndarray, spatial_shapes: np.ndarray, level_start_index: np.ndarray,
-                         sampling_locations: np.ndarray, attention_weights: np.ndarray) -> np.ndarray:
-    """``MultiscaleDeformableAttnPlugin_TRT`` semantics in NumPy: ``[N,S,M,D]`` ... -> ``[N,Lq,M,D]``.
+def msda_plugin_reference(value: np.ndarray, spatial_shapes: np.ndarray, level_start_index: np.ndarray,
+                          sampling_locations: np.ndarray, attention_weights: np.ndarray) -> np.ndarray:
+    """The plugin node's computation on NumPy arrays: ``value [N,S,M,D]`` ... -> ``[N,Lq,M,D]`` float32.
 
-    Per level the value tokens ``level_start_index[l] : + H_l*W_l`` form an ``H_l x W_l`` map; a location (x, y) in
-    [0, 1] samples pixel ``(x*W_l - 0.5, y*H_l - 0.5)`` bilinearly, corners outside the map contributing zero
-    (the CUDA kernel's ``ms_deform_attn_im2col_bilinear``); samples are weighted by ``attention_weights`` and summed
-    over levels and points.
+    The plugin reads level ``l`` from token ``level_start_index[l]``; the gather form reads the levels back to back,
+    so the index must be the contiguous one (what :func:`msda_plugin` exports).
     """
-    value = np.asarray(value, dtype=np.float32)
-    n, _, m, d = value.shape
-    _, lq, _, num_levels, p, _ = sampling_locations.shape
-    out = np.zeros((n, lq, m, d), dtype=np.float32)
-    batch_idx = np.arange(n)[:, None, None, None]
-    head_idx = np.arange(m)[None, None, :, None]
-    for level in range(num_levels):
-        h, w = int(spatial_shapes[level, 0]), int(spatial_shapes[level, 1])
-        start = int(level_start_index[level])
-        level_value = value[:, start:start + h * w]  # [N, HW, M, D]
-        x = sampling_locations[:, :, :, level, :, 0] * w - 0.5  # [N, Lq, M, P]
-        y = sampling_locations[:, :, :, level, :, 1] * h - 0.5
-        x0, y0 = np.floor(x), np.floor(y)
-        sampled = np.zeros((n, lq, m, p, d), dtype=np.float32)
-        for cy, wy in ((y0, 1.0 - (y - y0)), (y0 + 1, y - y0)):
-            for cx, wx in ((x0, 1.0 - (x - x0)), (x0 + 1, x - x0)):
-                inside = (cx >= 0) & (cx < w) & (cy >= 0) & (cy < h)
-                token = (np.clip(cy, 0, h - 1) * w + np.clip(cx, 0, w - 1)).astype(np.int64)  # [N, Lq, M, P]
-                corner = level_value[batch_idx, token, head_idx]  # [N, Lq, M, P, D]
-                sampled += corner * (wx * wy * inside)[..., None]
-        out += (sampled * attention_weights[:, :, :, level, :, None]).sum(axis=3)
-    return out
+    shapes = [(int(h), int(w)) for h, w in np.asarray(spatial_shapes)]
+    expected_starts = level_start_index_for(shapes)
+    if [int(s) for s in np.asarray(level_start_index)] != expected_starts:
+        raise ValueError(f"MSDA plugin node: level_start_index {np.asarray(level_start_index).tolist()} is not the "
+                         f"contiguous {expected_starts} for spatial_shapes {shapes}")
+    value_t = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+    n, _, m, d = value_t.shape
+    out = msda_gather(value_t, shapes, None, torch.from_numpy(np.ascontiguousarray(sampling_locations, np.float32)),
+                      torch.from_numpy(np.ascontiguousarray(attention_weights, np.float32)))
+    return out.view(n, -1, m, d).numpy()
 
 
 _REGISTERED_ORT_OPS: set[str] = set()
@@ -211,8 +197,8 @@ def register_ort_custom_op(op_type: str = TRT_PLUGIN_OP_TYPE, attributes: dict[s
                  outputs=[PyCustomOpDef.dt_float],
                  attrs={name: kinds[kind] for name, kind in attributes.items()})
         def _plugin(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, **_attrs):
-            return msda_reference_numpy(value, spatial_shapes, level_start_index, sampling_locations,
-                                        attention_weights)
+            return msda_plugin_reference(value, spatial_shapes, level_start_index, sampling_locations,
+                                         attention_weights)
 
         _REGISTERED_ORT_OPS.add(op_type)
     return get_library_path()
