@@ -247,12 +247,10 @@ def detect_many(images: Sequence[ImageInput], url: Optional[str] = None, protoco
 
 def annotate(image_path: Path, detections: Detections) -> np.ndarray:
     """The image with its detections drawn (``[H, W, 3]`` uint8)."""
-    from PIL import Image
-
+    from sdconet.data.image_io import load_image
     from sdconet.engine.visualize import PRED_COLOR, draw_boxes
 
-    with Image.open(image_path) as image:
-        pixels = np.asarray(image.convert("RGB"))
+    pixels = load_image(image_path)
     # one caption per detection: index i names detection i
     return draw_boxes(pixels, detections.boxes, color=PRED_COLOR, labels=np.arange(len(detections)),
                       scores=detections.scores, category_names=detections.class_names)
