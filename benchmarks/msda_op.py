@@ -49,6 +49,8 @@ def make_inputs(batch: int, queries: int, dtype, device, seed: int) -> dict[str,
     """Paper-shaped MSDA inputs; locations spill slightly outside [0, 1] to exercise zero padding."""
     import torch
 
+    from sdconet.ops.msda import level_start_index_for
+
     g = torch.Generator().manual_seed(seed)
     s = sum(h * w for h, w in LEVEL_SHAPES)
     levels = len(LEVEL_SHAPES)
@@ -57,7 +59,7 @@ def make_inputs(batch: int, queries: int, dtype, device, seed: int) -> dict[str,
     attn = torch.rand(batch, queries, NUM_HEADS, levels, NUM_POINTS, generator=g).flatten(-2).softmax(-1)
     attn = attn.view(batch, queries, NUM_HEADS, levels, NUM_POINTS)
     shapes = torch.tensor(LEVEL_SHAPES, dtype=torch.int32)
-    starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1].to(torch.int32)])
+    starts = torch.tensor(level_start_index_for(LEVEL_SHAPES), dtype=torch.int32)
     return {"value": value.to(device, dtype), "sampling_locations": loc.to(device, dtype),
             "attention_weights": attn.to(device, dtype), "shapes_device": shapes.to(device),
             "starts_device": starts.to(device)}

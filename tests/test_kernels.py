@@ -25,7 +25,7 @@ from sdconet.kernels.trt_plugin import (  # noqa: E402
     MSDA_PLUGIN_INPUTS, MSDA_PLUGIN_OUTPUT, SDCONET_MSDA_ATTRIBUTES, SDCONET_MSDA_NAMESPACE, SDCONET_MSDA_OP_TYPE,
     SDCONET_MSDA_PLUGIN_ID, check_msda_node, make_msda_node, msda_opset_import, msda_type_combination,
     register_msda_plugin, strip_unused_trailing_params, tensorrt_unavailable_reason)
-from sdconet.ops.msda import multi_scale_deformable_attn, resolve_msda_impl  # noqa: E402
+from sdconet.ops.msda import level_start_index_for, multi_scale_deformable_attn, resolve_msda_impl  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -162,9 +162,7 @@ def _plugin_model(value_type=onnx.TensorProto.FLOAT16, shapes_type=onnx.TensorPr
     """value/locations/weights as graph inputs (dynamic batch), shapes/starts as initializers, the plugin node."""
     helper = onnx.helper
     levels = [(32, 32), (16, 16), (8, 8), (4, 4)][:num_levels]
-    starts = [0]
-    for h, w in levels[:-1]:
-        starts.append(starts[-1] + h * w)
+    starts = level_start_index_for(levels)
     s = sum(h * w for h, w in levels)
     inputs = [helper.make_tensor_value_info("value", value_type, ["N", s, 8, 32]),
               helper.make_tensor_value_info("sampling_locations", value_type, ["N", 300, 8, 4, 4, 2]),

@@ -30,7 +30,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from sdconet.ops.msda import SpatialShapes, _shapes_as_ints, msda_gather, register_msda_impl
+from sdconet.ops.msda import (SpatialShapes, level_start_index_for, msda_gather, register_msda_impl,
+                              spatial_shapes_as_ints)
 
 TRT_PLUGIN_OP_TYPE = "MultiscaleDeformableAttnPlugin_TRT"
 PLUGIN_DOMAIN = "trt.plugins"  # custom ops need a non-default domain for onnx.checker; TensorRT ignores it here
@@ -102,13 +103,6 @@ def use_plugin_spec(spec: PluginSpec) -> Iterator[PluginSpec]:
         _ACTIVE_SPEC.pop()
 
 
-def level_start_index_for(shapes: Sequence[tuple[int, int]]) -> list[int]:
-    starts = [0]
-    for h, w in shapes[:-1]:
-        starts.append(starts[-1] + h * w)
-    return starts
-
-
 class _MSDAPluginFunction(torch.autograd.Function):
     """Eager: gather-form MSDA returning ``[N, Lq, M, D]``. Export: one custom node (see module docstring)."""
 
@@ -139,7 +133,7 @@ class _MSDAPluginFunction(torch.autograd.Function):
 def msda_plugin(value: torch.Tensor, spatial_shapes: SpatialShapes, level_start_index: torch.Tensor | None,
                 sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
     """``plugin`` MSDA implementation: ``[N, Lq, M * D]`` like every other implementation."""
-    shapes = _shapes_as_ints(spatial_shapes)
+    shapes = spatial_shapes_as_ints(spatial_shapes)
     # int32 constants, as the plugin requires; the start index is recomputed from the shapes so that it is a
     # constant of the exported graph whatever the caller passed
     shapes_t = torch.tensor(shapes, dtype=torch.int32, device=value.device)
@@ -162,7 +156,7 @@ def msda_plugin_reference(value: np.ndarray, spatial_shapes: np.ndarray, level_s
     The plugin reads level ``l`` from token ``level_start_index[l]``; the gather form reads the levels back to back,
     so the index must be the contiguous one (what :func:`msda_plugin` exports).
     """
-    shapes = [(int(h), int(w)) for h, w in np.asarray(spatial_shapes)]
+    shapes = spatial_shapes_as_ints(np.asarray(spatial_shapes).tolist())
     expected_starts = level_start_index_for(shapes)
     if [int(s) for s in np.asarray(level_start_index)] != expected_starts:
         raise ValueError(f"MSDA plugin node: level_start_index {np.asarray(level_start_index).tolist()} is not the "

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sdconet.ops.msda import SpatialShapes, _shapes_as_ints, register_msda_impl
+from sdconet.ops.msda import SpatialShapes, register_msda_impl, spatial_shapes_as_ints
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_BLOCK_Q = 16  # queries per program; TensorRT times 16/32/64 as tactics (trt_plugin.TACTIC_BLOCK_Q)
@@ -228,7 +228,7 @@ def _prepare(value: torch.Tensor, spatial_shapes: SpatialShapes, level_start_ind
     if isinstance(spatial_shapes, torch.Tensor) and spatial_shapes.device.type == "cuda":
         shapes = spatial_shapes.to(device=value.device, dtype=torch.int32)  # no host sync: trust the caller's sizes
     else:
-        shape_list = _shapes_as_ints(spatial_shapes)
+        shape_list = spatial_shapes_as_ints(spatial_shapes)
         if sum(h * w for h, w in shape_list) != s:
             raise ValueError(f"MSDA spatial_shapes {shape_list} hold {sum(h * w for h, w in shape_list)} tokens but "
                              f"value has S={s}")

@@ -25,12 +25,7 @@ from sdconet.models.denoising import ContrastiveDenoising, DenoisingQueries
 from sdconet.models.dino_decoder import DINODecoder, TwoStageQuerySelection, proposal_grid
 from sdconet.models.position_encoding import SinePositionEncoding
 from sdconet.models.saliency import SaliencyPredictor
-
-
-def _shape_pairs(spatial_shapes: torch.Tensor | Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-    if isinstance(spatial_shapes, torch.Tensor):
-        spatial_shapes = spatial_shapes.tolist()
-    return [(int(h), int(w)) for h, w in spatial_shapes]
+from sdconet.ops.msda import level_start_index_for, spatial_shapes_as_ints
 
 
 class SaliencyDINO(nn.Module):
@@ -81,7 +76,7 @@ class SaliencyDINO(nn.Module):
     # ----------------------------------------------------------------------------------------------------------------
     def encoder_token_counts(self, spatial_shapes: torch.Tensor | Sequence[Sequence[int]]) -> list[int]:
         """Tokens each encoder layer updates for unpadded maps of these ``(H_l, W_l)`` shapes."""
-        shapes = _shape_pairs(spatial_shapes)
+        shapes = spatial_shapes_as_ints(spatial_shapes)
         if self.saliency is None:
             return [sum(h * w for h, w in shapes)] * len(self.encoder.layers)
         return layer_token_counts(sum(level_keep_counts(shapes, self.level_ratio)), self.layer_ratio)
@@ -106,8 +101,7 @@ class SaliencyDINO(nn.Module):
         if masks is None:
             masks = [torch.zeros(batch, h, w, dtype=torch.bool, device=features[0].device) for h, w in shapes]
         sizes = [h * w for h, w in shapes]
-        starts = [sum(sizes[:level]) for level in range(len(sizes))]
-        level_start_index = torch.tensor(starts, dtype=torch.long, device=features[0].device)
+        level_start_index = torch.tensor(level_start_index_for(shapes), dtype=torch.long, device=features[0].device)
 
         tokens = torch.cat([f.flatten(2).transpose(1, 2) for f in features], dim=1)  # [B, S, d]
         pos = torch.cat([(self.position_encoding(m).to(tokens.dtype).flatten(2).transpose(1, 2) + embed)

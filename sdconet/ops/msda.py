@@ -47,10 +47,19 @@ def available_msda_impls() -> list[str]:
     return sorted(set(_IMPLS) | set(_LAZY_MODULES))
 
 
-def _shapes_as_ints(spatial_shapes: SpatialShapes) -> list[tuple[int, int]]:
+def spatial_shapes_as_ints(spatial_shapes: SpatialShapes) -> list[tuple[int, int]]:
+    """``[L, 2]`` tensor or sequence of (H_l, W_l) -> list of int pairs (a host sync for a device tensor)."""
     if isinstance(spatial_shapes, torch.Tensor):
-        return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+        spatial_shapes = spatial_shapes.tolist()
     return [(int(h), int(w)) for h, w in spatial_shapes]
+
+
+def level_start_index_for(shapes: Sequence[tuple[int, int]]) -> list[int]:
+    """Offset of each level's first token when the levels' ``H_l * W_l`` tokens are stored back to back."""
+    starts = [0]
+    for h, w in shapes[:-1]:
+        starts.append(starts[-1] + h * w)
+    return starts
 
 
 def msda_grid_sample(value: torch.Tensor, spatial_shapes: SpatialShapes, level_start_index: torch.Tensor | None,
@@ -58,7 +67,7 @@ def msda_grid_sample(value: torch.Tensor, spatial_shapes: SpatialShapes, level_s
     """Reference MSDA with ``F.grid_sample`` (see module docstring for shapes)."""
     n, _, m, d = value.shape
     _, lq, _, num_levels, p, _ = sampling_locations.shape
-    shapes = _shapes_as_ints(spatial_shapes)
+    shapes = spatial_shapes_as_ints(spatial_shapes)
     values = value.split([h * w for h, w in shapes], dim=1)
     grids = 2.0 * sampling_locations - 1.0
     sampled = []
@@ -77,7 +86,7 @@ def msda_gather(value: torch.Tensor, spatial_shapes: SpatialShapes, level_start_
     """MSDA by explicit bilinear interpolation with ``gather`` (exports to ONNX without GridSample)."""
     n, _, m, d = value.shape
     _, lq, _, num_levels, p, _ = sampling_locations.shape
-    shapes = _shapes_as_ints(spatial_shapes)
+    shapes = spatial_shapes_as_ints(spatial_shapes)
     values = value.split([h * w for h, w in shapes], dim=1)
     out = value.new_zeros(n * m, lq, d)
     for level, (h, w) in enumerate(shapes):
@@ -112,10 +121,8 @@ def msda_naive(value: torch.Tensor, spatial_shapes: SpatialShapes, level_start_i
     """Per-point loop written straight from the definition; slow, for tests only."""
     n, _, m, d = value.shape
     _, lq, _, num_levels, p, _ = sampling_locations.shape
-    shapes = _shapes_as_ints(spatial_shapes)
-    starts = [0]
-    for h, w in shapes[:-1]:
-        starts.append(starts[-1] + h * w)
+    shapes = spatial_shapes_as_ints(spatial_shapes)
+    starts = level_start_index_for(shapes)
     out = value.new_zeros(n, lq, m, d)
     for b in range(n):
         for q in range(lq):
