@@ -31,7 +31,7 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	$(PY) train/run.py
+	$(PY) -m sdconet.pipeline.demo
 
 clean:
 	rm -rf runs .cache engines/*.onnx engines/*.json

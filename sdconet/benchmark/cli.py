@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--markdown", type=Path, help="also write the markdown table here")
     parser.add_argument("--compare", nargs="+", type=Path, metavar="JSON",
                         help="render a side-by-side table and a PNG chart of earlier --json files, then exit")
-    parser.add_argument("--chart", type=Path, default=Path("benchmarks/results/compare.png"),
-                        help="PNG path for --compare (default: benchmarks/results/compare.png)")
+    parser.add_argument("--chart", type=Path, default=None,
+                        help="PNG chart of the records (with --compare: of the compared runs; default there "
+                             "benchmarks/results/compare.png)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.detector.num_queries=100")
     return parser
 
@@ -78,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     if args.compare:
-        return _compare(args.compare, args.chart)
+        return _compare(args.compare, args.chart or Path("benchmarks/results/compare.png"))
     if args.threads:
         import torch
 
@@ -114,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(table + "\n")
+    if args.chart:
+        label = args.json.stem if args.json else "latency"
+        print(f"chart: {compare_chart({label: records}, args.chart)}")
     return 0
 
 

@@ -32,12 +32,13 @@ class StageFailed(RuntimeError):
 class Stage:
     """One step of the pipeline: ``argv`` is run with the repo root as working directory.
 
-    ``outputs`` are the files/folders the stage must leave behind (checked after it runs and before skipping it);
-    ``before``/``after`` are optional hooks for stages that manage a background process (the server).
+    ``argv`` may be a callable, evaluated just before the stage runs (for arguments that depend on what earlier
+    stages wrote). ``outputs`` are the files/folders the stage must leave behind (checked after it runs and before
+    skipping it); ``before``/``after`` are optional hooks for stages that manage a background process (the server).
     """
 
     name: str
-    argv: Sequence[str]
+    argv: Sequence[str] | Callable[[], Sequence[str]]
     outputs: Sequence[Path] = ()
     before: Callable[[], None] | None = None
     after: Callable[[], None] | None = None
@@ -68,18 +69,21 @@ class StageRunner:
             self._say(f"[skip] {stage.name}: done in an earlier run")
             return False
         log_file = self.log_file(stage)
-        self._say(f"[run ] {stage.name}: {' '.join(map(str, stage.argv))}\n       log: {log_file}")
         env = {**os.environ, **stage.env}
         start = time.perf_counter()
-        if stage.before:
-            stage.before()
-        try:
-            with open(log_file, "w") as handle:
-                proc = subprocess.run(list(map(str, stage.argv)), cwd=self.cwd, stdout=handle,
-                                      stderr=subprocess.STDOUT, env=env)
-        finally:
-            if stage.after:
-                stage.after()
+        with open(log_file, "w") as handle:
+            try:
+                if stage.before:
+                    stage.before()
+                argv = [str(a) for a in (stage.argv() if callable(stage.argv) else stage.argv)]
+                self._say(f"[run ] {stage.name}: {' '.join(argv)}\n       log: {log_file}")
+                proc = subprocess.run(argv, cwd=self.cwd, stdout=handle, stderr=subprocess.STDOUT, env=env)
+            except Exception as err:  # a hook or the argument builder failed: reported like a failed command
+                handle.write(f"[stage runner] stage '{stage.name}' could not run: {err!r}\n")
+                raise StageFailed(stage.name, log_file, -1) from err
+            finally:
+                if stage.after:
+                    stage.after()
         self.timings[stage.name] = time.perf_counter() - start
         if proc.returncode != 0:
             raise StageFailed(stage.name, log_file, proc.returncode)

@@ -1,0 +1,230 @@
+"""The whole product, offline, in one command (``make demo`` = ``python -m sdconet.pipeline.demo``).
+
+Stages (each one a real CLI of the project, logged to ``<out>/logs/<stage>.log``):
+
+1. ``train``     ``train/run.py`` — synthetic dataset (generated on first use), tiny model, full routing schedule
+2. ``evaluate``  ``train/run.py --eval-only`` on the best checkpoint (COCO AP on HR pixels, PSNR/SSIM)
+3. ``export``    ``export/build_engine.py`` — ONNX (plugin + pure), parity, INT8 Q/DQ + AP comparison, Triton
+                 repository (cpu deployment; TensorRT engine only where TensorRT and a GPU exist)
+4. ``serve``     a real Triton server (bundled with nvidia-pytriton) + ``python -m sdconet.client`` on held-out images
+5. ``benchmark`` ``benchmarks/latency.py`` — torch, ONNX Runtime, Triton on the exported graph, plus a chart
+
+A failed stage stops the demo naming the stage and its log; earlier outputs stay, and a rerun resumes at the failed
+stage. The summary is computed only from the files the stages wrote (:func:`collect_summary`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from sdconet.benchmark.report import REQUIRED_KEYS, markdown_table
+from sdconet.pipeline.stages import Stage, StageFailed, StageRunner
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EXPORT_NAME = "sdconet"
+
+
+class DemoLayout:
+    """Where each stage writes, under one work directory."""
+
+    def __init__(self, work: Path):
+        self.work = work
+        self.train = work / "train"
+        self.engines = work / "engines"
+        self.triton_repo = work / "triton_repo"
+        self.detections = work / "detections"
+        self.latency_json = work / "latency.json"
+        self.latency_chart = work / "latency.png"
+        self.summary_json = work / "summary.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.train / "metrics.json"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.train / "checkpoints" / "best.safetensors"
+
+    @property
+    def eval_report(self) -> Path:
+        return self.train / "eval_best.json"
+
+    @property
+    def export_report(self) -> Path:
+        return self.engines / f"{EXPORT_NAME}.report.json"
+
+    @property
+    def onnx(self) -> Path:
+        return self.engines / f"{EXPORT_NAME}.onnx"
+
+
+def heldout_images(layout: DemoLayout, count: int) -> list[str]:
+    """The first ``count`` validation images of the dataset the demo trained on (never seen in training)."""
+    from sdconet.config import load_config
+    from sdconet.data import build_dataset
+
+    cfg = load_config(layout.train / "config.yaml")
+    # the stages run in the repository root: relative data paths in the run's config are relative to it
+    cfg.data.cache_dir = str(REPO_ROOT / cfg.data.cache_dir)
+    if cfg.data.root is not None:
+        cfg.data.root = str(REPO_ROOT / cfg.data.root)
+    dataset = build_dataset(cfg.data, "val", cfg.model.upscale, train=False)
+    return [str(Path(dataset.image_path(i)).resolve()) for i in range(min(count, len(dataset)))]
+
+
+def lr_size(layout: DemoLayout) -> int:
+    """The LR side the demo model was trained at (= the export size)."""
+    from sdconet.config import load_config
+
+    cfg = load_config(layout.train / "config.yaml")
+    return cfg.data.synthetic.image_size // cfg.model.upscale
+
+
+class _Server:
+    """Start/stop hooks around the client stage: a real Triton server on free loopback ports."""
+
+    def __init__(self, layout: DemoLayout):
+        self.layout = layout
+        self.server = None
+
+    def start(self) -> None:
+        from sdconet.serve.server import TritonServer, free_port
+
+        self.server = TritonServer(self.layout.triton_repo, http_port=free_port(), grpc_port=free_port(),
+                                   metrics_port=free_port(), log_file=self.layout.work / "logs" / "tritonserver.log")
+        self.server.start()
+        self.server.wait_ready()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    @property
+    def url(self) -> str:
+        return self.server.endpoints.http
+
+
+def build_stages(layout: DemoLayout, python: str = sys.executable, train_args: Sequence[str] = (),
+                 calib_images: int = 16, bench_iters: int = 20, clients: int = 4) -> list[Stage]:
+    server = _Server(layout)
+    client_argv = lambda: [python, "-m", "sdconet.client", *heldout_images(layout, clients), "--url",  # noqa: E731
+                           server.url, "--out", str(layout.detections), "--annotate"]
+    return [
+        Stage("train", [python, "train/run.py", "--out", str(layout.train), *train_args],
+              outputs=[layout.metrics, layout.best_checkpoint]),
+        Stage("evaluate", [python, "train/run.py", "--eval-only", "--checkpoint", str(layout.best_checkpoint)],
+              outputs=[layout.eval_report]),
+        Stage("export", lambda: [python, "export/build_engine.py", "--checkpoint", str(layout.best_checkpoint),
+                                 "--out", str(layout.engines), "--name", EXPORT_NAME, "--imgsz", str(lr_size(layout)),
+                                 "--int8", "--calib-images", str(calib_images), "--with-saliency",
+                                 "--triton-repo", str(layout.triton_repo)],
+              outputs=[layout.export_report, layout.onnx, layout.triton_repo]),
+        Stage("serve", client_argv, outputs=[layout.detections], before=server.start, after=server.stop),
+        Stage("benchmark", lambda: [python, "benchmarks/latency.py", "--checkpoint", str(layout.best_checkpoint),
+                                    "--imgsz", str(lr_size(layout)), "--backend", "torch", "onnxruntime", "triton",
+                                    "--iters", str(bench_iters), "--warmup", "3",
+                                    "--work-dir", str(layout.work / "bench"),
+                                    "--json", str(layout.latency_json), "--chart", str(layout.latency_chart)],
+              outputs=[layout.latency_json, layout.latency_chart]),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def collect_summary(layout: DemoLayout) -> dict[str, Any]:
+    """Everything the summary shows, read from the files the stages wrote (missing stages give None entries)."""
+    history = _read_json(layout.metrics) or []
+    evaluation = _read_json(layout.eval_report)
+    report = _read_json(layout.export_report) or {}
+    latency = _read_json(layout.latency_json) or []
+    int8 = report.get("int8") or {}
+    detections = sorted(layout.detections.glob("*.json")) if layout.detections.is_dir() else []
+    pictures = {
+        "training_grids": sorted(str(p) for p in (layout.train / "pictures").glob("*.png")),
+        "detections": sorted(str(p) for p in layout.detections.glob("*.png")) if layout.detections.is_dir() else [],
+        "latency_chart": str(layout.latency_chart) if layout.latency_chart.is_file() else None,
+    }
+    return {
+        "work_dir": str(layout.work),
+        "training": {"epochs": len(history), "last": history[-1] if history else None},
+        "evaluation": evaluation,
+        "export": {
+            "parity": {kind: {"max_box_error_px": v["max_box_error_px"], "max_score_error": v["max_score_error"],
+                              "passed": v["passed"]} for kind, v in (report.get("parity") or {}).items()},
+            "int8": ({"fp32_AP": int8["fp32"]["AP"], "int8_AP": int8["int8"]["AP"],
+                      "ap_drop_points": int8["ap_drop_points"]} if "fp32" in int8 else None),
+            "skipped": report.get("skipped", []),
+        },
+        "serving": {"images": len(detections),
+                    "detections": sum(_read_json(p).get("num_detections", 0) for p in detections)},
+        "latency": [{k: r.get(k) for k in REQUIRED_KEYS} for r in latency],
+        "pictures": pictures,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [f"SDCoNet demo summary ({summary['work_dir']})", ""]
+    metrics = summary["evaluation"] or (summary["training"]["last"] or {})
+    if metrics:
+        coco = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("AP", "AP50", "APs") if k in metrics)
+        sr = f", PSNR {metrics['PSNR']:.2f} dB" if metrics.get("PSNR") is not None else ""
+        lines.append(f"detection (val, HR pixels): {coco}{sr}")
+    for kind, parity in summary["export"]["parity"].items():
+        lines.append(f"export parity {kind}: max box error {parity['max_box_error_px']:.2e} px, max score error "
+                     f"{parity['max_score_error']:.2e} -> {'ok' if parity['passed'] else 'FAILED'}")
+    int8 = summary["export"]["int8"]
+    if int8:
+        lines.append(f"INT8 Q/DQ: AP {int8['fp32_AP']:.4f} (fp32) -> {int8['int8_AP']:.4f} (int8), drop "
+                     f"{int8['ap_drop_points']:.2f} points")
+    for skipped in summary["export"]["skipped"]:
+        lines.append(f"skipped {skipped['step']}: {skipped['reason']}")
+    serving = summary["serving"]
+    lines.append(f"Triton: {serving['detections']} detections on {serving['images']} held-out images")
+    if summary["latency"]:
+        lines += ["", markdown_table(summary["latency"])]
+    pictures = summary["pictures"]
+    lines += ["", "pictures:"]
+    if pictures["training_grids"]:
+        lines.append(f"  training grids (LR / SR / HR / saliency / detections): {pictures['training_grids'][-1]}")
+    if pictures["detections"]:
+        lines.append(f"  served detections: {pictures['detections'][0]} (+{len(pictures['detections']) - 1} more)")
+    if pictures["latency_chart"]:
+        lines.append(f"  latency chart: {pictures['latency_chart']}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sdconet.pipeline.demo", description=__doc__.split("\n\n")[0],
+                                     epilog="Extra arguments after -- go to train/run.py (e.g. -- --epochs 2).")
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="work directory (default runs/demo)")
+    parser.add_argument("--calib-images", type=int, default=16, help="INT8 calibration images")
+    parser.add_argument("--bench-iters", type=int, default=20, help="measured calls per benchmark configuration")
+    parser.add_argument("--summary-only", action="store_true", help="print the summary of an earlier run and exit")
+    args, train_args = parser.parse_known_args(argv)
+    train_args = [a for a in train_args if a != "--"]
+    layout = DemoLayout(args.out.resolve())
+    if not args.summary_only:
+        runner = StageRunner(layout.work, cwd=REPO_ROOT)
+        try:
+            runner.run_all(build_stages(layout, train_args=train_args, calib_images=args.calib_images,
+                                        bench_iters=args.bench_iters))
+        except StageFailed as err:
+            print(f"\ndemo stopped: {err}\nearlier stages' outputs are kept in {layout.work}; run the same command "
+                  "again to resume from this stage.", file=sys.stderr)
+            return 1
+    summary = collect_summary(layout)
+    layout.summary_json.write_text(json.dumps(summary, indent=2))
+    print(format_summary(summary))
+    print(f"\nsummary JSON: {layout.summary_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The one-command demo, end to end with the smallest settings: every stage runs for real (training, evaluation,
+ONNX/INT8 export, a Triton server with client requests, benchmarks), and the summary's numbers are the ones in the
+files the stages wrote."""
+import json
+import math
+import sys
+
+import pytest
+
+from sdconet.pipeline.demo import DemoLayout, collect_summary, format_summary, main
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    pytest.importorskip("tritonclient")
+    from sdconet.deploy.quantize import modelopt_unavailable_reason
+    from sdconet.serve.server import ServerUnavailable, find_tritonserver
+
+    try:
+        find_tritonserver()
+    except ServerUnavailable as err:
+        pytest.skip(f"no runnable tritonserver: {err}")
+    reason = modelopt_unavailable_reason()
+    if reason:
+        pytest.skip(f"INT8 stage needs ModelOpt: {reason}")
+    out = tmp_path_factory.mktemp("demo")
+    code = main(["--out", str(out), "--calib-images", "2", "--bench-iters", "3", "--",
+                 "--epochs", "1", "data.synthetic.num_images=10", "data.synthetic.image_size=128",
+                 f"data.cache_dir={out / 'cache'}"])
+    assert code == 0
+    return DemoLayout(out)
+
+
+def test_summary_numbers_come_from_stage_files(demo_run, capsys):
+    layout = demo_run
+    summary = json.loads(layout.summary_json.read_text())
+    assert summary == collect_summary(layout)
+    evaluation = json.loads(layout.eval_report.read_text())
+    assert summary["evaluation"]["AP50"] == evaluation["AP50"]
+    history = json.loads(layout.metrics.read_text())
+    assert summary["training"]["epochs"] == len(history) == 1
+    report = json.loads(layout.export_report.read_text())
+    assert set(summary["export"]["parity"]) == set(report["parity"])
+    assert all(p["passed"] for p in summary["export"]["parity"].values())
+    assert summary["export"]["int8"]["ap_drop_points"] == report["int8"]["ap_drop_points"]
+    latency = json.loads(layout.latency_json.read_text())
+    assert [r["p50_ms"] for r in summary["latency"]] == [r["p50_ms"] for r in latency]
+    assert {r["backend"] for r in latency} == {"torch", "onnxruntime", "triton"}
+    assert all(r["status"] == "ok" for r in latency)
+    assert summary["serving"]["images"] >= 1
+    assert summary["pictures"]["latency_chart"] and summary["pictures"]["training_grids"]
+    text = format_summary(summary)
+    assert f"AP50 {evaluation['AP50']:.3f}" in text and "INT8 Q/DQ" in text and "| triton |" in text
+
+
+def test_rerun_skips_finished_stages(demo_run, capsys):
+    code = main(["--out", str(demo_run.work)])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert err.count("[skip]") == 5 and "[run ]" not in err
