@@ -52,7 +52,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, data_overrides):
 
 
 def test_tiny_model_overfits_two_images(tmp_path, data_overrides):
-    overrides = [*data_overrides, "data.hflip=false", "data.vflip=false", "data.rot90=false", "train.lr=1e-3",
+    overrides = [*data_overrides, "data.hflip=false", "data.vflip=false", "data.rot90=false", "train.lr=1.0e-3",
                  "train.epochs=1"]
     cfg = load_config("tiny", overrides)
     dataset = build_dataset(cfg.data, "train", cfg.model.upscale, train=True)

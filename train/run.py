@@ -2,7 +2,7 @@
 
   python train/run.py                                   # demo: tiny model, synthetic data (generated on first use)
   python train/run.py --config paper --data /data/nwpu  # the real-data path (COCO-format dataset)
-  python train/run.py --epochs 1 --out runs/quick train.lr=2e-4 model.saliency.sigma=0.7
+  python train/run.py --epochs 1 --out runs/quick train.lr=2.0e-4 model.saliency.sigma=0.7
   python train/run.py --resume runs/quick               # continue a run from its last checkpoint
   python train/run.py --eval-only --checkpoint runs/quick
   torchrun --nproc_per_node=2 train/run.py --config paper --data /data/nwpu   # DDP (gloo on CPU, nccl on GPU)
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="dotted config overrides, e.g. train.lr=2e-4 model.saliency.sigma=0.7")
+                        help="dotted config overrides, e.g. train.lr=2.0e-4 model.saliency.sigma=0.7")
     parser.add_argument("--config", default=DEFAULT_CONFIG,
                         help=f"preset name (demo, tiny, paper) or YAML path (default: {DEFAULT_CONFIG})")
     parser.add_argument("--data", metavar="DIR", help="COCO-format dataset root (data.root); default: synthetic data")

@@ -93,6 +93,17 @@ def reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, flo
     return dict(zip(keys, tensor.tolist()))
 
 
+def average_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Per-key mean of scalar logs over the ranks that have the key (ranks may log different loss terms, e.g. a
+    batch without boxes has no denoising terms), so unlike :func:`reduce_mean` the key sets may differ."""
+    if not is_distributed():
+        return values
+    gathered: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, values)
+    keys = sorted(set().union(*gathered))
+    return {k: sum(g[k] for g in gathered if k in g) / sum(k in g for g in gathered) for k in keys}
+
+
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -115,8 +115,14 @@ class Predictor:
         boxes, scores, labels = [], [], []
         for first in range(0, len(windows), self.options.batch_size):
             chunk = windows[first:first + self.options.batch_size]
-            batch = torch.stack([lr[:, t:t + tile_h, l:l + tile_w] for t, l in chunk])
-            out = self.model.infer(batch)
+            # every tile has the full tile size (a smaller image is padded bottom/right and masked), so the
+            # network always sees the input size it was trained at
+            batch = lr.new_zeros(len(chunk), 3, self.tile_lr, self.tile_lr)
+            masks = torch.ones(len(chunk), self.tile_lr, self.tile_lr, dtype=torch.bool, device=self.device)
+            for i, (top, left) in enumerate(chunk):
+                batch[i, :, :tile_h, :tile_w] = lr[:, top:top + tile_h, left:left + tile_w]
+                masks[i, :tile_h, :tile_w] = False
+            out = self.model.infer(batch, masks)
             offsets = torch.tensor([[l, t, l, t] for t, l in chunk], dtype=out["boxes"].dtype, device=self.device)
             keep = out["scores"] >= self.options.score_threshold  # [b, K]
             boxes.append(((out["boxes"] + offsets[:, None]) * self.scale)[keep])

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from sdconet.config import Config, save_config
 from sdconet.engine import checkpoint as ckpt
-from sdconet.engine.distributed import DistributedInfo, all_ranks_true, barrier, reduce_mean
+from sdconet.engine.distributed import DistributedInfo, all_ranks_true, average_over_ranks, barrier
 from sdconet.engine.evaluate import evaluate, move_batch, render_grid
 from sdconet.engine.optim import build_lr_scheduler, build_optimizer, group_lrs
 from sdconet.engine.routing import GradientRouter, apply_schedule, describe_stage
@@ -363,7 +363,8 @@ class Trainer:
                 with self._autocast():
                     outputs = self.train_model(batch["images_lr"], batch["masks_lr"], batch["targets"],
                                                run_sr=self.router.run_sr)
-                    losses = self.criterion(outputs, batch["targets"], batch["images_hr"], batch["masks_hr"])
+                # matching and losses in float32 (the matcher hands cost matrices to scipy)
+                losses = self.criterion(_to_float32(outputs), batch["targets"], batch["images_hr"], batch["masks_hr"])
                 loss = losses["loss"]
                 finite = all_ranks_true(bool(torch.isfinite(loss.detach())), self.device)
                 if finite:
@@ -395,8 +396,7 @@ class Trainer:
                 if grad_norm is not None:
                     self.writer.add_scalar("train/grad_norm", grad_norm, self.counters.global_step)
         bar.close()
-        means = {k: v / max(count, 1) for k, v in sums.items()}
-        return reduce_mean(means, self.device)
+        return average_over_ranks({k: v / max(count, 1) for k, v in sums.items()})
 
     def _log_scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         for name, value in values.items():
@@ -468,6 +468,17 @@ class Trainer:
             "tensorboard": self.paths.tensorboard, "log": self.paths.log, "metrics": last_metrics,
             "skipped_steps": self.counters.skipped_steps, "epochs": train.epochs,
         }
+
+
+def _to_float32(tree: Any) -> Any:
+    """Floating tensors of a (nested) model output in float32; everything else as is."""
+    if isinstance(tree, torch.Tensor):
+        return tree.float() if tree.is_floating_point() else tree
+    if isinstance(tree, dict):
+        return {k: _to_float32(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_float32(v) for v in tree)
+    return tree
 
 
 def _headline(losses: dict[str, float | torch.Tensor]) -> dict[str, float]:
