@@ -12,6 +12,7 @@ trajectory, and resuming from ``last`` reproduces an uninterrupted run exactly (
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from sdconet.config import Config, save_config
+from sdconet.config import Config, ConfigError, save_config
 from sdconet.engine import checkpoint as ckpt
 from sdconet.engine.distributed import DistributedInfo, all_ranks_true, average_over_ranks, barrier
 from sdconet.engine.evaluate import evaluate, move_batch, render_grid
@@ -115,7 +116,8 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def _finite_loss_terms(losses: dict[str, torch.Tensor]) -> str:
-    return ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items() if not math.isfinite(float(v.detach())))
+    values = {k: float(v.detach()) for k, v in losses.items()}
+    return ", ".join(f"{k}={v:.4g}" for k, v in values.items() if not math.isfinite(v))
 
 
 class Trainer:
@@ -141,11 +143,11 @@ class Trainer:
         self.paths = RunPaths(Path(out_dir))
         cfg = apply_schedule(cfg)
         if cfg.train.amp is not None and cfg.train.amp not in AMP_DTYPES:
-            raise ValueError(f"train.amp must be null, 'bf16' or 'fp16', got {cfg.train.amp!r}")
+            raise ConfigError(f"train.amp must be null, 'bf16' or 'fp16', got {cfg.train.amp!r}")
         if cfg.train.amp == "fp16" and self.device.type != "cuda":
-            raise ValueError("train.amp='fp16' needs a CUDA device; use train.amp=bf16 on CPU")
+            raise ConfigError("train.amp='fp16' needs a CUDA device; use train.amp=bf16 on CPU")
         if cfg.train.grad_accum_steps < 1:
-            raise ValueError(f"train.grad_accum_steps must be >= 1, got {cfg.train.grad_accum_steps}")
+            raise ConfigError(f"train.grad_accum_steps must be >= 1, got {cfg.train.grad_accum_steps}")
         seed_everything(cfg.train.seed + self.dist.rank, cfg.train.deterministic)
 
         if self.dist.is_main:
@@ -159,7 +161,8 @@ class Trainer:
         if num_classes != cfg.model.detector.num_classes:
             logger.info("model.detector.num_classes: %d -> %d (from the dataset's categories)",
                         cfg.model.detector.num_classes, num_classes)
-            cfg.model.detector.num_classes = num_classes
+            detector = dataclasses.replace(cfg.model.detector, num_classes=num_classes)
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, detector=detector))
         self.cfg = cfg
         if collate_fn is None:
             from sdconet.data import collate_fn
@@ -229,8 +232,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            # DDP registers only parameters that require grad at construction; some detector parameters (e.g. the
-            # denoising label embedding rows) are legitimately unused in a step
+            # DDP registers only the parameters that require grad when it is built, hence the rebuild; a batch
+            # without boxes skips contrastive denoising and leaves its label embedding unused, hence the search
             self.train_model = DistributedDataParallel(self.model, device_ids=device_ids,
                                                        find_unused_parameters=True)
         return stage
