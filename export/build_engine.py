@@ -23,7 +23,9 @@ from sdconet.deploy.exporter import (MSDA_MODES, TRITON_BACKENDS, ExportError, E
 from sdconet.deploy.msda_plugin import sdconet_plugin_available  # noqa: E402
 from sdconet.deploy.op_support import UnsupportedOpError  # noqa: E402
 from sdconet.deploy.quantize import QuantizationError  # noqa: E402
+from sdconet.deploy.triton_repo import RepositoryError  # noqa: E402
 from sdconet.engine.checkpoint import CheckpointError  # noqa: E402
+from sdconet.serve.python_env import PythonEnvError  # noqa: E402
 from sdconet.utils.logging import get_logger, setup_logging  # noqa: E402
 
 LOG = get_logger("sdconet.export")
@@ -70,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="detector deployment in the repository: trt (tensorrt_plan), onnx (onnxruntime_onnx, "
                           "NVIDIA's Triton container) or cpu (python backend + ONNX Runtime, runs with the Triton "
                           "bundled in nvidia-pytriton); auto = trt when an engine was built, else cpu")
+    out.add_argument("--triton-python-env", default="current", metavar="current|none|PATH",
+                     help="environment of the repository's python models (EXECUTION_ENV_PATH): current = this "
+                          "Python's (checked: numpy < 2), none = the server's own Python (NVIDIA's container), or "
+                          "a path that exists on the serving machine")
     out.add_argument("--seed", type=int, default=0, help="seed for the parity batch and calibration sampling")
     return parser.parse_args(argv)
 
@@ -85,10 +91,12 @@ def main(argv: list[str] | None = None) -> int:
                             plugin_libs=tuple(args.plugin_lib), workspace_gib=args.workspace,
                             timing_cache=args.timing_cache, require_engine=args.require_engine,
                             triton_repo=args.triton_repo, triton_backend=args.triton_backend,
+                            triton_python_env=args.triton_python_env,
                             seed=args.seed)
     try:
         result = run_export(options)
-    except (ExportError, CheckpointError, QuantizationError, UnsupportedOpError) as err:
+    except (ExportError, CheckpointError, QuantizationError, UnsupportedOpError, RepositoryError,
+            PythonEnvError) as err:
         LOG.error("%s", err)
         return 2
     print(print_summary(result))

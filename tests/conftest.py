@@ -7,6 +7,11 @@ import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Triton kernels run on CPU only under the interpreter, and the flag is read when `triton` is first imported: set it
+# for the whole session, before any test module (or library) imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def _seed_everything():

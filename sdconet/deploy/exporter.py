@@ -9,6 +9,7 @@ only ``--require-engine`` turns a missing engine into a failure.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -64,6 +65,9 @@ class ExportOptions:
     require_engine: bool = False
     triton_repo: str | None = None
     triton_backend: str = "auto"  # auto = trt when an engine was built, else cpu (python backend + ONNX Runtime)
+    # EXECUTION_ENV_PATH of the repository's python models: "current" = this Python's environment (checked here),
+    # "none" = the server's own Python (NVIDIA's container), or a path to an environment on the serving machine
+    triton_python_env: str = "current"
     parity_batch: int = 2
     seed: int = 0
 
@@ -311,7 +315,7 @@ class Exporter:
     def step_triton(self, pure_path: Path, engine_path: Path | None) -> None:
         """Populate the Triton model repository with the serving teammate's builder."""
         try:
-            from sdconet.deploy.triton_repo import build_repository
+            from sdconet.deploy.triton_repo import RepositoryOptions, build_repository
         except ImportError as err:
             raise ExportError(f"--triton-repo needs sdconet.deploy.triton_repo.build_repository ({err})") from err
         backend = self.options.triton_backend
@@ -323,9 +327,12 @@ class Exporter:
         class_names = list(self.meta.get("category_names") or [])
         if not class_names:
             class_names = [f"class_{i}" for i in range(self.cfg.model.detector.num_classes)]
+        env = self.options.triton_python_env
+        repo_options = RepositoryOptions(python_env=None if env == "none" else sys.prefix if env == "current" else env,
+                                         check_python_env=env == "current")
         repo = build_repository(self.options.triton_repo, onnx_path=pure_path, engine_path=engine_path,
                                 backend=backend, imgsz=self.options.imgsz, max_batch=self.options.max_batch,
-                                class_names=class_names)
+                                class_names=class_names, options=repo_options)
         self.report.triton = {"repo": str(repo), "backend": backend}
         if engine_path is None:
             self.report.skip("triton_trt", f"no TensorRT engine: the repository serves the pure ONNX ({backend} "

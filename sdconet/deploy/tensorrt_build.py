@@ -127,7 +127,12 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: Engine
     major = tensorrt_major()
     strongly_typed = major >= 11
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    if strongly_typed:
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    elif major < 10:  # TensorRT 8.x (JetPack 5/6.0): the ONNX parser needs an explicit-batch network
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    else:  # explicit batch is the only mode from TensorRT 10 on
+        flags = 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
