@@ -77,7 +77,7 @@ def run_cli(*args, cwd=REPO):
     return result
 
 
-def test_cli_one_epoch_then_eval_only_reproduces_ap(tmp_path, data_overrides):
+def test_cli_one_epoch_resume_then_eval_only_reproduces_ap(tmp_path, data_overrides):
     out = tmp_path / "run"
     result = run_cli("--config", "tiny", "--epochs", "1", "--out", out, *data_overrides)
     entries = json.loads((out / "metrics.json").read_text())
@@ -88,10 +88,15 @@ def test_cli_one_epoch_then_eval_only_reproduces_ap(tmp_path, data_overrides):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert str(out / "metrics.json") in result.stdout and "AP50" in result.stdout
 
+    run_cli("--resume", out, "--epochs", "2")  # the run directory and config come from the checkpoint
+    entries = json.loads((out / "metrics.json").read_text())
+    assert [e["epoch"] for e in entries] == [1, 2]
+    assert load_model_weights(out / "checkpoints" / "last.safetensors")[2]["epoch"] == 2
+
     run_cli("--eval-only", "--checkpoint", out)
     report = json.loads((out / "eval_best.json").read_text())
     for name in COCO_METRICS:
-        assert report[name] == pytest.approx(entries[-1][name], abs=1e-9), name
+        assert report[name] == pytest.approx(entries[report["epoch"] - 1][name], abs=1e-9), name
 
 
 def test_cli_rejects_bad_input_with_a_clear_message(tmp_path):

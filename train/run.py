@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--schedule", choices=list(SCHEDULES),
                         help="gradient-routing schedule / ablation (train.schedule)")
     parser.add_argument("--resume", metavar="RUN_OR_CKPT",
-                        help="continue a run directory (or its last.safetensors) from its last checkpoint")
+                        help="continue a run directory (or its last.safetensors) from its last checkpoint; the "
+                             "checkpoint's config is used (--config is ignored), overrides and flags still apply")
     parser.add_argument("--eval-only", action="store_true", help="evaluate a checkpoint instead of training")
     parser.add_argument("--checkpoint", metavar="CKPT",
                         help="with --eval-only: weights file or run directory (default: the latest run's best)")

@@ -436,6 +436,9 @@ class Trainer:
                     train.stage1_epochs, self.device, self.dist.world_size, len(self.train_set), len(self.val_set),
                     self.paths.root)
         last_metrics: dict[str, float] = {}
+        if self.start_epoch >= train.epochs:
+            logger.warning("nothing to train: %d of %d epoch(s) already done (pass --epochs to extend the run)",
+                           self.start_epoch, train.epochs)
         for epoch in range(self.start_epoch, train.epochs):
             stage = self._apply_stage(epoch)
             started = time.perf_counter()
