@@ -140,4 +140,5 @@ def test_predict_tiles_large_images_and_writes_json_and_pictures(tmp_path, data_
     assert (boxes[:, [0, 2]] <= 300 + 1e-3).all() and (boxes[:, [1, 3]] <= 200 + 1e-3).all()
     assert boxes[:, 2].max() > 128  # detections from tiles to the right of the first one, in image pixels
     for name in ("big.png", "small.png"):
-        assert Image.open(tmp_path / "out" / "annotated" / name).size == Image.open(images / name).size
+        with Image.open(tmp_path / "out" / "annotated" / name) as annotated, Image.open(images / name) as source:
+            assert annotated.size == source.size

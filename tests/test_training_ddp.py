@@ -23,9 +23,12 @@ def _worker(rank: int, port: int, overrides: list, out_dirs: list, checksum_dir:
                       WORLD_SIZE=str(WORLD_SIZE))
     torch.set_num_threads(1)
     from sdconet.engine.distributed import cleanup_distributed, init_distributed
-    from sdconet.engine.trainer import Trainer
+    from sdconet.engine.trainer import LOG_FILE, Trainer
+    from sdconet.utils.logging import setup_logging
 
     info, device = init_distributed("cpu")
+    # as train/run.py does: only rank 0 logs to the run's file
+    setup_logging(log_file=os.path.join(out_dirs[rank], LOG_FILE) if info.is_main else None, rank=rank)
     try:
         trainer = Trainer(load_config("tiny", overrides), out_dirs[rank], dist_info=info, device=device)
         trainer.fit()

@@ -27,9 +27,7 @@ from sdconet.engine.checkpoint import (CheckpointError, LAST_NAME, read_checkpoi
 from sdconet.engine.distributed import cleanup_distributed, init_distributed, resolve_device  # noqa: E402
 from sdconet.engine.metrics import COCO_METRICS  # noqa: E402
 from sdconet.engine.routing import SCHEDULES, scale_epochs  # noqa: E402
-from sdconet.utils.logging import get_logger, setup_logging  # noqa: E402
-
-logger = get_logger("sdconet.train")
+from sdconet.utils.logging import setup_logging  # noqa: E402
 
 DEFAULT_CONFIG = "demo"
 
@@ -125,11 +123,12 @@ def eval_only(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from sdconet.engine.trainer import Trainer
+    from sdconet.engine.trainer import LOG_FILE, Trainer
 
     cfg = resolve_config(args)
     dist_info, device = init_distributed(cfg.train.device)
     out_dir = run_directory(args, cfg)
+    setup_logging(log_file=out_dir / LOG_FILE if dist_info.is_main else None, rank=dist_info.rank)
     try:
         trainer = Trainer(cfg, out_dir, dist_info=dist_info, device=device)
         if args.resume:

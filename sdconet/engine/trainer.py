@@ -1,8 +1,8 @@
 """The training loop: one run = model + AdamW groups + gradient routing + checkpoints + logs (DESIGN §3).
 
-A run directory holds ``config.yaml``, ``train.log``, ``metrics.json`` (one entry per evaluated epoch),
-``checkpoints/`` (``last``/``best`` weights + ``last.train.pt``), ``tensorboard/`` and ``pictures/``. Only rank 0
-writes there. Epochs are 0-based in code and 1-based in logs, file names and ``metrics.json``.
+A run directory holds ``config.yaml``, ``metrics.json`` (one entry per evaluated epoch), ``checkpoints/``
+(``last``/``best`` weights + ``last.train.pt``), ``tensorboard/``, ``pictures/`` and ``train.log`` (``train/run.py``
+points the log there; the trainer itself only logs). Only rank 0 writes there. Epochs are 0-based in code and 1-based in logs, file names and ``metrics.json``.
 
 Safety: a non-finite loss or gradient norm skips the step on every rank (counted and reported); ``max_bad_steps``
 consecutive ones stop the run with :class:`TrainingDiverged` after writing a checkpoint of the (still finite)
@@ -35,7 +35,7 @@ from sdconet.engine.evaluate import evaluate, move_batch, render_grid
 from sdconet.engine.optim import build_lr_scheduler, build_optimizer, group_lrs
 from sdconet.engine.routing import GradientRouter, apply_schedule, describe_stage
 from sdconet.engine.visualize import save_png
-from sdconet.utils.logging import get_logger, setup_logging
+from sdconet.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
@@ -152,9 +152,6 @@ class Trainer:
 
         if self.dist.is_main:
             self.paths.root.mkdir(parents=True, exist_ok=True)
-            setup_logging(log_file=self.paths.log, rank=self.dist.rank)
-        else:
-            setup_logging(rank=self.dist.rank)
 
         self.train_set, self.val_set = self._datasets(cfg, train_set, val_set)
         num_classes = getattr(self.train_set, "num_classes", cfg.model.detector.num_classes)
@@ -402,6 +399,8 @@ class Trainer:
         return average_over_ranks({k: v / max(count, 1) for k, v in sums.items()})
 
     def _log_scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
+        if self.writer is None:
+            return
         for name, value in values.items():
             self.writer.add_scalar(f"{prefix}/{name}", float(value), step)
 
@@ -428,6 +427,24 @@ class Trainer:
         tmp.write_text(json.dumps(self.counters.history, indent=2))
         os.replace(tmp, self.paths.metrics)
 
+    def _finish_epoch(self, epoch: int, stage: int, losses: dict[str, float], train_time: float,
+                      metrics: Optional[dict[str, float]]) -> None:
+        """Rank 0's end of an epoch: checkpoint, picture, metrics.json entry, TensorBoard, one log line."""
+        self.save_checkpoint(epoch + 1, stage, metrics)
+        self.save_pictures(epoch)
+        if metrics is not None:
+            self.counters.history.append({
+                "epoch": epoch + 1, "step": self.counters.global_step, "stage": stage, **metrics,
+                "train_loss": losses.get("loss", math.nan), "skipped_steps": self.counters.skipped_steps,
+                "train_time_s": round(train_time, 2)})
+            self._write_metrics()
+            self._log_scalars("val", metrics, epoch + 1)
+        self._log_scalars("epoch", _headline(losses), epoch + 1)
+        logger.info("epoch %d/%d (stage %d, %s): loss %.4f, %.0fs%s%s", epoch + 1, self.cfg.train.epochs, stage,
+                    describe_stage(stage, self.router.has_sr), losses.get("loss", math.nan), train_time,
+                    "".join(f", {k} {v:.4f}" for k, v in (metrics or {}).items()),
+                    f", {self.counters.skipped_steps} skipped step(s)" if self.counters.skipped_steps else "")
+
     def fit(self) -> dict[str, Any]:
         """Train from ``start_epoch`` to ``train.epochs``; returns a summary (paths, last metrics, counters)."""
         train = self.cfg.train
@@ -439,35 +456,22 @@ class Trainer:
         if self.start_epoch >= train.epochs:
             logger.warning("nothing to train: %d of %d epoch(s) already done (pass --epochs to extend the run)",
                            self.start_epoch, train.epochs)
-        for epoch in range(self.start_epoch, train.epochs):
-            stage = self._apply_stage(epoch)
-            started = time.perf_counter()
-            losses = self.train_one_epoch(epoch)
-            self.scheduler.step()
-            train_time = time.perf_counter() - started
-            is_last = epoch + 1 == train.epochs
-            metrics = None
-            if self.dist.is_main and ((epoch + 1) % train.eval_interval == 0 or is_last):
-                metrics = self.evaluate()
-                last_metrics = metrics
-            if self.dist.is_main:
-                self.save_checkpoint(epoch + 1, stage, metrics)
-                self.save_pictures(epoch)
-                if metrics is not None:
-                    entry = {"epoch": epoch + 1, "step": self.counters.global_step, "stage": stage, **metrics,
-                             "train_loss": losses.get("loss", math.nan), "skipped_steps": self.counters.skipped_steps,
-                             "train_time_s": round(train_time, 2)}
-                    self.counters.history.append(entry)
-                    self._write_metrics()
-                    self._log_scalars("val", metrics, epoch + 1)
-                self._log_scalars("epoch", _headline(losses), epoch + 1)
-                logger.info("epoch %d/%d (stage %d, %s): loss %.4f, %.0fs%s%s", epoch + 1, train.epochs, stage,
-                            describe_stage(stage, self.router.has_sr), losses.get("loss", math.nan), train_time,
-                            "".join(f", {k} {v:.4f}" for k, v in (metrics or {}).items()),
-                            f", {self.counters.skipped_steps} skipped step(s)" if self.counters.skipped_steps else "")
-            barrier()
-        if self.writer is not None:
-            self.writer.close()
+        try:
+            for epoch in range(self.start_epoch, train.epochs):
+                stage = self._apply_stage(epoch)
+                started = time.perf_counter()
+                losses = self.train_one_epoch(epoch)
+                self.scheduler.step()
+                train_time = time.perf_counter() - started
+                if self.dist.is_main:
+                    evaluate_now = (epoch + 1) % train.eval_interval == 0 or epoch + 1 == train.epochs
+                    metrics = self.evaluate() if evaluate_now else None
+                    last_metrics = metrics or last_metrics
+                    self._finish_epoch(epoch, stage, losses, train_time, metrics)
+                barrier()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
         return {
             "out_dir": self.paths.root, "last": self.paths.last, "best": self.paths.best,
             "metrics_file": self.paths.metrics, "pictures": self.paths.pictures,
