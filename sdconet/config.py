@@ -229,8 +229,11 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: '{key}' needs {len(args)} items, got {value!r}")
         return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
     if annotation is float:
-        if isinstance(value, str) and value.lower() in ("inf", ".inf", "infinity"):
-            return math.inf
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" (no dot) as a string; accept any float literal
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
         return float(value)

@@ -54,3 +54,9 @@ def test_unknown_preset_and_bad_yaml(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(bad)
+
+
+def test_float_fields_accept_yaml11_exponent_strings():
+    # YAML 1.1 parses "2e-4" (no dot) as a string; a float field takes it as the number it spells
+    assert load_config("tiny", ["train.lr=2e-4"]).train.lr == 2e-4
+    assert load_config("tiny", ["model.saliency.sigma=inf"]).model.saliency.sigma == math.inf

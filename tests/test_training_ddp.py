@@ -1,21 +1,15 @@
 """Two gloo processes train the tiny model through the routing switch; only rank 0 writes run files."""
 import json
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
 
 from sdconet.config import load_config
 from sdconet.data import build_dataset
+from sdconet.serve.server import free_port
 
 WORLD_SIZE = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(rank: int, port: int, overrides: list, out_dirs: list, checksum_dir: str) -> None:
@@ -50,7 +44,7 @@ def test_two_process_gloo_run_finishes_and_only_rank0_writes(tmp_path):
     out_dirs = [str(tmp_path / "rank0_run"), str(tmp_path / "rank1_run")]
     checksums = tmp_path / "checksums"
     checksums.mkdir()
-    mp.spawn(_worker, args=(_free_port(), overrides, out_dirs, str(checksums)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(free_port(), overrides, out_dirs, str(checksums)), nprocs=WORLD_SIZE, join=True)
 
     assert not (tmp_path / "rank1_run").exists()
     run = tmp_path / "rank0_run"

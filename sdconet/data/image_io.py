@@ -59,12 +59,13 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> 
             raise DataError(f"{path}: corrupt or truncated image data ({err})") from err
 
 
-def save_image(array: np.ndarray, path: str | Path) -> None:
+def save_image(array: np.ndarray, path: str | Path) -> Path:
     """Write an ``[H, W, 3]`` uint8 array; the format follows the suffix (PNG: lossless, fast compression)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     options = {"compress_level": 1} if path.suffix.lower() == ".png" else {}
     Image.fromarray(array).save(path, **options)
+    return path
 
 
 def find_image(directory: Path, stem: str) -> Path | None:

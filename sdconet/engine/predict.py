@@ -149,7 +149,8 @@ def predict_folder(predictor: Predictor, images: Path, out_dir: Path) -> dict:
     """Run ``predictor`` on every image under ``images``; write ``detections.json`` and annotated PNGs."""
     from sdconet.data import DataError
     from sdconet.data.image_io import load_image
-    from sdconet.engine.visualize import PRED_COLOR, draw_boxes, save_png
+    from sdconet.data.image_io import save_image
+    from sdconet.engine.visualize import PRED_COLOR, draw_boxes
 
     results, errors = [], []
     for path in tqdm(list_images(images), desc="predict", dynamic_ncols=True):
@@ -169,7 +170,7 @@ def predict_folder(predictor: Predictor, images: Path, out_dir: Path) -> dict:
                         "detections": detections})
         annotated = draw_boxes(image, found["boxes"], PRED_COLOR, found["labels"], found["scores"],
                                predictor.category_names)
-        save_png(annotated, out_dir / "annotated" / relative.with_suffix(".png"))
+        save_image(annotated, out_dir / "annotated" / relative.with_suffix(".png"))
     report = {"checkpoint": str(predictor.checkpoint), "input": predictor.options.input,
               "tile_network_px": predictor.tile_lr, "overlap_network_px": predictor.overlap_lr,
               "score_threshold": predictor.options.score_threshold, "images": results, "errors": errors}

@@ -34,7 +34,7 @@ from sdconet.engine.distributed import DistributedInfo, all_ranks_true, average_
 from sdconet.engine.evaluate import evaluate, move_batch, render_grid
 from sdconet.engine.optim import build_lr_scheduler, build_optimizer, group_lrs
 from sdconet.engine.routing import GradientRouter, apply_schedule, describe_stage
-from sdconet.engine.visualize import save_png
+from sdconet.data.image_io import save_image
 from sdconet.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -417,7 +417,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             grid = render_grid(self.model, self.val_set, self.collate_fn, self.device, run_sr=self.router.run_sr,
                                num_images=num_images)
-        path = save_png(grid, self.paths.pictures / f"epoch_{epoch + 1:03d}.png")
+        path = save_image(grid, self.paths.pictures / f"epoch_{epoch + 1:03d}.png")
         if self.writer is not None:
             self.writer.add_image("val/grid", grid, epoch + 1, dataformats="HWC")
         return path

@@ -98,8 +98,3 @@ def stack_rows(rows: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
     return grid
 
 
-def save_png(image: np.ndarray, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
-    return path

@@ -309,9 +309,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
             if args.annotate and not isinstance(result, Exception):
-                from sdconet.engine.visualize import save_png
+                from sdconet.data.image_io import save_image
 
-                save_png(annotate(path, result), args.out / f"{stem}.png")
+                save_image(annotate(path, result), args.out / f"{stem}.png")
     if args.out is None:
         json.dump(records, sys.stdout, indent=2, ensure_ascii=False)
         sys.stdout.write("\n")

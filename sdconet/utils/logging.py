@@ -15,7 +15,9 @@ def get_logger(name: str) -> logging.Logger:
 def setup_logging(level: int | str = logging.INFO, log_file: str | Path | None = None, rank: int = 0) -> None:
     """Console handler (rank 0 only at INFO, others at WARNING) plus an optional file handler."""
     root = logging.getLogger("sdconet")
-    root.handlers.clear()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
     root.setLevel(level if rank == 0 else logging.WARNING)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
