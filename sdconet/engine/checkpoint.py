@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
 from sdconet.config import Config, config_from_dict, config_to_dict
+from sdconet.engine.distributed import unwrap_model
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_NAME = "best.safetensors"
@@ -34,8 +35,7 @@ def save_model_weights(model: torch.nn.Module, cfg: Config, path: str | Path, me
     """Write ``model``'s state dict + config (+ JSON-serialisable ``meta``) atomically to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    module = model.module if hasattr(model, "module") else model
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in unwrap_model(model).state_dict().items()}
     metadata = {"config": json.dumps(config_to_dict(cfg)), "meta": json.dumps(meta or {})}
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(state, str(tmp), metadata=metadata)

@@ -64,6 +64,12 @@ def init_distributed(device_preference: str = "auto") -> tuple[DistributedInfo, 
     return DistributedInfo(rank=rank, local_rank=local_rank, world_size=world_size), device
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a (Distributed)DataParallel wrapper (``model`` itself when it is not wrapped)."""
+    wrappers = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+    return model.module if isinstance(model, wrappers) else model
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

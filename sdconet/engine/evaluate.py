@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from sdconet.engine.distributed import unwrap_model
 from sdconet.engine.metrics import coco_evaluate, outputs_to_detections, psnr, ssim
 from sdconet.engine.visualize import grid_row, stack_rows
 from sdconet.utils.image import denormalize
@@ -35,11 +36,8 @@ def move_batch(batch: dict, device: torch.device) -> dict:
     return out
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
-def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    """``torch.autocast`` to ``amp_dtype`` on ``device``; a no-op context when ``amp_dtype`` is None."""
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
@@ -52,7 +50,7 @@ def evaluate(model: nn.Module, loader: DataLoader, dataset: Dataset, device: tor
 
     ``dataset`` provides ``ann_file`` and ``label_to_category_id``; ``loader`` iterates it (collated batches).
     """
-    module = _unwrap(model)
+    module = unwrap_model(model)
     was_training = module.training
     module.eval()
     detections: list[dict] = []
@@ -64,7 +62,7 @@ def evaluate(model: nn.Module, loader: DataLoader, dataset: Dataset, device: tor
         for batch in tqdm(loader, desc="evaluate", leave=False, disable=not progress, dynamic_ncols=True):
             batch = move_batch(batch, device)
             targets = batch["targets"]
-            with _autocast(device, amp_dtype):
+            with autocast_context(device, amp_dtype):
                 outputs = module(batch["images_lr"], batch["masks_lr"], None, run_sr=run_sr)
             detections += outputs_to_detections(outputs, targets, dataset.label_to_category_id, MAX_DETECTIONS)
             image_ids += [int(t["image_id"]) for t in targets]
@@ -92,7 +90,7 @@ def render_grid(model: nn.Module, dataset: Dataset, collate_fn: Callable, device
     Detections come from the inference path (``model.infer``), as a user would get them; those scoring at least
     ``score_threshold`` are drawn.
     """
-    module = _unwrap(model)
+    module = unwrap_model(model)
     was_training = module.training
     module.eval()
     try:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from sdconet.config import Config, ConfigError, save_config
 from sdconet.engine import checkpoint as ckpt
 from sdconet.engine.distributed import DistributedInfo, all_ranks_true, average_over_ranks, barrier
-from sdconet.engine.evaluate import evaluate, move_batch, render_grid
+from sdconet.engine.evaluate import autocast_context, evaluate, move_batch, render_grid
 from sdconet.engine.optim import build_lr_scheduler, build_optimizer, group_lrs
 from sdconet.engine.routing import GradientRouter, apply_schedule, describe_stage
 from sdconet.data.image_io import save_image
@@ -115,7 +115,8 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def _finite_loss_terms(losses: dict[str, torch.Tensor]) -> str:
+def _non_finite_terms(losses: dict[str, torch.Tensor]) -> str:
+    """``name=value`` of the loss terms that are NaN or infinite (empty when the total alone is)."""
     values = {k: float(v.detach()) for k, v in losses.items()}
     return ", ".join(f"{k}={v:.4g}" for k, v in values.items() if not math.isfinite(v))
 
@@ -307,11 +308,6 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------------------------
     # training
     # ----------------------------------------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
     def _optimizer_step(self) -> Optional[float]:
         """Clip and step; returns the gradient norm, or None when it was non-finite and the step was skipped."""
         self.scaler.unscale_(self.optimizer)
@@ -360,7 +356,7 @@ class Trainer:
             sync = (self.train_model.no_sync() if self.dist.enabled and not boundary
                     else contextlib.nullcontext())
             with sync:
-                with self._autocast():
+                with autocast_context(self.device, self.amp_dtype):
                     outputs = self.train_model(batch["images_lr"], batch["masks_lr"], batch["targets"],
                                                run_sr=self.router.run_sr)
                 # matching and losses in float32 (the matcher hands cost matrices to scipy)
@@ -371,7 +367,7 @@ class Trainer:
                     self.scaler.scale(loss / accum).backward()
                 else:
                     window_ok = False
-                    window_reason = f"non-finite loss ({_finite_loss_terms(losses) or 'on another rank'})"
+                    window_reason = f"non-finite loss ({_non_finite_terms(losses) or 'on another rank'})"
             if finite:
                 for name, value in losses.items():
                     sums[name] = sums.get(name, 0.0) + float(value.detach())
@@ -407,14 +403,19 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------------------------
     # the run
     # ----------------------------------------------------------------------------------------------------------------
+    def _forked_rng(self):
+        """Generators restored on exit, so evaluation and pictures never shift the training trajectory."""
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+
     def evaluate(self) -> dict[str, float]:
         """COCO metrics (+ PSNR/SSIM when the SR branch runs) on the validation set, rank 0."""
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with self._forked_rng():
             return evaluate(self.model, self.val_loader, self.val_set, self.device, run_sr=self.router.run_sr,
                             amp_dtype=self.amp_dtype)
 
-    def save_pictures(self, epoch: int, num_images: int = 2) -> Optional[Path]:
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+    def save_pictures(self, epoch: int, num_images: int = 2) -> Path:
+        """The epoch's picture grid (``pictures/epoch_NNN.png``, also sent to TensorBoard), rank 0."""
+        with self._forked_rng():
             grid = render_grid(self.model, self.val_set, self.collate_fn, self.device, run_sr=self.router.run_sr,
                                num_images=num_images)
         path = save_image(grid, self.paths.pictures / f"epoch_{epoch + 1:03d}.png")
