@@ -258,3 +258,14 @@ def test_repeated_non_finite_losses_stop_with_a_usable_checkpoint(tmp_path):
     resumed = make_trainer(tmp_path, ["train.epochs=3"])
     resumed.resume(trainer.paths.root)  # the checkpoint left behind is a valid resume point
     assert resumed.start_epoch == 2 and resumed.counters.skipped_steps == 2
+
+
+def test_tensorboard_is_open_only_during_fit(tmp_path):
+    from sdconet.engine.checkpoint import CheckpointError
+
+    trainer = make_trainer(tmp_path, ["train.epochs=1"])
+    with pytest.raises(CheckpointError, match="no_such_run"):
+        trainer.resume(tmp_path / "no_such_run")
+    assert trainer.writer is None and not trainer.paths.tensorboard.exists()  # a failed resume leaves nothing open
+    trainer.fit()
+    assert trainer.writer is None and list(trainer.paths.tensorboard.glob("events.out.tfevents.*"))

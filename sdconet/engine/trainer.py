@@ -192,10 +192,9 @@ class Trainer:
                                        pin_memory=self.device.type == "cuda")
         self.val_loader = DataLoader(self.val_set, batch_size=train.batch_size, shuffle=False,
                                      collate_fn=self.collate_fn, num_workers=cfg.data.num_workers)
-        self.writer = None
+        self.writer = None  # TensorBoard, open only during fit() (rank 0), so a failed resume leaks nothing
         if self.dist.is_main:
             save_config(cfg, self.paths.config)
-            self.writer = self._tensorboard()
 
     # ----------------------------------------------------------------------------------------------------------------
     # setup
@@ -457,6 +456,8 @@ class Trainer:
         if self.start_epoch >= train.epochs:
             logger.warning("nothing to train: %d of %d epoch(s) already done (pass --epochs to extend the run)",
                            self.start_epoch, train.epochs)
+        if self.dist.is_main:
+            self.writer = self._tensorboard()
         try:
             for epoch in range(self.start_epoch, train.epochs):
                 stage = self._apply_stage(epoch)
@@ -473,6 +474,7 @@ class Trainer:
         finally:
             if self.writer is not None:
                 self.writer.close()
+                self.writer = None
         return {
             "out_dir": self.paths.root, "last": self.paths.last, "best": self.paths.best,
             "metrics_file": self.paths.metrics, "pictures": self.paths.pictures,
