@@ -9,7 +9,7 @@ One program computes ``BLOCK_Q`` queries of one (batch, head) pair for all ``D``
 gathers the four bilinear corners as ``[BLOCK_Q, D]`` rows (``D`` contiguous channels per token, so the loads are
 coalesced) and accumulates in fp32. Heads, channels, levels and points are compile-time constants; the level and
 point loops stay loops (fully unrolled, ptxas spilled ~1 KB per thread at the paper's shapes; as loops the forward
-kernel needs 56 registers on sm_90). Batch, value length and query count are runtime scalars, so one compiled kernel
+kernel needs 64 registers on sm_90 at BLOCK_Q 16). Batch, value length and query count are runtime scalars, so one compiled kernel
 serves every batch size. The forward kernel's argument order (input pointers, int32 scalars, output pointer) is the
 calling convention of TensorRT's ahead-of-time Python plugins, so :mod:`sdconet.kernels.trt_plugin` compiles this
 very kernel into engines.
@@ -62,6 +62,29 @@ def _scatter_corner(grad_value_base, token, valid, weight, scaled_grad, channels
 
 
 @triton.jit
+def _sample_point(value_base, sampling_locations_ptr, attention_weights_ptr, sample, query_mask, height, width,
+                  level_start, channels, channel_mask, TOKEN_STRIDE: tl.constexpr):
+    """One sampling point of ``BLOCK_Q`` queries: its attention weight, the bilinear fractions (fx, fy) and the four
+    corners as (values, token index, valid) in the order (x0, y0), (x0+1, y0), (x0, y0+1), (x0+1, y0+1)."""
+    height_f = height.to(tl.float32)
+    width_f = width.to(tl.float32)
+    x = tl.load(sampling_locations_ptr + 2 * sample, mask=query_mask, other=0.0).to(tl.float32) * width_f - 0.5
+    y = tl.load(sampling_locations_ptr + 2 * sample + 1, mask=query_mask, other=0.0).to(tl.float32) * height_f - 0.5
+    attn = tl.load(attention_weights_ptr + sample, mask=query_mask, other=0.0).to(tl.float32)
+    x0 = tl.floor(x)
+    y0 = tl.floor(y)
+    c00 = _load_corner(value_base, x0, y0, height_f, width_f, width, level_start, channels, channel_mask,
+                       query_mask, TOKEN_STRIDE)
+    c01 = _load_corner(value_base, x0 + 1, y0, height_f, width_f, width, level_start, channels, channel_mask,
+                       query_mask, TOKEN_STRIDE)
+    c10 = _load_corner(value_base, x0, y0 + 1, height_f, width_f, width, level_start, channels, channel_mask,
+                       query_mask, TOKEN_STRIDE)
+    c11 = _load_corner(value_base, x0 + 1, y0 + 1, height_f, width_f, width, level_start, channels, channel_mask,
+                       query_mask, TOKEN_STRIDE)
+    return attn, x - x0, y - y0, c00, c01, c10, c11
+
+
+@triton.jit
 def msda_forward_kernel(
     value_ptr, spatial_shapes_ptr, level_start_index_ptr, sampling_locations_ptr, attention_weights_ptr,
     batch, num_value, num_query,
@@ -90,29 +113,13 @@ def msda_forward_kernel(
         height = tl.load(spatial_shapes_ptr + 2 * level)
         width = tl.load(spatial_shapes_ptr + 2 * level + 1)
         level_start = tl.load(level_start_index_ptr + level)
-        height_f = height.to(tl.float32)
-        width_f = width.to(tl.float32)
         for point in range(NUM_POINTS):
             sample = (rows * NUM_LEVELS + level) * NUM_POINTS + point
-            x = tl.load(sampling_locations_ptr + 2 * sample, mask=query_mask, other=0.0).to(tl.float32)
-            y = tl.load(sampling_locations_ptr + 2 * sample + 1, mask=query_mask, other=0.0).to(tl.float32)
-            attn = tl.load(attention_weights_ptr + sample, mask=query_mask, other=0.0).to(tl.float32)
-            x = x * width_f - 0.5
-            y = y * height_f - 0.5
-            x0 = tl.floor(x)
-            y0 = tl.floor(y)
-            fx = x - x0
-            fy = y - y0
-            v00, _, _ = _load_corner(value_base, x0, y0, height_f, width_f, width, level_start, channels,
-                                     channel_mask, query_mask, NUM_HEADS * HEAD_DIM)
-            v01, _, _ = _load_corner(value_base, x0 + 1, y0, height_f, width_f, width, level_start, channels,
-                                     channel_mask, query_mask, NUM_HEADS * HEAD_DIM)
-            v10, _, _ = _load_corner(value_base, x0, y0 + 1, height_f, width_f, width, level_start, channels,
-                                     channel_mask, query_mask, NUM_HEADS * HEAD_DIM)
-            v11, _, _ = _load_corner(value_base, x0 + 1, y0 + 1, height_f, width_f, width, level_start, channels,
-                                     channel_mask, query_mask, NUM_HEADS * HEAD_DIM)
-            bilinear = (((1 - fy) * (1 - fx))[:, None] * v00 + ((1 - fy) * fx)[:, None] * v01
-                        + (fy * (1 - fx))[:, None] * v10 + (fy * fx)[:, None] * v11)
+            attn, fx, fy, c00, c01, c10, c11 = _sample_point(
+                value_base, sampling_locations_ptr, attention_weights_ptr, sample, query_mask, height, width,
+                level_start, channels, channel_mask, NUM_HEADS * HEAD_DIM)
+            bilinear = (((1 - fy) * (1 - fx))[:, None] * c00[0] + ((1 - fy) * fx)[:, None] * c01[0]
+                        + (fy * (1 - fx))[:, None] * c10[0] + (fy * fx)[:, None] * c11[0])
             acc += attn[:, None] * bilinear
 
     out_offsets = rows[:, None] * HEAD_DIM + channels[None, :]
@@ -157,23 +164,13 @@ def msda_backward_kernel(
         width_f = width.to(tl.float32)
         for point in range(NUM_POINTS):
             sample = (rows * NUM_LEVELS + level) * NUM_POINTS + point
-            x = tl.load(sampling_locations_ptr + 2 * sample, mask=query_mask, other=0.0).to(tl.float32)
-            y = tl.load(sampling_locations_ptr + 2 * sample + 1, mask=query_mask, other=0.0).to(tl.float32)
-            attn = tl.load(attention_weights_ptr + sample, mask=query_mask, other=0.0).to(tl.float32)
-            x = x * width_f - 0.5
-            y = y * height_f - 0.5
-            x0 = tl.floor(x)
-            y0 = tl.floor(y)
-            fx = x - x0
-            fy = y - y0
-            v00, t00, ok00 = _load_corner(value_base, x0, y0, height_f, width_f, width, level_start, channels,
-                                          channel_mask, query_mask, NUM_HEADS * HEAD_DIM)
-            v01, t01, ok01 = _load_corner(value_base, x0 + 1, y0, height_f, width_f, width, level_start, channels,
-                                          channel_mask, query_mask, NUM_HEADS * HEAD_DIM)
-            v10, t10, ok10 = _load_corner(value_base, x0, y0 + 1, height_f, width_f, width, level_start, channels,
-                                          channel_mask, query_mask, NUM_HEADS * HEAD_DIM)
-            v11, t11, ok11 = _load_corner(value_base, x0 + 1, y0 + 1, height_f, width_f, width, level_start,
-                                          channels, channel_mask, query_mask, NUM_HEADS * HEAD_DIM)
+            attn, fx, fy, c00, c01, c10, c11 = _sample_point(
+                value_base, sampling_locations_ptr, attention_weights_ptr, sample, query_mask, height, width,
+                level_start, channels, channel_mask, NUM_HEADS * HEAD_DIM)
+            v00, t00, ok00 = c00
+            v01, t01, ok01 = c01
+            v10, t10, ok10 = c10
+            v11, t11, ok11 = c11
             w00 = (1 - fy) * (1 - fx)
             w01 = (1 - fy) * fx
             w10 = fy * (1 - fx)
