@@ -142,3 +142,16 @@ def test_predict_tiles_large_images_and_writes_json_and_pictures(tmp_path, data_
     for name in ("big.png", "small.png"):
         with Image.open(tmp_path / "out" / "annotated" / name) as annotated, Image.open(images / name) as source:
             assert annotated.size == source.size
+
+
+def test_predict_default_tiling_fits_the_training_size(tmp_path, data_overrides):
+    cfg = load_config("tiny", [*data_overrides, "train.epochs=1"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    checkpoint = trainer.save_checkpoint(0, 1)
+    cpu = torch.device("cpu")
+    # 128 px training images: 128 px tiles (64 network px) with the overlap capped at half the tile, in both modes
+    for mode in ("hr", "lr"):
+        predictor = Predictor(checkpoint, cpu, PredictOptions(input=mode))
+        assert (predictor.tile_lr, predictor.overlap_lr) == (64, 32), mode
+    with pytest.raises(ValueError, match="--tile 128 / --overlap 128"):
+        Predictor(checkpoint, cpu, PredictOptions(tile=128, overlap=128))

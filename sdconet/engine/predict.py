@@ -30,6 +30,7 @@ logger = get_logger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DEFAULT_TILE = 512  # HR pixels: the -Split datasets' window (DESIGN §4) when the run's image size is unknown
+DEFAULT_OVERLAP = 128  # file pixels, capped at half the tile
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -56,7 +57,7 @@ def training_image_size(cfg: Config) -> int:
 @dataclass
 class PredictOptions:
     tile: Optional[int] = None  # HR pixels of the file (LR pixels with input="lr"); None = training image size
-    overlap: int = 128  # same unit as tile
+    overlap: Optional[int] = None  # same unit as tile; None = DEFAULT_OVERLAP or half the tile, whichever is smaller
     score_threshold: float = 0.3
     nms_iou: float = 0.5
     max_detections: int = 100
@@ -87,9 +88,12 @@ class Predictor:
         self.model.to(device).eval()
         self.category_names: list[str] = list(meta.get("category_names") or [])
         self.scale = cfg.model.upscale if options.input == "hr" else 1  # file pixels per network-input pixel
-        tile = options.tile or (training_image_size(cfg) if options.input == "hr"
-                                else training_image_size(cfg) // cfg.model.upscale)
-        self.tile_lr, self.overlap_lr = tile // self.scale, options.overlap // self.scale
+        tile = options.tile or training_image_size(cfg) * self.scale // cfg.model.upscale  # file pixels
+        overlap = min(DEFAULT_OVERLAP, tile // 2) if options.overlap is None else options.overlap
+        self.tile_lr, self.overlap_lr = tile // self.scale, overlap // self.scale
+        if overlap < 0 or self.overlap_lr >= self.tile_lr:
+            raise ValueError(f"--tile {tile} / --overlap {overlap} (file pixels): the overlap must be >= 0 and the "
+                             f"tile larger than the overlap by at least {self.scale} px")
 
     def category(self, label: int) -> str:
         return self.category_names[label] if label < len(self.category_names) else str(label)
@@ -148,8 +152,7 @@ def list_images(folder: Path) -> list[Path]:
 def predict_folder(predictor: Predictor, images: Path, out_dir: Path) -> dict:
     """Run ``predictor`` on every image under ``images``; write ``detections.json`` and annotated PNGs."""
     from sdconet.data import DataError
-    from sdconet.data.image_io import load_image
-    from sdconet.data.image_io import save_image
+    from sdconet.data.image_io import load_image, save_image
     from sdconet.engine.visualize import PRED_COLOR, draw_boxes
 
     results, errors = [], []
@@ -188,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", choices=("hr", "lr"), default="hr",
                         help="hr: degrade like training (default); lr: feed images as they are")
     parser.add_argument("--tile", type=int, help="tile side in file pixels (default: the training image size)")
-    parser.add_argument("--overlap", type=int, default=128, help="tile overlap in file pixels (default 128)")
+    parser.add_argument("--overlap", type=int,
+                        help=f"tile overlap in file pixels (default {DEFAULT_OVERLAP}, at most half the tile)")
     parser.add_argument("--score-thresh", type=float, default=0.3, help="minimum score kept (default 0.3)")
     parser.add_argument("--nms-iou", type=float, default=0.5, help="IoU for merging tiles (default 0.5)")
     parser.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
