@@ -45,3 +45,26 @@ def test_missing_declared_output_fails_the_stage(tmp_path):
         runner.run(stage)
     assert "expected outputs missing" in runner.log_file(stage).read_text()
     assert not runner.is_done(stage)
+
+
+def test_background_process_is_stopped_when_its_start_hook_fails(tmp_path):
+    # like the demo's server hook: the process is up, then the readiness check fails
+    import subprocess
+
+    started = []
+
+    def start():
+        started.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+        raise RuntimeError("not ready after 0 s")
+
+    def stop():
+        started[0].terminate()
+        started[0].wait(timeout=10)
+
+    runner = StageRunner(tmp_path / "work", echo=False)
+    stage = Stage("serve", [sys.executable, "-c", "pass"], before=start, after=stop)
+    with pytest.raises(StageFailed, match="serve"):
+        runner.run(stage)
+    assert started[0].poll() is not None, "the background process outlived the failed stage"
+    assert "not ready after 0 s" in runner.log_file(stage).read_text()
+    assert not runner.is_done(stage)

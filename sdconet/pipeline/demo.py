@@ -61,26 +61,33 @@ class DemoLayout:
         return self.engines / f"{EXPORT_NAME}.onnx"
 
 
-def heldout_images(layout: DemoLayout, count: int) -> list[str]:
-    """The first ``count`` validation images of the dataset the demo trained on (never seen in training)."""
+def _trained_config(layout: DemoLayout):
+    """The config the train stage saved, with its relative data paths made relative to the repository root (the
+    directory the stages run in)."""
     from sdconet.config import load_config
-    from sdconet.data import build_dataset
 
     cfg = load_config(layout.train / "config.yaml")
-    # the stages run in the repository root: relative data paths in the run's config are relative to it
     cfg.data.cache_dir = str(REPO_ROOT / cfg.data.cache_dir)
     if cfg.data.root is not None:
         cfg.data.root = str(REPO_ROOT / cfg.data.root)
+    return cfg
+
+
+def heldout_images(layout: DemoLayout, count: int) -> list[str]:
+    """The first ``count`` validation images of the dataset the demo trained on (never seen in training)."""
+    from sdconet.data import build_dataset
+
+    cfg = _trained_config(layout)
     dataset = build_dataset(cfg.data, "val", cfg.model.upscale, train=False)
     return [str(Path(dataset.image_path(i)).resolve()) for i in range(min(count, len(dataset)))]
 
 
 def lr_size(layout: DemoLayout) -> int:
-    """The LR side the demo model was trained at (= the export size)."""
-    from sdconet.config import load_config
+    """The LR side the demo model was trained at (= the export size): the same rule as prediction's default tile."""
+    from sdconet.engine.predict import training_image_size
 
-    cfg = load_config(layout.train / "config.yaml")
-    return cfg.data.synthetic.image_size // cfg.model.upscale
+    cfg = _trained_config(layout)
+    return training_image_size(cfg) // cfg.model.upscale
 
 
 class _Server:

@@ -83,7 +83,11 @@ class StageRunner:
                 raise StageFailed(stage.name, log_file, -1) from err
             finally:
                 if stage.after:
-                    stage.after()
+                    try:
+                        stage.after()
+                    except Exception as err:  # e.g. the server would not stop: still a named, logged failure
+                        handle.write(f"[stage runner] stage '{stage.name}' could not clean up: {err!r}\n")
+                        raise StageFailed(stage.name, log_file, -1) from err
         self.timings[stage.name] = time.perf_counter() - start
         if proc.returncode != 0:
             raise StageFailed(stage.name, log_file, proc.returncode)
