@@ -77,3 +77,11 @@ def test_compare_rejects_malformed_json(tmp_path):
     bad.write_text(json.dumps([{"backend": "torch"}]))
     with pytest.raises(ValueError, match="record 0 lacks"):
         load_records(bad)
+
+
+def test_overrides_with_a_checkpoint_are_refused(tmp_path, capsys):
+    from sdconet.benchmark.cli import main
+
+    code = main(["--checkpoint", str(tmp_path / "run"), "model.detector.num_queries=10"])
+    assert code == 2
+    assert "model.detector.num_queries=10" in capsys.readouterr().err

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
 from tqdm import tqdm
 
 from sdconet.benchmark.report import (compare_chart, compare_table, load_records, markdown_table, write_records)
-from sdconet.benchmark.runners import BACKENDS, PRECISIONS, RUNNERS, BenchContext, default_work_dir
+from sdconet.benchmark.runners import BACKENDS, PRECISIONS, RUNNERS, BenchContext
 from sdconet.config import ConfigError, load_config
 from sdconet.utils.logging import get_logger, setup_logging
 
@@ -60,19 +61,43 @@ def _compare(paths: Sequence[Path], chart: Path) -> int:
     return 0
 
 
-def _context(args: argparse.Namespace) -> BenchContext:
+def _context(args: argparse.Namespace, work_dir: Path) -> BenchContext:
     state_dict = None
     if args.checkpoint:
         from sdconet.engine.checkpoint import load_model_weights, resolve_checkpoint
 
+        if args.overrides:
+            raise ConfigError(f"overrides {args.overrides} apply to --config; with --checkpoint the model is the one "
+                              f"stored in the checkpoint")
         cfg, state_dict, _ = load_model_weights(resolve_checkpoint(args.checkpoint))
     else:
         cfg = load_config(args.config, args.overrides)
-    work_dir = args.work_dir or default_work_dir()
     work_dir.mkdir(parents=True, exist_ok=True)
     return BenchContext(cfg=cfg, state_dict=state_dict, imgsz=args.imgsz, warmup=args.warmup, iters=args.iters,
                         work_dir=work_dir, onnx_path=args.onnx, int8_onnx_path=args.int8_onnx,
                         engine_path=args.engine)
+
+
+def _plan(args: argparse.Namespace) -> list[tuple[str, str, int, dict]]:
+    """(backend, precision, batch, runner options) for every configuration asked for: the plain ones, then the
+    torch.compile / CUDA-graph variants."""
+    plan = [(b, p, n, {"protocol": args.protocol} if b == "triton" else {})
+            for b in args.backend for p in args.precision for n in args.batch]
+    if "torch" in args.backend:
+        variants = [options for options, wanted in (({"compile_model": True}, args.compile),
+                                                    ({"cuda_graphs": True}, args.cuda_graphs)) if wanted]
+        plan += [("torch", p, n, options) for options in variants for p in args.precision for n in args.batch]
+    return plan
+
+
+def _run_one(ctx: BenchContext, args: argparse.Namespace, backend: str, precision: str, batch: int,
+             options: dict) -> dict:
+    record = RUNNERS[backend](ctx, precision, batch, **options)
+    record["device_facts"] = ctx.facts
+    record["model"] = {"config": ctx.cfg.name, "checkpoint": args.checkpoint or "random weights"}
+    tqdm.write(f"{backend}/{precision}/b{batch}: {record['status']}"
+               + (f", p50 {record['p50_ms']:.2f} ms" if record["status"] == "ok" else ""))
+    return record
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,29 +109,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    try:
-        ctx = _context(args)
-    except (ConfigError, RuntimeError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    plan = [(b, p, n) for b in args.backend for p in args.precision for n in args.batch]
-    if "torch" in args.backend:
-        plan += [("torch", p, n, {"compile_model": True}) for p in args.precision for n in args.batch
-                 if args.compile]
-        plan += [("torch", p, n, {"cuda_graphs": True}) for p in args.precision for n in args.batch
-                 if args.cuda_graphs]
-    records = []
-    for item in tqdm(plan, desc="benchmark", unit="config"):
-        backend, precision, batch = item[:3]
-        kwargs = dict(item[3]) if len(item) > 3 else {}
-        if backend == "triton":
-            kwargs["protocol"] = args.protocol
-        record = RUNNERS[backend](ctx, precision, batch, **kwargs)
-        record["device_facts"] = ctx.facts
-        record["model"] = {"config": ctx.cfg.name, "checkpoint": args.checkpoint or "random weights"}
-        records.append(record)
-        tqdm.write(f"{backend}/{precision}/b{batch}: {record['status']}"
-                   + (f", p50 {record['p50_ms']:.2f} ms" if record["status"] == "ok" else ""))
+    # on-the-fly exports go to --work-dir, or to a temporary folder removed when the run ends
+    with tempfile.TemporaryDirectory(prefix="sdconet-bench-") as scratch:
+        try:
+            ctx = _context(args, args.work_dir or Path(scratch))
+        except (ConfigError, RuntimeError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        records = [_run_one(ctx, args, *item) for item in tqdm(_plan(args), desc="benchmark", unit="config")]
     table = markdown_table(records)
     print(table)
     if args.json:

@@ -7,8 +7,6 @@ status`` (+ ``variant`` and backend-specific notes).
 from __future__ import annotations
 
 import importlib.util
-import tempfile
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -238,9 +236,7 @@ def run_triton(ctx: BenchContext, precision: str, batch: int, protocol: str = "h
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (ctx.imgsz, ctx.imgsz, 3), dtype=np.uint8) for _ in range(4)]
     try:
-        with ExitStack() as stack:
-            server = stack.enter_context(TritonServer(repo, http_port=free_port(), grpc_port=free_port(),
-                                                      metrics_port=free_port()))
+        with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) as server:
             url = server.endpoints.http if protocol == "http" else server.endpoints.grpc
             results = sweep(url, protocol, images, [batch], requests=ctx.iters, warmup=ctx.warmup)
     except ServerError as err:
@@ -259,6 +255,3 @@ def run_triton(ctx: BenchContext, precision: str, batch: int, protocol: str = "h
 
 RUNNERS = {"torch": run_torch, "onnxruntime": run_onnxruntime, "tensorrt": run_tensorrt, "triton": run_triton}
 
-
-def default_work_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="sdconet-bench-"))
