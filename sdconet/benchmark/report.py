@@ -15,6 +15,16 @@ def config_label(record: dict[str, Any]) -> str:
     return f"{record['backend']}{variant}/{record['precision']}/b{record['batch']}"
 
 
+def _labels(runs: dict[str, list[dict[str, Any]]], ok_only: bool = False) -> list[str]:
+    """Every configuration label in ``runs``, in first-seen order (only measured ones when ``ok_only``)."""
+    labels: list[str] = []
+    for records in runs.values():
+        for r in records:
+            if (r["status"] == "ok" or not ok_only) and config_label(r) not in labels:
+                labels.append(config_label(r))
+    return labels
+
+
 def _fmt(value: Any, digits: int = 2) -> str:
     if value is None:
         return "-"
@@ -57,11 +67,7 @@ def write_records(records: list[dict[str, Any]], path: str | Path) -> None:
 
 def compare_table(runs: dict[str, list[dict[str, Any]]]) -> str:
     """p50 latency of each configuration (rows) in each run (columns); '-' where a run lacks it or skipped it."""
-    labels: list[str] = []
-    for records in runs.values():
-        for r in records:
-            if config_label(r) not in labels:
-                labels.append(config_label(r))
+    labels = _labels(runs)
     names = list(runs)
     lines = ["| configuration | " + " | ".join(f"{n} p50 ms" for n in names) + " |",
              "|---|" + "---|" * len(names)]
@@ -81,11 +87,7 @@ def compare_chart(runs: dict[str, list[dict[str, Any]]], path: str | Path) -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels: list[str] = []
-    for records in runs.values():
-        for r in records:
-            if r["status"] == "ok" and config_label(r) not in labels:
-                labels.append(config_label(r))
+    labels = _labels(runs, ok_only=True)
     height = 0.8 / max(1, len(runs))
     fig, ax = plt.subplots(figsize=(8, 1.0 + 0.45 * max(1, len(labels)) * max(1, len(runs)) ** 0.5))
     for k, (name, records) in enumerate(runs.items()):
