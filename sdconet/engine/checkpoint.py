@@ -55,8 +55,11 @@ def read_checkpoint_metadata(path: str | Path) -> tuple[Config, dict[str, Any]]:
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({err})") from err
     if "config" not in metadata:
         raise CheckpointError(f"{path}: has no 'config' metadata (not written by sdconet)")
-    cfg = config_from_dict(json.loads(metadata["config"]), source=str(path))
-    return cfg, json.loads(metadata.get("meta", "{}"))
+    try:
+        config, meta = json.loads(metadata["config"]), json.loads(metadata.get("meta", "{}"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: unreadable 'config'/'meta' metadata ({err})") from err
+    return config_from_dict(config, source=str(path)), meta
 
 
 def load_model_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor], dict[str, Any]]:

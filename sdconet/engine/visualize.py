@@ -6,7 +6,6 @@ truth (green) on the HR image. Arrays are HWC uint8 RGB; tensors are [3, H, W] f
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
