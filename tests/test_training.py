@@ -106,6 +106,9 @@ def test_cli_rejects_bad_input_with_a_clear_message(tmp_path):
     result = subprocess.run([sys.executable, "train/run.py", "--eval-only", "--checkpoint", tmp_path / "none"],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "checkpoint not found" in result.stderr
+    result = subprocess.run([sys.executable, "train/run.py", "--eval-only", "--schedule", "det_only"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--schedule would have no effect" in result.stderr
 
 
 def test_tile_starts_cover_the_image_with_overlap():

@@ -157,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.checkpoint and not args.eval_only:
         build_parser().error("--checkpoint goes with --eval-only (use --resume to continue training)")
+    if args.eval_only:
+        ignored = [flag for flag, value in (("--epochs", args.epochs), ("--schedule", args.schedule),
+                                            ("--resume", args.resume)) if value is not None]
+        if ignored:
+            build_parser().error(f"--eval-only evaluates a checkpoint as trained; {', '.join(ignored)} "
+                                 "would have no effect")
     from sdconet.data.validation import DataError
     from sdconet.engine.trainer import TrainingDiverged
 

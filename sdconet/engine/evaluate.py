@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from sdconet.engine.distributed import unwrap_model
 from sdconet.engine.metrics import coco_evaluate, outputs_to_detections, psnr, ssim
+from sdconet.engine.routing import STAGE_JOINT
 from sdconet.engine.visualize import grid_row, stack_rows
 from sdconet.utils.image import denormalize
 from sdconet.utils.logging import get_logger
@@ -148,7 +149,7 @@ def evaluate_checkpoint(checkpoint: str | Path | None, device: torch.device, ove
     dataset = build_dataset(cfg.data, "val", cfg.model.upscale, train=False)
     loader = DataLoader(dataset, batch_size=batch_size or cfg.train.batch_size, shuffle=False, collate_fn=collate_fn,
                         num_workers=cfg.data.num_workers)
-    run_sr = model.sr_decoder is not None and meta.get("stage", 2) == 2
+    run_sr = model.sr_decoder is not None and meta.get("stage", STAGE_JOINT) == STAGE_JOINT
     metrics = evaluate(model, loader, dataset, device, run_sr=run_sr, progress=progress)
     logger.info("evaluated %s on %d images: %s", path, len(dataset),
                 ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
