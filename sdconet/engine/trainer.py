@@ -261,22 +261,16 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": ckpt.capture_rng_state(),
         }
-        # state first, weights last: a crash in between leaves an epoch mismatch that resume reports
-        ckpt.save_train_state(state, self.paths.train_state)
-        return ckpt.save_model_weights(self.model, self.cfg, self.paths.last, meta)
+        # a complete (weights, state) pair exists at every instant, even if this write is killed or the disk fills
+        return ckpt.save_resume_pair(self.model, self.cfg, state, self.paths.checkpoints, meta)
 
     def resume(self, path: str | Path) -> None:
         """Restore weights, optimizer, scheduler, scaler, RNG, counters and the routing stage from ``path``.
 
-        ``path`` is a run directory or a ``last.safetensors`` file with ``last.train.pt`` beside it.
+        ``path`` is a run directory or a ``last.safetensors`` file with ``last.train.pt`` beside it; the newest complete
+        pair there (``last.*`` or ``last.prev.*``) is used.
         """
-        weights = ckpt.resolve_checkpoint(path, prefer=ckpt.LAST_NAME)
-        _, state_dict, meta = ckpt.load_model_weights(weights)
-        state = ckpt.load_train_state(weights.parent / ckpt.TRAIN_STATE_NAME)
-        if meta.get("epoch") != state["epoch"]:
-            raise ckpt.CheckpointError(f"{weights} (epoch {meta.get('epoch')}) and {ckpt.TRAIN_STATE_NAME} "
-                                       f"(epoch {state['epoch']}) disagree: the run stopped while saving; "
-                                       f"resume from an earlier copy or start again")
+        weights, state_dict, meta, state = ckpt.find_resume_pair(path)
         try:
             self.model.load_state_dict(state_dict)
         except RuntimeError as err:
