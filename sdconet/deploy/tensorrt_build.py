@@ -3,16 +3,24 @@
 * TensorRT 10: weakly typed network; ``BuilderFlag.FP16`` for FP16, ``FP16 + INT8`` for a Q/DQ (explicitly quantized)
   ONNX — implicit INT8 calibrators are deprecated since 10.6 and never used here.
 * TensorRT 11: strongly typed only (the builder flags above are gone); precision comes from the ONNX itself: an FP16
-  ONNX from ModelOpt AutoCast, or the Q/DQ ONNX for INT8. ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` is set
-  (required to opt in on 10.x, accepted and ignored on 11.x).
+  ONNX from ModelOpt AutoCast, or the Q/DQ ONNX for INT8. A graph whose types do not give the requested precision is
+  refused (an FP32 ONNX would silently build an FP32 engine). ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` is set
+  only there (every 11.x network is strongly typed, the flag is accepted); 10.x builds stay weakly typed, so that the
+  FP32 ONNX builds FP16 with the flag.
 
 Both: ``init_libnvinfer_plugins`` (TensorRT's built-in plugins, incl. ``MultiscaleDeformableAttnPlugin_TRT``), extra
 plugin libraries loaded into the plugin registry (``--plugin-lib``), one optimisation profile over the batch range,
-and a timing cache that is read before and written after the build.
+a timing cache read before and written after the build (checked: a cache from another TensorRT version or GPU is
+replaced by a fresh one; the default file is keyed by both), and a ``<engine>.json`` sidecar with the build facts —
+above all the precision the engine actually has, which runners and benchmarks report instead of a CLI flag.
+
+:func:`import_tensorrt` is the one import guard for TensorRT in this package.
 """
 from __future__ import annotations
 
+import json
 import platform
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,14 +37,31 @@ class TensorRTUnavailable(RuntimeError):
     """TensorRT or a CUDA GPU is missing; the message is the exact reason."""
 
 
+def import_tensorrt():
+    """The ``tensorrt`` module, or :class:`TensorRTUnavailable` with the reason.
+
+    The one import guard for TensorRT in this package: the PyPI ``tensorrt`` wheels are download stubs that raise at
+    import time with arbitrary exception types (not only ImportError), so everything is caught and named here.
+    """
+    try:
+        import tensorrt
+    except Exception as err:  # noqa: BLE001 - the stub's exception type is not ImportError
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise TensorRTUnavailable(
+            f"tensorrt not importable ({type(err).__name__}: {first_line}); the PyPI 'tensorrt' wheels are download "
+            f"stubs that need NVIDIA's package index, and TensorRT needs an NVIDIA GPU") from err
+    if not hasattr(tensorrt, "__version__") or not hasattr(tensorrt, "Builder"):
+        raise TensorRTUnavailable(f"the importable 'tensorrt' ({getattr(tensorrt, '__file__', '?')}) is not NVIDIA's "
+                                  f"TensorRT Python bindings (no __version__/Builder)")
+    return tensorrt
+
+
 def tensorrt_unavailable_reason() -> str | None:
     """None when an engine can be built here, else the precise reason (used by the exporter and test skips)."""
     try:
-        import tensorrt  # noqa: F401
-    except Exception as err:  # the PyPI stub raises at import time without NVIDIA's index
-        return (f"tensorrt not importable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                f"the PyPI 'tensorrt' wheels are download stubs that need NVIDIA's package index, and TensorRT "
-                f"needs an NVIDIA GPU")
+        import_tensorrt()
+    except TensorRTUnavailable as err:
+        return str(err)
     import torch
 
     if not torch.cuda.is_available():
@@ -46,16 +71,26 @@ def tensorrt_unavailable_reason() -> str | None:
 
 def tensorrt_version() -> str | None:
     try:
-        import tensorrt as trt
-    except Exception:
+        return import_tensorrt().__version__
+    except TensorRTUnavailable:
         return None
-    return trt.__version__
+
+
+def version_major(version: str) -> int:
+    """``"10.13.0.35"`` -> 10."""
+    match = re.match(r"\s*(\d+)", version)
+    if match is None:
+        raise ValueError(f"cannot read a major version from TensorRT version {version!r}")
+    return int(match.group(1))
 
 
 def tensorrt_major() -> int:
-    import tensorrt as trt
+    return version_major(import_tensorrt().__version__)
 
-    return int(trt.__version__.split(".")[0])
+
+def is_strongly_typed_only(version: str) -> bool:
+    """TensorRT 11 removed weak typing: precision comes from the network's own tensor types."""
+    return version_major(version) >= 11
 
 
 @dataclass
@@ -67,7 +102,8 @@ class EngineBuildOptions:
     opt_batch: int = 1
     max_batch: int = 8
     workspace_gib: float = 4.0
-    timing_cache: str | None = None
+    timing_cache: str | None = None  # explicit cache file; None = default_timing_cache_path(timing_cache_dir, ...)
+    timing_cache_dir: str | None = None  # where the default, version- and GPU-keyed cache lives; None = no cache
     plugin_libs: Sequence[str] = field(default_factory=tuple)
     sdconet_plugin: bool = False  # register our AOT Python plugin (sdconet.kernels.trt_plugin) before parsing
     builder_optimization_level: int | None = None
@@ -84,20 +120,19 @@ class EngineBuildOptions:
 
 
 def trt_logger():
-    import tensorrt as trt
-
+    trt = import_tensorrt()
     return trt.Logger(trt.Logger.WARNING)
 
 
 def load_plugins(logger, plugin_libs: Sequence[str] = ()) -> None:
     """Register TensorRT's built-in plugins and load extra plugin libraries into the global registry."""
-    import tensorrt as trt
-
+    trt = import_tensorrt()
     trt.init_libnvinfer_plugins(logger, "")
     registry = trt.get_plugin_registry()
     for lib in plugin_libs:
         LOG.info("loading TensorRT plugin library %s", lib)
-        registry.load_library(str(lib))
+        if registry.load_library(str(lib)) is None:
+            raise RuntimeError(f"TensorRT could not load the plugin library {lib} (see the TensorRT log above)")
 
 
 def gpu_name() -> str | None:
@@ -106,38 +141,189 @@ def gpu_name() -> str | None:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
-def build_engine(onnx_path: str | Path, engine_path: str | Path, options: EngineBuildOptions) -> dict:
-    """Parse ``onnx_path``, build and write the serialized engine; returns build facts for the metadata JSON.
+# --------------------------------------------------------------------------------------------------------------------
+# Timing cache
+# --------------------------------------------------------------------------------------------------------------------
+def default_timing_cache_path(directory: str | Path, trt_version: str, gpu: str | None) -> Path:
+    """``<directory>/timing_trt<version>_<gpu>.cache``: TensorRT rejects a cache from another version or device, so
+    each (version, GPU) pair gets its own file instead of one file that every other machine would invalidate."""
+    gpu_slug = re.sub(r"[^A-Za-z0-9.]+", "-", gpu or "unknown-gpu").strip("-") or "unknown-gpu"
+    version_slug = re.sub(r"[^A-Za-z0-9.]+", "-", trt_version)
+    return Path(directory) / f"timing_trt{version_slug}_{gpu_slug}.cache"
 
-    For TensorRT 11 the ONNX must already carry its precision (FP16 ONNX or Q/DQ ONNX); for TensorRT 10 the FP32 or
-    Q/DQ ONNX is built with the precision flags of ``options.precision``.
+
+def attach_timing_cache(config, cache_bytes: bytes, source: str) -> str:
+    """Give ``config`` (an ``IBuilderConfig``) a timing cache: the serialized one in ``cache_bytes`` when TensorRT
+    accepts it, else a fresh one. Returns ``"loaded"``, ``"fresh"`` (nothing to load) or ``"rejected"``.
+
+    ``set_timing_cache(cache, ignore_mismatch=False)`` returns False for a cache written by another TensorRT version
+    or GPU; without this check the build would run without a cache and ``get_timing_cache()`` afterwards may fail.
+    """
+    if cache_bytes:
+        cache = config.create_timing_cache(cache_bytes)
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return "loaded"
+        LOG.warning("TensorRT rejected the timing cache %s (written by another TensorRT version or GPU, or corrupt); "
+                    "building with a fresh cache, which will replace it", source)
+        status = "rejected"
+    else:
+        status = "fresh"
+    fresh = config.create_timing_cache(b"")
+    if fresh is None or not config.set_timing_cache(fresh, ignore_mismatch=False):
+        raise RuntimeError("TensorRT could not create an empty timing cache")
+    return status
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Precision of a strongly typed build
+# --------------------------------------------------------------------------------------------------------------------
+_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+def onnx_precision_evidence(onnx_path: str | Path) -> dict[str, int]:
+    """What in an ONNX file fixes its precision under strong typing (TensorRT 11 takes types from the graph).
+
+    Returns counts: ``qdq_nodes`` (QuantizeLinear/DequantizeLinear), ``fp16_tensors`` (FP16 initializers, typed
+    values and Constant nodes) and ``fp16_casts`` (Cast nodes to FP16). Weights are not loaded.
+    """
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    graph = model.graph
+    fp16 = onnx.TensorProto.FLOAT16
+    typed = (*graph.input, *graph.value_info, *graph.output)
+    fp16_tensors = sum(v.type.tensor_type.elem_type == fp16 for v in typed)
+    fp16_tensors += sum(init.data_type == fp16 for init in graph.initializer)
+    fp16_casts = 0
+    for node in graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == fp16:
+                fp16_casts += 1
+            elif node.op_type == "Constant" and attr.name == "value" and attr.t.data_type == fp16:
+                fp16_tensors += 1
+    qdq = sum(node.op_type in _QDQ_OPS for node in graph.node)
+    return {"qdq_nodes": qdq, "fp16_tensors": fp16_tensors, "fp16_casts": fp16_casts}
+
+
+def precision_from_evidence(evidence: dict[str, int]) -> str:
+    """The precision a strongly typed engine of a graph with ``evidence`` runs in: int8 with Q/DQ, fp16 with FP16
+    tensors, else fp32."""
+    if evidence.get("qdq_nodes", 0):
+        return "int8"
+    if evidence.get("fp16_tensors", 0) or evidence.get("fp16_casts", 0):
+        return "fp16"
+    return "fp32"
+
+
+def check_build_precision(requested: str, evidence: dict[str, int], strongly_typed: bool, what: str) -> str:
+    """The precision the engine will actually have, or ``ValueError`` when it would not be ``requested``.
+
+    Weakly typed builds (TensorRT < 11) get FP16 from the builder flag, so any FP32 ONNX builds FP16; INT8 always
+    needs Q/DQ nodes (no calibrator is used). Strongly typed builds (TensorRT 11) take every type from the graph: an
+    FP32 ONNX builds an FP32 engine whatever was requested, so it is refused instead of mislabelled.
+    """
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got '{requested}'")
+    if requested == "int8" and not evidence.get("qdq_nodes", 0):
+        raise ValueError(f"{what}: INT8 needs a Q/DQ ONNX (explicit quantization, e.g. export/build_engine.py "
+                         f"--int8); this graph has no QuantizeLinear/DequantizeLinear node")
+    if not strongly_typed:
+        return requested
+    actual = precision_from_evidence(evidence)
+    if actual != requested:
+        fix = {"fp16": "pass the ModelOpt AutoCast FP16 ONNX (export/build_engine.py --fp16 writes "
+                       "<name>.fp16.onnx)",
+               "fp32": "pass the FP32 ONNX", "int8": "pass the Q/DQ ONNX"}[requested]
+        raise ValueError(f"{what}: TensorRT 11 builds strongly typed engines whose precision comes from the graph; "
+                         f"this graph would build an {actual.upper()} engine ({evidence}), not the requested "
+                         f"{requested.upper()}: {fix}")
+    return actual
+
+
+def network_precision_evidence(network, trt) -> dict[str, int]:
+    """:func:`onnx_precision_evidence` for a parsed ``INetworkDefinition`` (what the builder really sees)."""
+    qdq_types = {trt.LayerType.QUANTIZE, trt.LayerType.DEQUANTIZE}
+    qdq = fp16 = 0
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        qdq += layer.type in qdq_types
+        fp16 += sum(layer.get_output(j).dtype == trt.float16 for j in range(layer.num_outputs))
+    return {"qdq_nodes": qdq, "fp16_tensors": fp16, "fp16_casts": 0}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Engine metadata sidecar (<engine>.json, e.g. model.fp16.plan.json)
+# --------------------------------------------------------------------------------------------------------------------
+def engine_metadata_path(engine_path: str | Path) -> Path:
+    engine_path = Path(engine_path)
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+def write_engine_metadata(engine_path: str | Path, metadata: dict) -> Path:
+    path = engine_metadata_path(engine_path)
+    path.write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+    return path
+
+
+def read_engine_metadata(engine_path: str | Path) -> dict:
+    """The sidecar of ``engine_path``; ``{}`` when there is none (an engine built elsewhere, e.g. by trtexec).
+
+    Keys runners read: ``precision`` (what the engine actually runs in), ``plugin_libs`` (libraries to load before
+    deserializing), ``input_shapes`` (the profile), ``tensorrt_version``, ``gpu``.
+    """
+    path = engine_metadata_path(engine_path)
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def build_engine(onnx_path: str | Path, engine_path: str | Path, options: EngineBuildOptions) -> dict:
+    """Parse ``onnx_path``, build and write the serialized engine and its ``.json`` sidecar; returns the build facts.
+
+    For TensorRT 11 the ONNX must already carry its precision (FP16 AutoCast ONNX or Q/DQ ONNX): a graph whose types
+    do not give ``options.precision`` is refused (:func:`check_build_precision`). For TensorRT 10 the FP32 or Q/DQ
+    ONNX is built with the precision flags of ``options.precision``. ``facts["precision"]`` is the engine's actual
+    precision.
     """
     reason = tensorrt_unavailable_reason()
     if reason:
         raise TensorRTUnavailable(reason)
-    import tensorrt as trt
+    trt = import_tensorrt()
 
     options.validate()
+    strongly_typed = is_strongly_typed_only(trt.__version__)
+    check_build_precision(options.precision, onnx_precision_evidence(onnx_path), strongly_typed, str(onnx_path))
     logger = trt_logger()
     load_plugins(logger, options.plugin_libs)
+    plugin_facts: dict = {}
     if options.sdconet_plugin:
-        from sdconet.kernels.trt_plugin import register_msda_plugin
+        from sdconet.kernels.trt_plugin import compiled_kernel_facts, register_msda_plugin
 
         register_msda_plugin()
-    major = tensorrt_major()
-    strongly_typed = major >= 11
+        plugin_facts = compiled_kernel_facts  # filled by the plugin's aot_impl while the builder runs
+    major = version_major(trt.__version__)
     builder = trt.Builder(logger)
-    if strongly_typed:
+    if strongly_typed:  # every TensorRT 11 network is strongly typed; the flag is accepted there and says so
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     elif major < 10:  # TensorRT 8.x (JetPack 5/6.0): the ONNX parser needs an explicit-batch network
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    else:  # explicit batch is the only mode from TensorRT 10 on
+    else:  # TensorRT 10: explicit batch is the only mode; weakly typed, precision from the builder flags below
         flags = 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "\n  ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT's ONNX parser rejected {onnx_path}:\n  {errors}")
+    network_evidence = network_precision_evidence(network, trt)
+    precision = check_build_precision(options.precision, network_evidence, strongly_typed,
+                                      f"{onnx_path} (as parsed by TensorRT)")
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * (1 << 30)))
@@ -160,12 +346,17 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: Engine
         shapes[tensor.name] = {"min": sizes[0], "opt": sizes[1], "max": sizes[2]}
     config.add_optimization_profile(profile)
 
-    cache_path = Path(options.timing_cache) if options.timing_cache else None
-    cache_bytes = cache_path.read_bytes() if cache_path and cache_path.exists() else b""
-    timing_cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(timing_cache, ignore_mismatch=False)
+    device = gpu_name()
+    if options.timing_cache:
+        cache_path: Path | None = Path(options.timing_cache)
+    elif options.timing_cache_dir:
+        cache_path = default_timing_cache_path(options.timing_cache_dir, trt.__version__, device)
+    else:
+        cache_path = None
+    cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
+    cache_status = attach_timing_cache(config, cache_bytes, str(cache_path))
 
-    LOG.info("building TensorRT %s engine (%s, batch %d..%d) from %s", trt.__version__, options.precision,
+    LOG.info("building TensorRT %s engine (%s, batch %d..%d) from %s", trt.__version__, precision,
              options.min_batch, options.max_batch, onnx_path)
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
@@ -179,6 +370,13 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: Engine
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
     outputs = [network.get_output(i).name for i in range(network.num_outputs)]
-    return {"tensorrt_version": trt.__version__, "strongly_typed": strongly_typed, "gpu": gpu_name(),
-            "host": platform.node(), "build_seconds": round(seconds, 1), "input_shapes": shapes, "outputs": outputs,
-            "options": asdict(options) | {"plugin_libs": [str(p) for p in options.plugin_libs]}}
+    facts = {"precision": precision, "requested_precision": options.precision, "tensorrt_version": trt.__version__,
+             "strongly_typed": strongly_typed, "network_types": network_evidence, "gpu": device,
+             "host": platform.node(), "build_seconds": round(seconds, 1), "input_shapes": shapes, "outputs": outputs,
+             "plugin_libs": [str(Path(p).resolve()) for p in options.plugin_libs],
+             "timing_cache": {"path": str(cache_path) if cache_path else None, "status": cache_status},
+             "options": asdict(options) | {"plugin_libs": [str(p) for p in options.plugin_libs]}}
+    if plugin_facts:
+        facts["sdconet_plugin_kernels"] = {f"{k[0]}/block_q{k[1]}": v for k, v in dict(plugin_facts).items()}
+    write_engine_metadata(engine_path, facts)
+    return facts

@@ -20,7 +20,7 @@ need ``onnx``, kernel compilation needs ``triton`` (no GPU: pass a ``target``).
 """
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 if TYPE_CHECKING:
     import onnx
@@ -264,16 +264,42 @@ def compile_msda_kernel(dtype: str, num_heads: int, head_dim: int, num_levels: i
 # --------------------------------------------------------------------------------------------------------------------
 def tensorrt_unavailable_reason() -> Optional[str]:
     """Why :func:`register_msda_plugin` cannot work here, or ``None`` when it can."""
+    from sdconet.deploy.tensorrt_build import TensorRTUnavailable, import_tensorrt
+
     try:
-        import tensorrt
+        tensorrt = import_tensorrt()
         import tensorrt.plugin as trtp
-    except ImportError as err:
-        return f"tensorrt (>= {'.'.join(map(str, MIN_TENSORRT_VERSION))}) is not installed: {err}"
+    except TensorRTUnavailable as err:
+        return f"{err} (the {SDCONET_MSDA_PLUGIN_ID} plugin needs tensorrt >= {_version_text(MIN_TENSORRT_VERSION)})"
+    except Exception as err:  # noqa: BLE001 - tensorrt.plugin imports optional modules of its own
+        return f"tensorrt.plugin not importable ({type(err).__name__}: {err})"
     version = tuple(int(part) for part in re.findall(r"\d+", tensorrt.__version__)[:2])
     if version < MIN_TENSORRT_VERSION or not hasattr(trtp, "aot_impl"):
         return (f"tensorrt {tensorrt.__version__} has no ahead-of-time Python plugins "
-                f"(needs >= {'.'.join(map(str, MIN_TENSORRT_VERSION))})")
+                f"(needs >= {_version_text(MIN_TENSORRT_VERSION)})")
     return None
+
+
+def _version_text(version: Tuple[int, ...]) -> str:
+    return ".".join(map(str, version))
+
+
+def ptx_facts(ptx: str) -> dict:
+    """``{"ptx_version": "8.7", "ptx_target": "sm_90a"}`` from a PTX module's ``.version``/``.target`` directives.
+
+    A driver loads PTX only up to the ISA version it knows, so these decide whether an engine embedding the kernel
+    runs on an older Jetson or container driver than the build machine's.
+    """
+    version = re.search(r"^\s*\.version\s+(\d+\.\d+)", ptx, re.M)
+    target = re.search(r"^\s*\.target\s+([\w, ]+?)\s*$", ptx, re.M)
+    if version is None or target is None:
+        raise ValueError("PTX without a .version or .target directive")
+    return {"ptx_version": version.group(1), "ptx_target": target.group(1).split(",")[0].strip()}
+
+
+# (dtype, block_q) -> facts of each kernel compiled by the plugin in this process (kernel name, PTX version/target,
+# launch block, shared memory); sdconet.deploy.tensorrt_build records them in the engine's .plan.json
+compiled_kernel_facts: Dict[Tuple[str, int], dict] = {}
 
 
 _registered = False
@@ -287,17 +313,20 @@ def register_msda_plugin() -> None:
     reason = tensorrt_unavailable_reason()
     if reason is not None:
         raise ImportError(f"cannot register the {SDCONET_MSDA_PLUGIN_ID} TensorRT plugin: {reason}")
-    import tensorrt as trt
+    from sdconet.deploy.tensorrt_build import import_tensorrt
+
+    trt = import_tensorrt()
     import tensorrt.plugin as trtp
 
     kernel_dtypes = {trt.float32: "fp32", trt.float16: "fp16"}
 
     def static_dim(desc: "trtp.TensorDesc", axis: int, label: str) -> int:
-        size = int(desc.shape[axis])
-        if size < 0:
+        # the symbolic shape: at build time desc.shape may be a placeholder, shape_expr says whether a dim is constant
+        expr = desc.shape_expr[axis]
+        if not expr.is_constant:
             raise ValueError(f"{SDCONET_MSDA_PLUGIN_ID}: {label} must be a static dimension (it is a compile-time "
                              "constant of the kernel); export the model at a fixed input size")
-        return size
+        return int(expr.constant_value)
 
     # The signatures below are what tensorrt.plugin validates: tensor arguments named and ordered as
     # MSDA_PLUGIN_INPUTS, real (not postponed) annotations.
@@ -326,6 +355,9 @@ def register_msda_plugin() -> None:
             num_levels=static_dim(sampling_locations, 3, "levels L"),
             num_points=static_dim(sampling_locations, 4, "points P"),
             block_q=TACTIC_BLOCK_Q.get(tactic, TACTIC_BLOCK_Q[1]))
+        compiled_kernel_facts[(kernel_dtypes[value.dtype], kernel.block_q)] = {
+            "kernel": kernel.name, **ptx_facts(kernel.ptx), "block_threads": kernel.block_threads,
+            "shared_mem": kernel.shared_mem}
         batch, num_value, num_query = value.shape_expr[0], value.shape_expr[1], sampling_locations.shape_expr[1]
         launch = trtp.KernelLaunchParams()
         launch.grid_x = trtp.cdiv(num_query, kernel.block_q)
