@@ -24,6 +24,7 @@ from sdconet.deploy.onnx_export import (DEFAULT_OPSET, check_model, export_modul
                                         simplify_around_custom_nodes)
 from sdconet.deploy.op_support import assert_tensorrt_support
 from sdconet.deploy.report import ExportReport, parity_figures, render_summary, sha256_of
+from sdconet.runtime.metadata import ORT_DOMAINS, write_onnx_metadata
 from sdconet.utils.logging import get_logger
 
 LOG = get_logger(__name__)
@@ -190,9 +191,13 @@ class Exporter:
         return plugin_model, pure_model
 
     def write_graph(self, kind: str, model: onnx.ModelProto, filename: str) -> Path:
-        """checker + TensorRT op check, then write the ONNX file and record it."""
+        """checker + TensorRT op check, then write the ONNX file (with its ``sdconet.*`` metadata) and record it."""
         check_model(model)
         support = assert_tensorrt_support(model, self.extra_plugins, what=filename)
+        plugin_nodes = any(n.domain not in ORT_DOMAINS for n in model.graph.node)
+        write_onnx_metadata(model, class_names=self.class_names(), imgsz=self.options.imgsz,
+                            msda=self.options.msda if plugin_nodes else "onnx", outputs=self.output_names,
+                            precision="int8" if "int8" in kind else "fp16" if "fp16" in kind else "fp32")
         path = save_model(model, self.out / filename)
         self.report.add_artifact(kind, path)
         self.report.graphs[kind] = {"nodes": len(model.graph.node), "op_counts": op_counts(model),
@@ -200,11 +205,18 @@ class Exporter:
         LOG.info("wrote %s (%d nodes)", path, len(model.graph.node))
         return path
 
+    def class_names(self) -> list[str]:
+        """The checkpoint's category names, else ``class_<i>``."""
+        names = list(self.meta.get("category_names") or [])
+        return names or [f"class_{i}" for i in range(self.cfg.model.detector.num_classes)]
+
     def check_parity(self, kind: str, model: onnx.ModelProto, images: torch.Tensor,
                      reference: Sequence[np.ndarray]) -> dict:
-        session = msda_plugin.ort_session(model)
-        outputs = session.run(list(self.output_names), {INPUT_NAME: images.numpy()})
-        figures = parity_figures(reference, outputs, self.options.imgsz)
+        from sdconet.runtime.onnxruntime_runner import OnnxRuntimeRunner
+
+        with OnnxRuntimeRunner(model, providers=["CPUExecutionProvider"]) as runner:
+            outputs = runner.run(images.numpy())
+        figures = parity_figures(reference, [outputs[name] for name in self.output_names], self.options.imgsz)
         self.report.parity[kind] = figures
         LOG.info("parity %s vs PyTorch: box %.2e px, score %.2e, labels %s -> %s", kind,
                  figures["max_box_error_px"], figures["max_score_error"], figures["top_labels_match"],
@@ -324,9 +336,7 @@ class Exporter:
         if backend == "trt" and engine_path is None:
             raise ExportError("--triton-backend trt needs a TensorRT engine, and none was built (see the skipped "
                               "steps); use --triton-backend onnx (NVIDIA's Triton container) or cpu")
-        class_names = list(self.meta.get("category_names") or [])
-        if not class_names:
-            class_names = [f"class_{i}" for i in range(self.cfg.model.detector.num_classes)]
+        class_names = self.class_names()
         env = self.options.triton_python_env
         repo_options = RepositoryOptions(python_env=None if env == "none" else sys.prefix if env == "current" else env,
                                          check_python_env=env == "current")

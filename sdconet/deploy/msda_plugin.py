@@ -353,25 +353,8 @@ def onnx_msda_to_plugin_nodes(model, plugin_model, op_types: Sequence[str], cast
 
 
 def ort_session(model, threads: int | None = None):
-    """ONNX Runtime CPU session for a pure or plugin-mode model.
+    """ONNX Runtime CPU session for a pure or plugin-mode model (see :func:`sdconet.runtime.onnxruntime_runner.
+    ort_session`, the one place sessions are opened)."""
+    from sdconet.runtime.onnxruntime_runner import ort_session as open_session
 
-    Custom nodes are taken to be MSDA plugins (the only custom nodes this package exports) and run as the NumPy
-    implementation of the plugin's semantics.
-    """
-    import onnx
-    import onnxruntime as ort
-
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model))
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    plugin_nodes = [n for n in model.graph.node if n.domain not in ("", "ai.onnx")]
-    if plugin_nodes:
-        plugin_types = sorted({n.op_type for n in plugin_nodes})
-        model = ort_compatible_model(model, plugin_types)
-        for op_type in plugin_types:
-            attributes = {a.name: a.type for n in model.graph.node if n.op_type == op_type for a in n.attribute}
-            library = register_ort_custom_op(op_type, attributes)
-        options.register_custom_ops_library(library)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return open_session(model, threads)

@@ -286,7 +286,7 @@ def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 def custom_node_inputs(model: onnx.ModelProto, batch: int = 1) -> dict[str, np.ndarray]:
     """Values of every custom node's inputs for an all-zero input batch, computed with ONNX Runtime on the graph
     with the custom nodes cut out (so no custom-op library is needed). Gives their static shapes and constants."""
-    import onnxruntime as ort
+    from sdconet.runtime.onnxruntime_runner import ort_session
 
     cut_model, cut = cut_custom_nodes(model)
     feeds = {}
@@ -295,9 +295,8 @@ def custom_node_inputs(model: onnx.ModelProto, batch: int = 1) -> dict[str, np.n
         dtype = onnx.helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type)
         feeds[info.name] = np.zeros(dims, dtype=dtype)
     wanted = [name for item in cut for name in item.node.input if name]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # the cut-out nodes' constant inputs are "unused initializers": not news
-    session = ort.InferenceSession(cut_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    # log severity 3: the cut-out nodes' constant inputs are "unused initializers": not news
+    session = ort_session(cut_model, log_severity=3)
     available = {o.name for o in session.get_outputs()}
     constants = constant_values(cut_model)
     names = [n for n in wanted if n in available]

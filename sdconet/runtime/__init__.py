@@ -13,7 +13,10 @@ from sdconet.runtime.base import (DEFAULT_SCORE_THRESHOLD, DETECTION_KEYS, SALIE
                                   RunnerUnavailable, normalize_outputs, pad_to_input)
 
 # backend name -> "module:class"; modules are imported on first use
-RUNNERS: dict[str, str] = {}
+RUNNERS: dict[str, str] = {
+    "torch": "sdconet.runtime.torch_runner:TorchRunner",
+    "onnxruntime": "sdconet.runtime.onnxruntime_runner:OnnxRuntimeRunner",
+}
 
 
 def open_runner(backend: str, **kwargs: Any) -> Runner:

@@ -1,0 +1,104 @@
+"""Eager PyTorch: the deploy graph (``InferenceGraph``) of a checkpoint, on CPU or CUDA, fp32 or autocast.
+
+The graph is called with ``images`` only (no padding mask), exactly as the exported graphs are, so the torch runner
+and every exported backend see identical tensors.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from sdconet.config import Config
+from sdconet.runtime.base import Runner, RunnerError, RunnerUnavailable
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TRAINING_SIZE = "training"  # imgsz default: the run's training LR size
+
+
+def default_imgsz(cfg: Config) -> int:
+    """LR side the run was trained on: ``training_image_size(cfg) // upscale``."""
+    from sdconet.engine.predict import training_image_size
+
+    return training_image_size(cfg) // cfg.model.upscale
+
+
+class TorchRunner(Runner):
+    """A trained SDCoNet's deploy graph in eager PyTorch.
+
+    Args:
+        checkpoint: weights file or run directory (``resolve_checkpoint``); or give ``graph`` + ``cfg``, or ``cfg``
+            (+ ``state_dict``; random weights without one).
+        device: ``cpu`` / ``cuda[:i]`` (default: CUDA when available).
+        msda_impl: MSDA implementation (default: ``gather`` on CPU, ``auto`` = the Triton kernel on CUDA); ignored
+            with ``graph``.
+        precision: ``fp32`` | ``bf16`` (autocast, CPU and CUDA) | ``fp16`` (CUDA autocast).
+        imgsz: input side the runner accepts; default the run's training LR size; ``None`` accepts any size.
+        with_saliency: return the saliency map (default: whether the model has saliency on).
+        class_names: default: the checkpoint's ``category_names``, else ``class_<i>``.
+    """
+
+    backend = "torch"
+
+    def __init__(self, checkpoint: str | Path | None = None, *, graph: torch.nn.Module | None = None,
+                 cfg: Config | None = None, state_dict: dict[str, torch.Tensor] | None = None,
+                 meta: Mapping[str, Any] | None = None, device: str | torch.device | None = None,
+                 msda_impl: str | None = None, precision: str = "fp32", imgsz: int | None | str = TRAINING_SIZE,
+                 with_saliency: bool | None = None, class_names: Sequence[str] | None = None,
+                 runs_dir: str | Path = "runs") -> None:
+        if precision not in PRECISIONS:
+            raise RunnerError(f"torch runner: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RunnerUnavailable(f"torch runner: device {self.device} asked for, but no CUDA device is visible")
+        if precision == "fp16" and self.device.type != "cuda":
+            raise RunnerUnavailable("fp16 autocast needs a CUDA device (CPU autocast runs bf16: use precision bf16)")
+        self.msda_impl = msda_impl or ("auto" if self.device.type == "cuda" else "gather")
+        meta = dict(meta or {})
+        if graph is None:
+            from sdconet.deploy.inference_graph import build_inference_graph, load_inference_graph
+
+            if checkpoint is not None:
+                from sdconet.engine.checkpoint import read_checkpoint_metadata, resolve_checkpoint
+
+                path = resolve_checkpoint(checkpoint, runs_dir=runs_dir)
+                cfg, _ = read_checkpoint_metadata(path)
+                saliency = cfg.model.saliency.enabled if with_saliency is None else with_saliency
+                graph, cfg, meta = load_inference_graph(path, msda_impl=self.msda_impl, with_saliency=saliency)
+            elif cfg is not None:
+                saliency = cfg.model.saliency.enabled if with_saliency is None else with_saliency
+                graph = build_inference_graph(cfg, state_dict, msda_impl=self.msda_impl, with_saliency=saliency)
+            else:
+                raise RunnerError("torch runner: give a checkpoint, a cfg, or a graph and its cfg")
+        elif cfg is None and imgsz == TRAINING_SIZE:
+            raise RunnerError("torch runner: a prebuilt graph needs its cfg (or an explicit imgsz)")
+        self.cfg = cfg
+        self.graph = graph.eval().to(self.device)
+        if class_names is None:
+            class_names = meta.get("category_names") or [f"class_{i}"
+                                                         for i in range(cfg.model.detector.num_classes)]
+        super().__init__(imgsz=default_imgsz(cfg) if imgsz == TRAINING_SIZE else imgsz, class_names=class_names,
+                         precision=precision, max_batch=None,
+                         has_saliency=bool(getattr(self.graph, "with_saliency", False)))
+        self._autocast_dtype = _AUTOCAST.get(precision)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The graph's outputs by name for a tensor already on ``self.device`` (no checks, no copies)."""
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self._autocast_dtype,
+                                                    enabled=self._autocast_dtype is not None):
+            return dict(zip(self.graph.output_names, self.graph(images)))
+
+    def _run(self, images: np.ndarray) -> Mapping[str, Any]:
+        return self.forward(torch.from_numpy(images).to(self.device))
+
+    def describe(self) -> dict[str, Any]:
+        return super().describe() | {"device": str(self.device), "msda_impl": self.msda_impl}
+
+    def close(self) -> None:
+        self.graph = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

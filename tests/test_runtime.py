@@ -1,0 +1,170 @@
+"""The runtime layer: torch and ONNX Runtime (pure and plugin graphs) agree on the same padded batch, the exporter's
+ONNX metadata round-trips, an ONNX without metadata opens with its export report, bad inputs name the value."""
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from sdconet.config import load_config
+from sdconet.deploy.exporter import ExportOptions, run_export
+from sdconet.engine.checkpoint import save_model_weights
+from sdconet.models import build_model
+from sdconet.runtime import RUNNERS, RunnerError, RunnerUnavailable, open_runner, pad_to_input
+from sdconet.runtime.metadata import PREFIX, onnx_model_info, read_onnx_metadata, write_onnx_metadata
+
+IMGSZ = 64
+NAMES = ["car", "ship", "plane", "tank", "house", "bridge"]  # the tiny config has 6 classes
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runtime_ckpt")
+    cfg = load_config("tiny", ["data.synthetic.num_images=8", f"data.cache_dir={root / 'cache'}"])
+    torch.manual_seed(0)
+    return save_model_weights(build_model(cfg.model), cfg, root / "run" / "checkpoints" / "best.safetensors",
+                              {"category_names": NAMES})
+
+
+@pytest.fixture(scope="module")
+def export(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runtime_engines")
+    result = run_export(ExportOptions(checkpoint=str(checkpoint), out=str(out), imgsz=IMGSZ, max_batch=4,
+                                      msda="plugin", with_saliency=True, name="tiny"))
+    assert result.exit_code == 0, result.report["parity"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def padded_batch():
+    """Two tiles smaller than the input, zero-padded bottom/right as the scene core pads them."""
+    rng = np.random.default_rng(0)
+    tiles = [rng.random((3, 50, IMGSZ), dtype=np.float32), rng.random((3, IMGSZ, 41), dtype=np.float32)]
+    return pad_to_input(tiles, IMGSZ)
+
+
+def _sorted(out: dict) -> dict:
+    """Detections of each image in descending score order (ties broken by box), so two backends compare 1:1."""
+    result = {k: [] for k in ("boxes", "scores", "labels")}
+    for b in range(out["scores"].shape[0]):
+        order = np.lexsort((out["boxes"][b, :, 0], -out["scores"][b]))
+        for key in result:
+            result[key].append(out[key][b][order])
+    return {k: np.stack(v) for k, v in result.items()}
+
+
+def test_torch_and_onnxruntime_agree_on_a_padded_batch(checkpoint, export, padded_batch):
+    with open_runner("torch", checkpoint=checkpoint, device="cpu", imgsz=IMGSZ) as torch_runner:
+        assert torch_runner.class_names == NAMES and torch_runner.has_saliency and torch_runner.precision == "fp32"
+        reference = torch_runner.run(padded_batch)
+    assert reference["labels"].dtype == np.int64 and reference["boxes"].shape[:2] == reference["scores"].shape
+    ref = _sorted(reference)
+    for filename, msda in (("tiny.onnx", "onnx"), ("tiny.plugin.onnx", "plugin")):
+        with open_runner("onnxruntime", model=export / filename, threads=1) as runner:
+            assert (runner.imgsz, runner.class_names, runner.precision, runner.msda) == (IMGSZ, NAMES, "fp32", msda)
+            assert runner.has_saliency
+            out = runner.run(padded_batch)
+        got = _sorted(out)
+        np.testing.assert_allclose(got["boxes"], ref["boxes"], atol=1e-2, err_msg=filename)
+        np.testing.assert_allclose(got["scores"], ref["scores"], atol=1e-4, err_msg=filename)
+        np.testing.assert_array_equal(got["labels"][:, :10], ref["labels"][:, :10], err_msg=filename)
+        np.testing.assert_allclose(out["saliency"], reference["saliency"], atol=1e-4, err_msg=filename)
+
+
+def test_exported_onnx_carries_metadata(export):
+    from sdconet import __version__
+
+    for filename, msda in (("tiny.onnx", "onnx"), ("tiny.plugin.onnx", "plugin")):
+        meta = read_onnx_metadata(export / filename)
+        assert meta == {"class_names": NAMES, "imgsz": IMGSZ, "msda": msda, "precision": "fp32",
+                        "outputs": ["boxes", "scores", "labels", "saliency"], "version": __version__}
+
+
+def test_metadata_writer_replaces_its_own_keys_and_keeps_others():
+    model = onnx.ModelProto()
+    model.metadata_props.add(key="producer.note", value="kept")
+    write_onnx_metadata(model, class_names=["a"], imgsz=32, msda="onnx", outputs=["boxes"], precision="fp32")
+    write_onnx_metadata(model, class_names=["b", "c"], imgsz=64, msda="plugin", outputs=["boxes"], precision="int8")
+    keys = [p.key for p in model.metadata_props]
+    assert keys.count(PREFIX + "imgsz") == 1 and "producer.note" in keys
+    meta = read_onnx_metadata(model)
+    assert meta["class_names"] == ["b", "c"] and meta["imgsz"] == 64 and meta["precision"] == "int8"
+    with pytest.raises(ValueError, match="class_names"):
+        write_onnx_metadata(model, class_names=[], imgsz=64, msda="onnx", outputs=[], precision="fp32")
+    model.metadata_props.add(key=PREFIX + "class_names", value="[not json")
+    with pytest.raises(RunnerError, match="sdconet.class_names"):
+        read_onnx_metadata(model)
+
+
+def _strip_metadata(src, dst):
+    model = onnx.load(str(src))
+    del model.metadata_props[:]
+    onnx.save(model, str(dst))
+    return dst
+
+
+def test_old_onnx_without_metadata_loads_with_its_report(export, tmp_path, padded_batch):
+    """An export from before the metadata: the graph gives size/outputs/MSDA mode, the report the class names."""
+    old_dir = tmp_path / "old"
+    old_dir.mkdir()
+    shutil.copy2(export / "tiny.report.json", old_dir / "tiny.report.json")
+    path = _strip_metadata(export / "tiny.plugin.onnx", old_dir / "tiny.plugin.onnx")
+    assert read_onnx_metadata(path) == {}
+    with open_runner("onnxruntime", model=path, threads=1) as runner:
+        assert (runner.imgsz, runner.class_names, runner.msda, runner.precision) == (IMGSZ, NAMES, "plugin", "fp32")
+        assert runner.run(padded_batch)["boxes"].shape[0] == 2
+    (old_dir / "tiny.report.json").unlink()
+    with pytest.raises(RunnerError, match="re-export") as err:
+        onnx_model_info(onnx.load(str(path)), path)
+    assert str(path) in str(err.value)
+    info = onnx_model_info(onnx.load(str(path)), path, class_names=["x"] * 6)  # the caller's names need no file
+    assert info["class_names"] == ["x"] * 6
+
+
+def test_wrong_input_size_and_batch_name_the_value(export, tmp_path):
+    with open_runner("onnxruntime", model=export / "tiny.onnx", threads=1) as runner:
+        with pytest.raises(ValueError, match=r"takes 64x64 inputs, got 32x32"):
+            runner.run(np.zeros((1, 3, 32, 32), np.float32))
+        with pytest.raises(ValueError, match=r"\[1, 64, 64\]"):
+            runner.run(np.zeros((1, 64, 64), np.float32))
+    fixed = onnx.load(str(export / "tiny.onnx"))  # a graph exported with a static batch of 2
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    path = tmp_path / "fixed.onnx"
+    onnx.save(fixed, str(path))
+    with open_runner("onnxruntime", model=path, threads=1) as runner:
+        assert runner.max_batch == 2
+        with pytest.raises(ValueError, match="batch 3 exceeds the model's max batch 2"):
+            runner.run(np.zeros((3, 3, IMGSZ, IMGSZ), np.float32))
+
+
+def test_torch_runner_precisions_and_defaults(checkpoint, padded_batch):
+    cfg = load_config("tiny")
+    runner = open_runner("torch", checkpoint=checkpoint, device="cpu")
+    from sdconet.engine.predict import training_image_size
+
+    assert runner.imgsz == training_image_size(runner.cfg) // cfg.model.upscale
+    assert runner.msda_impl == "gather"
+    with pytest.raises(RunnerUnavailable, match="fp16 autocast needs a CUDA device"):
+        open_runner("torch", cfg=cfg, device="cpu", precision="fp16")
+    with pytest.raises(RunnerError, match="'fp8'"):
+        open_runner("torch", cfg=cfg, device="cpu", precision="fp8")
+    fp32 = open_runner("torch", checkpoint=checkpoint, device="cpu", imgsz=IMGSZ).run(padded_batch)
+    bf16 = open_runner("torch", checkpoint=checkpoint, device="cpu", imgsz=IMGSZ, precision="bf16")
+    assert bf16.precision == "bf16"
+    out = bf16.run(padded_batch)
+    assert out["boxes"].dtype == np.float32 and out["boxes"].shape == fp32["boxes"].shape
+    any_size = open_runner("torch", checkpoint=checkpoint, device="cpu", imgsz=None)
+    assert any_size.run(np.zeros((1, 3, 96, 96), np.float32))["boxes"].shape[0] == 1
+
+
+def test_every_registered_runner_imports():
+    import importlib
+
+    for backend, target in RUNNERS.items():
+        module, name = target.split(":")
+        cls = getattr(importlib.import_module(module), name)
+        assert cls.backend == backend
+    with pytest.raises(RunnerError, match="unknown backend 'nope'"):
+        open_runner("nope")
