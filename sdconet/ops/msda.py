@@ -92,22 +92,28 @@ def msda_gather(value: torch.Tensor, spatial_shapes: SpatialShapes, level_start_
     for level, (h, w) in enumerate(shapes):
         v = values[level].permute(0, 2, 1, 3).reshape(n * m, h * w, d)  # [N*M, HW, D]
         loc = sampling_locations[:, :, :, level].transpose(1, 2).reshape(n * m, lq * p, 2)
-        x = loc[..., 0] * w - 0.5
-        y = loc[..., 1] * h - 0.5
-        x0 = torch.floor(x)
-        y0 = torch.floor(y)
-        fx = x - x0
-        fy = y - y0
+        # Sampling positions in float; everything that becomes an index is integer from the floor on, so every
+        # gather index is in range whatever float precision a runtime picks for the rest (bf16 holds integers
+        # exactly only up to 256, fp16 up to 2048: y * W + x computed in float broke at 512² LR).
+        # Clamping to [-1, W] first changes no result (further out, both corners are outside) and keeps the
+        # float -> int cast finite.
+        x = (loc[..., 0] * w - 0.5).clamp(-1, w)
+        y = (loc[..., 1] * h - 0.5).clamp(-1, h)
+        x0f = torch.floor(x)
+        y0f = torch.floor(y)
+        fx = x - x0f
+        fy = y - y0f
+        x0 = x0f.to(torch.int64)
+        y0 = y0f.to(torch.int64)
         corner_idx, corner_w = [], []
         for dy, wy in ((0, 1.0 - fy), (1, fy)):
             for dx, wx in ((0, 1.0 - fx), (1, fx)):
                 cx = x0 + dx
                 cy = y0 + dy
-                inside = (cx >= 0) & (cx <= w - 1) & (cy >= 0) & (cy <= h - 1)
-                idx = cy.clamp(0, h - 1) * w + cx.clamp(0, w - 1)
-                corner_idx.append(idx)
+                inside = (cx >= 0) & (cx < w) & (cy >= 0) & (cy < h)
+                corner_idx.append(cy.clamp(0, h - 1) * w + cx.clamp(0, w - 1))
                 corner_w.append(wx * wy * inside.to(value.dtype))
-        idx = torch.cat(corner_idx, dim=1).to(torch.int64)  # [N*M, 4*Lq*P]
+        idx = torch.cat(corner_idx, dim=1)  # [N*M, 4*Lq*P] int64
         weight = torch.cat(corner_w, dim=1)  # [N*M, 4*Lq*P]
         gathered = torch.gather(v, 1, idx.unsqueeze(-1).expand(-1, -1, d))  # [N*M, 4*Lq*P, D]
         attn = attention_weights[:, :, :, level].transpose(1, 2).reshape(n * m, 1, lq * p).repeat(1, 4, 1)
