@@ -56,13 +56,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     prec.add_argument("--calib-images", type=int, default=64, help="training images for INT8 calibration")
     prec.add_argument("--eval-images", type=int, default=None,
                       help="validation images for the FP32-vs-INT8 AP comparison (default: all)")
+    prec.add_argument("--int8-high-precision", choices=["auto", "fp16", "fp32"], default="auto",
+                      help="type of the layers INT8 leaves unquantized (ModelOpt --high_precision_dtype); auto = fp16 "
+                           "when this machine's TensorRT is >= 11 (strongly typed), else fp32; pass fp16 when a CPU "
+                           "host prepares the Q/DQ ONNX for a TensorRT 11 target")
     prec.add_argument("--modelopt-python", default=None,
                       help="interpreter with nvidia-modelopt[onnx] (default: $SDCONET_MODELOPT_PYTHON or "
                            ".venv-modelopt/bin/python)")
     trt = parser.add_argument_group("TensorRT")
     trt.add_argument("--plugin-lib", action="append", default=[], help="extra TensorRT plugin library (repeatable)")
     trt.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GiB (default 4)")
-    trt.add_argument("--timing-cache", default=None, help="timing cache file (default <out>/timing.cache)")
+    trt.add_argument("--timing-cache", default=None,
+                     help="timing cache file (default <out>/timing_trt<version>_<gpu>.cache; a cache from another "
+                          "TensorRT or GPU is replaced by a fresh one)")
     trt.add_argument("--require-engine", action="store_true", help="exit 1 when no engine could be built")
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="engines", help="artifact folder (default engines/)")
@@ -72,10 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="detector deployment in the repository: trt (tensorrt_plan), onnx (onnxruntime_onnx, "
                           "NVIDIA's Triton container) or cpu (python backend + ONNX Runtime, runs with the Triton "
                           "bundled in nvidia-pytriton); auto = trt when an engine was built, else cpu")
-    out.add_argument("--triton-python-env", default="current", metavar="current|none|PATH",
+    out.add_argument("--triton-python-env", default="auto", metavar="auto|current|none|PATH",
                      help="environment of the repository's python models (EXECUTION_ENV_PATH): current = this "
-                          "Python's (checked: numpy < 2), none = the server's own Python (NVIDIA's container), or "
-                          "a path that exists on the serving machine")
+                          "Python's (checked: numpy < 2), none = the server's own Python (NVIDIA's container), a "
+                          "path that exists on the serving machine, or auto = none for trt/onnx, current for cpu")
     out.add_argument("--seed", type=int, default=0, help="seed for the parity batch and calibration sampling")
     return parser.parse_args(argv)
 
@@ -91,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                             plugin_libs=tuple(args.plugin_lib), workspace_gib=args.workspace,
                             timing_cache=args.timing_cache, require_engine=args.require_engine,
                             triton_repo=args.triton_repo, triton_backend=args.triton_backend,
-                            triton_python_env=args.triton_python_env,
+                            triton_python_env=args.triton_python_env, int8_high_precision=args.int8_high_precision,
                             seed=args.seed)
     try:
         result = run_export(options)

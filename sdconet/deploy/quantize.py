@@ -4,7 +4,8 @@ ModelOpt (``nvidia-modelopt[onnx]``) pulls ``onnxruntime-gpu``, cupy and an olde
 virtualenv and runs as a subprocess::
 
     <python> -m modelopt.onnx.quantization --onnx_path fp32.onnx --quantize_mode int8
-        --calibration_data_path calib.npz --calibration_eps cpu --high_precision_dtype fp32 --output_path int8.onnx
+        --calibration_data_path calib.npz --calibration_eps cpu --high_precision_dtype fp32|fp16
+        --output_path int8.onnx
 
 The interpreter is, in order: the ``python`` argument (``--modelopt-python``), ``$SDCONET_MODELOPT_PYTHON``, then
 ``.venv-modelopt/bin/python`` in the repository root (docs/export.md shows how to create it).
@@ -99,9 +100,15 @@ def write_calibration_data(images: np.ndarray, path: str | Path, input_name: str
 
 def quantize_int8(onnx_path: str | Path, output_path: str | Path, calibration_path: str | Path, *,
                   python: str | Path | None = None, exclude_nodes: Sequence[str] = (),
-                  calibration_method: str = "entropy", log_path: str | Path | None = None,
-                  timeout_s: int = 3600) -> dict:
-    """Run ModelOpt INT8 PTQ (CPU calibration) and return a summary (command, seconds, Q/DQ node count)."""
+                  calibration_method: str = "entropy", high_precision_dtype: str = "fp32",
+                  log_path: str | Path | None = None, timeout_s: int = 3600) -> dict:
+    """Run ModelOpt INT8 PTQ (CPU calibration) and return a summary (command, seconds, Q/DQ node count).
+
+    ``high_precision_dtype`` is the type of the layers left unquantized: ``fp16`` for TensorRT 11 targets (strongly
+    typed, so those layers run in exactly this type), ``fp32`` where TensorRT 10's FP16 flag lowers them anyway.
+    """
+    if high_precision_dtype not in ("fp16", "fp32"):
+        raise ValueError(f"high_precision_dtype must be 'fp16' or 'fp32', got {high_precision_dtype!r}")
     import onnx
 
     reason = modelopt_unavailable_reason(python)
@@ -111,7 +118,7 @@ def quantize_int8(onnx_path: str | Path, output_path: str | Path, calibration_pa
     command = [str(modelopt_python(python)), "-m", "modelopt.onnx.quantization", "--onnx_path", str(onnx_path),
                "--quantize_mode", "int8", "--calibration_method", calibration_method,
                "--calibration_data_path", str(calibration_path), "--calibration_eps", "cpu",
-               "--high_precision_dtype", "fp32", "--output_path", str(output_path)]
+               "--high_precision_dtype", high_precision_dtype, "--output_path", str(output_path)]
     if exclude_nodes:
         command += ["--nodes_to_exclude", *exclude_nodes]
     LOG.info("ModelOpt INT8 PTQ: %s", " ".join(command))
@@ -129,7 +136,8 @@ def quantize_int8(onnx_path: str | Path, output_path: str | Path, calibration_pa
     if not dq_nodes:
         raise QuantizationError(f"ModelOpt wrote {output_path} without any DequantizeLinear node")
     return {"command": command, "seconds": round(seconds, 1), "quantize_linear": q_nodes,
-            "dequantize_linear": dq_nodes, "calibration_method": calibration_method}
+            "dequantize_linear": dq_nodes, "calibration_method": calibration_method,
+            "high_precision_dtype": high_precision_dtype}
 
 
 def quantize_int8_random_calibration(onnx_path: str | Path, output_path: str | Path, *, imgsz: int,

@@ -75,7 +75,14 @@ class RepositoryOptions:
     max_image_pixels: int = processing.DEFAULT_MAX_IMAGE_PIXELS  # preprocess refuses larger images
     onnx_device: str = "gpu"  # detector_onnx instance kind: "gpu" | "cpu"
     onnx_tensorrt: bool = False  # detector_onnx: TensorRT execution accelerator (GPU only)
-    onnx_tensorrt_precision: str = "FP16"  # "FP32" | "FP16" | "INT8"
+    onnx_tensorrt_precision: str = "FP16"  # "FP32" | "FP16" | "INT8" (INT8 needs onnx_tensorrt_calibration_table)
+    # where ONNX Runtime's TensorRT accelerator keeps built engines on the serving machine (so a restart does not
+    # rebuild them); must be writable by the server
+    onnx_tensorrt_cache_path: str = "/tmp/sdconet_ort_trt_cache"
+    onnx_tensorrt_calibration_table: Optional[str] = None  # INT8 calibration table name, in the cache path
+    warmup: bool = True  # model_warmup of the GPU detectors: batch 1 and max_batch before the model is READY
+    # TensorRT plugin libraries the engine needs (--plugin-lib): recorded in the manifest, loaded by the launcher
+    plugin_libs: tuple[str, ...] = ()
     # EXECUTION_ENV_PATH of the python models: an environment with numpy < 2 (see sdconet.serve.python_env);
     # None = the server's own Python. It is checked here unless check_python_env is False (an env on another machine).
     python_env: Optional[str] = sys.prefix
@@ -232,11 +239,45 @@ def _onnx_optimization(options: RepositoryOptions) -> str:
         return ""
     if options.onnx_device != "gpu":
         raise RepositoryError("onnx_tensorrt needs onnx_device='gpu' (TensorRT is a GPU execution accelerator)")
+    if options.onnx_tensorrt_precision == "INT8" and not options.onnx_tensorrt_calibration_table:
+        raise RepositoryError("onnx_tensorrt_precision INT8 needs onnx_tensorrt_calibration_table: ONNX Runtime's "
+                              "TensorRT accelerator quantizes implicitly from a calibration table and has none here; "
+                              "serve the Q/DQ ONNX with FP16, or a TensorRT INT8 engine with backend 'trt'")
+    parameters = {"precision_mode": options.onnx_tensorrt_precision, "trt_engine_cache_enable": "1",
+                  "trt_engine_cache_path": options.onnx_tensorrt_cache_path}
+    if options.onnx_tensorrt_calibration_table:
+        parameters["int8_calibration_table_name"] = options.onnx_tensorrt_calibration_table
+    lines = "".join(f'  parameters {{ key: "{key}" value: "{_pbtxt_string(str(value))}" }}\n'
+                    for key, value in parameters.items())
     return ("optimization { execution_accelerators { gpu_execution_accelerator: [ {\n"
-            '  name: "tensorrt"\n'
-            f'  parameters {{ key: "precision_mode" value: "{options.onnx_tensorrt_precision}" }}\n'
-            '  parameters { key: "trt_engine_cache_enable" value: "1" }\n'
-            "} ] } }")
+            '  name: "tensorrt"\n' + lines + "} ] } }")
+
+
+def _detector_warmup(options: RepositoryOptions, inputs: Sequence[TensorSpec], max_batch: int) -> str:
+    """``model_warmup`` of a GPU detector: random inputs at batch 1 and ``max_batch``, so the first client request
+    does not pay for CUDA context, kernel selection (TensorRT) or accelerator engine builds (ONNX Runtime)."""
+    if not options.warmup:
+        return ""
+    entries = []
+    for batch in sorted({1, max_batch}):
+        tensors = " ".join(f'inputs {{ key: "{spec.name}" value: {{ data_type: {spec.data_type} dims: '
+                           f'[ {", ".join(str(d) for d in spec.dims)} ] random_data: true }} }}' for spec in inputs)
+        entries.append(f'  {{ name: "random_batch{batch}" batch_size: {batch} {tensors} }}')
+    return "model_warmup [\n" + ",\n".join(entries) + "\n]"
+
+
+def _checked_plugin_libs(plugin_libs: Sequence[str]) -> list[str]:
+    """Absolute plugin library paths; a comma would split Triton's ``--backend-config`` value, so it is refused."""
+    paths = []
+    for lib in plugin_libs:
+        path = Path(lib)
+        if not path.is_file():
+            raise RepositoryError(f"plugin library {lib}: file not found")
+        if "," in str(path.resolve()) or ";" in str(path.resolve()):
+            raise RepositoryError(f"plugin library {lib}: a ',' or ';' in the path cannot be passed to Triton's "
+                                  f"--backend-config=tensorrt,plugins=...")
+        paths.append(str(path.resolve()))
+    return paths
 
 
 def _check_arguments(backend: str, imgsz: int, max_batch: int, class_names: Sequence[str], score_threshold: float,
@@ -291,6 +332,10 @@ def build_repository(repo_dir: str | Path, *, onnx_path: str | Path | None = Non
     engine_path = Path(engine_path) if engine_path is not None else None
     _check_arguments(backend, imgsz, max_batch, class_names, score_threshold, onnx_path, engine_path, options)
     _prepare_target(repo_dir)
+    if options.plugin_libs and backend != "trt":
+        raise RepositoryError(f"plugin libraries {list(options.plugin_libs)} are for TensorRT engines; backend "
+                              f"'{backend}' does not load them")
+    plugin_libs = _checked_plugin_libs(options.plugin_libs)
 
     inputs, outputs = check_detector_signature(onnx_path, imgsz)
     if backend in ("cpu", "onnx"):
@@ -320,6 +365,7 @@ def build_repository(repo_dir: str | Path, *, onnx_path: str | Path | None = Non
         "detector_outputs": ",\n".join(spec.to_pbtxt() for spec in outputs),
         "onnx_instance_kind": "KIND_GPU" if options.onnx_device == "gpu" else "KIND_CPU",
         "onnx_optimization": _onnx_optimization(options) if backend == "onnx" else "",
+        "detector_warmup": _detector_warmup(options, inputs, max_batch) if backend in ("onnx", "trt") else "",
     }
 
     repo_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -353,7 +399,7 @@ def build_repository(repo_dir: str | Path, *, onnx_path: str | Path | None = Non
             "class_names": list(class_names), "score_threshold": float(score_threshold),
             "source_onnx": str(onnx_path.resolve()),
             "source_engine": str(engine_path.resolve()) if engine_path is not None else None,
-            "python_env_version": python_env_version, "options": asdict(options),
+            "python_env_version": python_env_version, "plugin_libs": plugin_libs, "options": asdict(options),
         }
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         if repo_dir.exists():

@@ -15,6 +15,7 @@ requests), escalates to SIGKILL on the group after a timeout, and returns only w
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -122,6 +123,22 @@ def _python_env_paths(repo: Path) -> set[str]:
         if config.backend == "python" and "EXECUTION_ENV_PATH" in config.parameters:
             paths.add(config.parameters["EXECUTION_ENV_PATH"].string_value)
     return paths
+
+
+def tensorrt_plugin_args(repo: Path) -> list[str]:
+    """``--backend-config=tensorrt,plugins=a.so;b.so`` for the plugin libraries the repository's manifest lists
+    (engines built with ``--plugin-lib``); the tensorrt_plan backend loads them before deserializing the engine."""
+    from sdconet.deploy.triton_repo import MANIFEST_NAME
+
+    manifest_path = repo / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return []
+    libs = json.loads(manifest_path.read_text()).get("plugin_libs") or []
+    for lib in libs:
+        if not Path(lib).is_file():  # the repository may have been built on another machine or outside a container
+            log.warning("plugin library %s (listed in %s) is not on this machine; the TensorRT engine will fail to "
+                        "load unless the server sees it at that path", lib, manifest_path)
+    return [f"--backend-config=tensorrt,plugins={';'.join(libs)}"] if libs else []
 
 
 def process_group_members(pgid: int) -> list[int]:
@@ -263,6 +280,7 @@ class TritonServer:
                 "--strict-readiness=true", "--disable-auto-complete-config"]
         if self.bundled:
             args.append("--allow-gpu-metrics=false")  # CPU-only build: skip the NVML/DCGM probes
+        args += tensorrt_plugin_args(self.repo)
         return args
 
     def start(self) -> "TritonServer":

@@ -1,0 +1,152 @@
+"""Triton repositories for NVIDIA's container (issue 15 item 5): no build-host venv in trt/onnx repositories by
+default, plugin libraries recorded and passed to the server, model_warmup on the GPU detectors, the ONNX Runtime
+TensorRT accelerator's engine cache and its INT8 refusal. Configs are parsed with Triton's own schema."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
+
+from sdconet.deploy.exporter import ExportOptions, repository_python_env  # noqa: E402
+from sdconet.deploy.triton_repo import (DETECTOR_MODELS, MANIFEST_NAME, RepositoryError, RepositoryOptions,  # noqa: E402
+                                        build_repository, parse_model_config)
+from sdconet.serve.server import TritonServer, tensorrt_plugin_args  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+IMGSZ, MAX_BATCH, NUM_DETECTIONS = 32, 4, 5
+
+
+@pytest.fixture(scope="module")
+def detector_onnx(tmp_path_factory) -> Path:
+    """A graph with the detector's serving signature (images -> boxes/scores/labels, dynamic batch); never run."""
+    flat = 3 * IMGSZ * IMGSZ
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.random((flat, NUM_DETECTIONS), dtype=np.float32), "w_scores"),
+             onnx.numpy_helper.from_array(rng.random((flat, 4 * NUM_DETECTIONS), dtype=np.float32), "w_boxes"),
+             onnx.numpy_helper.from_array(np.array([0, -1], np.int64), "flat_shape"),
+             onnx.numpy_helper.from_array(np.array([0, NUM_DETECTIONS, 4], np.int64), "box_shape")]
+    nodes = [helper.make_node("Reshape", ["images", "flat_shape"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "w_scores"], ["scores"]),
+             helper.make_node("MatMul", ["flat", "w_boxes"], ["boxes_flat"]),
+             helper.make_node("Reshape", ["boxes_flat", "box_shape"], ["boxes"]),
+             helper.make_node("Cast", ["scores"], ["labels"], to=TensorProto.INT32)]
+    graph = helper.make_graph(
+        nodes, "detector", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["B", 3, IMGSZ, IMGSZ])],
+        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["B", NUM_DETECTIONS, 4]),
+         helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["B", NUM_DETECTIONS]),
+         helper.make_tensor_value_info("labels", TensorProto.INT32, ["B", NUM_DETECTIONS])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    path = tmp_path_factory.mktemp("detector") / "detector.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _build(tmp_path: Path, detector_onnx: Path, backend: str, **options) -> Path:
+    engine = None
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    if backend == "trt":
+        # stands in for an engine file: only configs and manifest are checked here (TensorRT is not installed)
+        engine = tmp_path / "engine_placeholder.plan"
+        engine.write_bytes(b"placeholder")
+    return build_repository(tmp_path / f"repo_{backend}", onnx_path=detector_onnx, engine_path=engine,
+                            backend=backend, imgsz=IMGSZ, max_batch=MAX_BATCH, class_names=["a", "b"],
+                            options=RepositoryOptions(**options))
+
+
+def _default_env_options(backend: str) -> dict:
+    """RepositoryOptions fields the exporter derives from its default --triton-python-env."""
+    python_env, check = repository_python_env(ExportOptions().triton_python_env, backend)
+    return {"python_env": python_env, "check_python_env": check}
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("build_engine_cli", REPO_ROOT / "export" / "build_engine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("backend", ["trt", "onnx"])
+def test_default_gpu_repository_has_no_build_host_python_env(tmp_path, detector_onnx, backend):
+    assert _load_cli().parse_args([]).triton_python_env == ExportOptions().triton_python_env == "auto"
+    repo = _build(tmp_path, detector_onnx, backend, **_default_env_options(backend))
+    configs = sorted(repo.glob("*/config.pbtxt"))
+    assert len(configs) == 4
+    for config in configs:
+        assert "EXECUTION_ENV_PATH" not in config.read_text(), config
+    assert json.loads((repo / MANIFEST_NAME).read_text())["python_env_version"] is None  # nothing was checked
+
+
+def test_default_cpu_repository_keeps_this_python_env():
+    assert repository_python_env("auto", "cpu") == (sys.prefix, True)
+    assert repository_python_env("none", "cpu") == (None, False)
+    assert repository_python_env("/opt/env", "trt") == ("/opt/env", False)
+
+
+@pytest.mark.parametrize("backend", ["trt", "onnx"])
+def test_gpu_detectors_warm_up_at_batch_1_and_max_batch(tmp_path, detector_onnx, backend):
+    repo = _build(tmp_path, detector_onnx, backend, python_env=None)
+    config = parse_model_config(repo / DETECTOR_MODELS[backend] / "config.pbtxt")
+    assert [w.batch_size for w in config.model_warmup] == [1, MAX_BATCH]
+    for warmup in config.model_warmup:
+        image = warmup.inputs["images"]
+        assert list(image.dims) == [3, IMGSZ, IMGSZ] and image.random_data
+    off = _build(tmp_path / "off", detector_onnx, backend, python_env=None, warmup=False)
+    assert not parse_model_config(off / DETECTOR_MODELS[backend] / "config.pbtxt").model_warmup
+
+
+def test_plugin_libraries_in_manifest_and_server_command(tmp_path, detector_onnx):
+    libs = [tmp_path / "libmsda_plugin.so", tmp_path / "libother.so"]
+    for lib in libs:
+        lib.write_bytes(b"\x7fELF")  # only the path is recorded and passed on here
+    repo = _build(tmp_path, detector_onnx, "trt", python_env=None, plugin_libs=tuple(str(p) for p in libs))
+    manifest = json.loads((repo / MANIFEST_NAME).read_text())
+    assert manifest["plugin_libs"] == [str(p.resolve()) for p in libs]
+    expected = f"--backend-config=tensorrt,plugins={libs[0].resolve()};{libs[1].resolve()}"
+    assert tensorrt_plugin_args(repo) == [expected]
+    server = TritonServer(repo, binary=tmp_path / "tritonserver")  # command() only: nothing is started
+    assert expected in server.command()
+    without = _build(tmp_path / "plain", detector_onnx, "trt", python_env=None)
+    assert json.loads((without / MANIFEST_NAME).read_text())["plugin_libs"] == []
+    assert not any(a.startswith("--backend-config=tensorrt") for a in TritonServer(
+        without, binary=tmp_path / "tritonserver").command())
+
+
+def test_plugin_library_errors(tmp_path, detector_onnx):
+    with pytest.raises(RepositoryError, match="libmissing.so: file not found"):
+        _build(tmp_path, detector_onnx, "trt", python_env=None, plugin_libs=(str(tmp_path / "libmissing.so"),))
+    lib = tmp_path / "libx.so"
+    lib.write_bytes(b"")
+    with pytest.raises(RepositoryError, match="backend 'onnx' does not load them"):
+        _build(tmp_path, detector_onnx, "onnx", python_env=None, plugin_libs=(str(lib),))
+    odd = tmp_path / "a,b"
+    odd.mkdir()
+    (odd / "libx.so").write_bytes(b"")
+    with pytest.raises(RepositoryError, match="cannot be passed to Triton's"):
+        _build(tmp_path, detector_onnx, "trt", python_env=None, plugin_libs=(str(odd / "libx.so"),))
+
+
+def test_onnx_tensorrt_accelerator_engine_cache_and_int8_refusal(tmp_path, detector_onnx):
+    repo = _build(tmp_path, detector_onnx, "onnx", python_env=None, onnx_tensorrt=True,
+                  onnx_tensorrt_cache_path="/var/cache/sdconet_trt")
+    config = parse_model_config(repo / "detector_onnx/config.pbtxt")
+    accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert accelerator.name == "tensorrt"
+    assert dict(accelerator.parameters) == {"precision_mode": "FP16", "trt_engine_cache_enable": "1",
+                                            "trt_engine_cache_path": "/var/cache/sdconet_trt"}
+    with pytest.raises(RepositoryError, match="INT8 needs onnx_tensorrt_calibration_table"):
+        _build(tmp_path / "int8", detector_onnx, "onnx", python_env=None, onnx_tensorrt=True,
+               onnx_tensorrt_precision="INT8")
+    int8 = _build(tmp_path / "int8_table", detector_onnx, "onnx", python_env=None, onnx_tensorrt=True,
+                  onnx_tensorrt_precision="INT8", onnx_tensorrt_calibration_table="calibration.flatbuffers")
+    parameters = parse_model_config(int8 / "detector_onnx/config.pbtxt").optimization.execution_accelerators \
+        .gpu_execution_accelerator[0].parameters
+    assert parameters["precision_mode"] == "INT8"
+    assert parameters["int8_calibration_table_name"] == "calibration.flatbuffers"
