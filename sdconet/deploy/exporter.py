@@ -67,8 +67,12 @@ class ExportOptions:
     triton_repo: str | None = None
     triton_backend: str = "auto"  # auto = trt when an engine was built, else cpu (python backend + ONNX Runtime)
     # EXECUTION_ENV_PATH of the repository's python models: "current" = this Python's environment (checked here),
-    # "none" = the server's own Python (NVIDIA's container), or a path to an environment on the serving machine
-    triton_python_env: str = "current"
+    # "none" = the server's own Python (NVIDIA's container), a path to an environment on the serving machine, or
+    # "auto" = none for the trt/onnx backends (they need NVIDIA's container) and current for cpu
+    triton_python_env: str = "auto"
+    # ModelOpt --high_precision_dtype of the INT8 Q/DQ ONNX (the type of every layer left unquantized): "auto" = fp16
+    # when the TensorRT here is >= 11 (strongly typed: fp32 would run those layers in FP32), else fp32
+    int8_high_precision: str = "auto"
     parity_batch: int = 2
     seed: int = 0
 
@@ -89,6 +93,8 @@ class ExportOptions:
         if self.triton_backend not in TRITON_BACKENDS:
             raise ExportError(f"--triton-backend must be one of {', '.join(TRITON_BACKENDS)}, "
                               f"got '{self.triton_backend}'")
+        if self.int8_high_precision not in ("auto", "fp16", "fp32"):
+            raise ExportError(f"--int8-high-precision must be auto, fp16 or fp32, got '{self.int8_high_precision}'")
         if self.parity_batch < 1:
             raise ExportError(f"parity batch must be >= 1, got {self.parity_batch}")
         for lib in self.plugin_libs:
@@ -158,12 +164,15 @@ class Exporter:
         int8_paths = self.step_int8(pure_path, plugin_model) if opts.int8 else None
         fp16_paths = self.step_fp16(pure_path, plugin_model) if opts.fp16 and not opts.int8 else None
         engine_path = self.step_engine(pure_path, plugin_path, int8_paths, fp16_paths)
+        if engine_path is not None:
+            self.check_engine(engine_path, images, reference)
         if opts.triton_repo:
             self.step_triton(pure_path, engine_path)
 
         report_path, summary_path = self.report.write(self.out)
         data = json.loads(report_path.read_text())
-        failed_parity = [k for k, v in self.report.parity.items() if not v["passed"]]
+        # passed None = not judged numerically (a reduced-precision engine: the accuracy gate judges it)
+        failed_parity = [k for k, v in self.report.parity.items() if v["passed"] is False]
         exit_code = 0
         if failed_parity:
             LOG.error("parity with PyTorch failed for %s (see %s)", ", ".join(failed_parity), report_path)
@@ -248,18 +257,32 @@ class Exporter:
         int8_path = self.out / f"{self.name}.int8.onnx"
         summary = quantize.quantize_int8(pure_path, int8_path, calib_path, python=opts.modelopt_python,
                                          exclude_nodes=[MSDA_EXCLUDE_PATTERN],
+                                         high_precision_dtype=self.int8_high_precision(),
                                          log_path=self.out / f"{self.name}.int8.log")
         int8_model = onnx.load(str(int8_path))
         self.write_graph("onnx_int8", int8_model, int8_path.name)
         paths = {"onnx": int8_path}
         if opts.msda != "onnx":
-            swapped = msda_plugin.onnx_msda_to_plugin_nodes(int8_model, plugin_model, self.plugin_types)
+            # with FP16 high precision the plugin's float inputs may come in different types; it needs one
+            swapped = msda_plugin.onnx_msda_to_plugin_nodes(int8_model, plugin_model, self.plugin_types,
+                                                            cast_float_inputs=True)
             paths["plugin"] = self.write_graph("onnx_int8_plugin", swapped, f"{self.name}.int8.plugin.onnx")
         ap = quantize.compare_int8_ap(pure_path, int8_path, val_set, opts.imgsz, opts.eval_images)
         self.report.int8 = ap | {"calibration_images": int(calib.shape[0]), "quantization": summary}
         LOG.info("INT8 AP %.4f vs FP32 %.4f (drop %.2f points)", ap["int8"]["AP"], ap["fp32"]["AP"],
                  ap["ap_drop_points"])
         return paths
+
+    def int8_high_precision(self) -> str:
+        """ModelOpt's high-precision type for the INT8 graph (``--int8-high-precision``; auto: fp16 for TensorRT 11
+        here, whose strongly typed build would otherwise run every unquantized layer in FP32)."""
+        from sdconet.deploy import tensorrt_build
+
+        choice = self.options.int8_high_precision
+        if choice != "auto":
+            return choice
+        version = tensorrt_build.tensorrt_version()
+        return "fp16" if version is not None and tensorrt_build.is_strongly_typed_only(version) else "fp32"
 
     def step_fp16(self, pure_path: Path, plugin_model: onnx.ModelProto) -> dict | None:
         """FP16 ONNX from ModelOpt AutoCast (what TensorRT 11's strongly typed build needs for FP16)."""
@@ -310,19 +333,48 @@ class Exporter:
             onnx_path = plugin_path if key == "plugin" else pure_path
         build = tensorrt_build.EngineBuildOptions(
             precision=opts.precision, min_batch=1, opt_batch=opts.opt_batch, max_batch=opts.max_batch,
-            workspace_gib=opts.workspace_gib, timing_cache=opts.timing_cache or str(self.out / "timing.cache"),
+            workspace_gib=opts.workspace_gib, timing_cache=opts.timing_cache, timing_cache_dir=str(self.out),
             plugin_libs=tuple(opts.plugin_libs), sdconet_plugin=opts.msda == "sdconet")
         engine_path = self.out / f"{self.name}.{opts.precision}.plan"
-        facts = tensorrt_build.build_engine(onnx_path, engine_path, build)
-        metadata = facts | {"precision": opts.precision, "onnx": str(onnx_path), "onnx_sha256": sha256_of(onnx_path),
+        try:
+            facts = tensorrt_build.build_engine(onnx_path, engine_path, build)
+        except ValueError as err:  # the graph's types do not give the requested precision
+            raise ExportError(str(err)) from err
+        # facts["precision"] is what the engine really runs in (a strongly typed build takes it from the graph)
+        metadata = facts | {"onnx": str(onnx_path), "onnx_sha256": sha256_of(onnx_path),
                             "imgsz": opts.imgsz, "msda": opts.msda, "plugin": self.spec.name,
                             "export_options": self.report.options, "path": str(engine_path)}
-        meta_path = engine_path.with_name(engine_path.name + ".json")
-        meta_path.write_text(json.dumps(metadata, indent=2, default=str) + "\n")
-        self.report.add_artifact("engine", engine_path, precision=opts.precision)
+        meta_path = tensorrt_build.write_engine_metadata(engine_path, metadata)
+        self.report.add_artifact("engine", engine_path, precision=metadata["precision"])
         self.report.add_artifact("engine_metadata", meta_path)
         self.report.engine = metadata
         return engine_path
+
+    def check_engine(self, engine_path: Path, images: torch.Tensor, reference: Sequence[np.ndarray]) -> dict | None:
+        """Run the engine on the parity images and record ``report.parity["engine"]``.
+
+        An FP32 engine must match PyTorch like the ONNX graphs (a failure fails the export); FP16/INT8 engines are
+        not expected to, so their figures are recorded with ``passed: None`` and the accuracy gate judges them.
+        """
+        precision = self.report.engine["precision"]
+        try:
+            from sdconet.runtime.tensorrt_runner import TensorRTRunner
+        except ImportError as err:
+            self.report.skip("engine_parity", f"no TensorRT runner to run the engine with ({err})")
+            return None
+        with TensorRTRunner(engine_path, plugin_libs=tuple(self.options.plugin_libs)) as runner:
+            outputs = runner.run(images.numpy())
+        figures = parity_figures(reference, [outputs[name] for name in self.output_names], self.options.imgsz)
+        figures["precision"] = precision
+        if precision != "fp32":
+            figures["numeric_passed"] = figures["passed"]
+            figures["passed"] = None
+            figures["judged_by"] = f"accuracy gate (report.accuracy.{precision})"
+        self.report.parity["engine"] = figures
+        LOG.info("parity engine (%s) vs PyTorch: box %.2e px, score %.2e, labels %s -> %s", precision,
+                 figures["max_box_error_px"], figures["max_score_error"], figures["top_labels_match"],
+                 {True: "ok", False: "FAILED", None: "recorded (reduced precision)"}[figures["passed"]])
+        return figures
 
     def step_triton(self, pure_path: Path, engine_path: Path | None) -> None:
         """Populate the Triton model repository with the serving teammate's builder."""
@@ -337,9 +389,9 @@ class Exporter:
             raise ExportError("--triton-backend trt needs a TensorRT engine, and none was built (see the skipped "
                               "steps); use --triton-backend onnx (NVIDIA's Triton container) or cpu")
         class_names = self.class_names()
-        env = self.options.triton_python_env
-        repo_options = RepositoryOptions(python_env=None if env == "none" else sys.prefix if env == "current" else env,
-                                         check_python_env=env == "current")
+        python_env, check_env = repository_python_env(self.options.triton_python_env, backend)
+        repo_options = RepositoryOptions(python_env=python_env, check_python_env=check_env,
+                                         plugin_libs=tuple(self.options.plugin_libs) if backend == "trt" else ())
         repo = build_repository(self.options.triton_repo, onnx_path=pure_path, engine_path=engine_path,
                                 backend=backend, imgsz=self.options.imgsz, max_batch=self.options.max_batch,
                                 class_names=class_names, options=repo_options)
@@ -348,6 +400,21 @@ class Exporter:
             self.report.skip("triton_trt", f"no TensorRT engine: the repository serves the pure ONNX ({backend} "
                                            "deployment)")
         LOG.info("Triton repository written to %s (backend %s)", repo, backend)
+
+
+def repository_python_env(choice: str, backend: str) -> tuple[str | None, bool]:
+    """``--triton-python-env`` -> (EXECUTION_ENV_PATH or None, check it here?) for a repository of ``backend``.
+
+    ``auto``: none for trt/onnx, which need NVIDIA's container (its python models run on the container's own Python,
+    and a build host's venv path would not exist there), current for cpu (the bundled server needs numpy < 2).
+    """
+    if choice == "auto":
+        choice = "current" if backend == "cpu" else "none"
+    if choice == "none":
+        return None, False
+    if choice == "current":
+        return sys.prefix, True
+    return choice, False
 
 
 def run_export(options: ExportOptions) -> ExportResult:
