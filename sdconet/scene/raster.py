@@ -330,7 +330,7 @@ class SceneReader:
 
             rgb, valid = self.read(Window(0, 0, self.height, self.width))
             rgb = resize(rgb, shape, nearest=self._lut is not None)
-            valid = resize(valid[..., None].astype(np.uint8) * 255, shape, nearest=True)[..., 0] > 0
+            valid = resize(valid.astype(np.uint8), shape, nearest=True) > 0
         rgb = np.where(valid[..., None], rgb, 0).astype(np.uint8)
         return rgb, shape[1] / self.width
 
