@@ -24,6 +24,7 @@ from torchvision.ops import batched_nms
 from tqdm import tqdm
 
 from sdconet.config import Config
+from sdconet.scene.tiling import tile_starts
 from sdconet.utils.logging import get_logger, setup_logging
 
 logger = get_logger(__name__)
@@ -31,18 +32,6 @@ logger = get_logger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DEFAULT_TILE = 512  # HR pixels: the -Split datasets' window (DESIGN §4) when the run's image size is unknown
 DEFAULT_OVERLAP = 128  # file pixels, capped at half the tile
-
-
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Window origins covering ``[0, length)`` with ``tile``-long windows overlapping by at least ``overlap``; the
-    last window is aligned to the end. One window at 0 when ``length <= tile``."""
-    if tile <= overlap:
-        raise ValueError(f"tile ({tile}) must be larger than the overlap ({overlap})")
-    if length <= tile:
-        return [0]
-    stride = tile - overlap
-    count = math.ceil((length - tile) / stride) + 1
-    return sorted({min(i * stride, length - tile) for i in range(count)})
 
 
 def training_image_size(cfg: Config) -> int:
