@@ -24,7 +24,7 @@ def tiny_records(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     json_path = out / "tiny.json"
     proc = _run(["--config", "tiny", "--imgsz", "64", "--warmup", "1", "--iters", "3", "--threads", "1",
-                 "--backend", "torch", "onnxruntime", "tensorrt", "--precision", "fp32", "fp16",
+                 "--backend", "torch", "onnxruntime", "tensorrt", "--precision", "fp32", "fp16", "bf16",
                  "--work-dir", str(out / "work"), "--json", str(json_path)])
     return json_path, load_records(json_path), proc.stdout
 
@@ -33,7 +33,7 @@ def test_cpu_backends_write_wellformed_records(tiny_records):
     _, records, stdout = tiny_records
     assert "| backend | precision |" in stdout
     by_key = {(r["backend"], r["precision"]): r for r in records}
-    assert len(records) == 6
+    assert len(records) == 9
     for backend in ("torch", "onnxruntime"):
         record = by_key[(backend, "fp32")]
         assert record["status"] == "ok"
@@ -48,16 +48,67 @@ def test_unavailable_backends_are_skipped_with_reason(tiny_records):
     import torch
 
     statuses = {(r["backend"], r["precision"]): r["status"] for r in records}
-    try:
-        import tensorrt  # noqa: F401
-        has_trt = True
-    except ImportError:
-        has_trt = False
-    if not has_trt:
-        assert statuses[("tensorrt", "fp32")].startswith("skipped: tensorrt is not importable")
+    from sdconet.deploy.tensorrt_build import tensorrt_unavailable_reason
+
+    reason = tensorrt_unavailable_reason()
+    if reason and reason.startswith("tensorrt not importable"):
+        assert statuses[("tensorrt", "fp32")] == f"skipped: {reason}"
     if not torch.cuda.is_available():
-        assert statuses[("torch", "fp16")] == "skipped: fp16 autocast is timed on GPU only; no CUDA device here"
-    assert statuses[("onnxruntime", "fp16")].startswith("skipped:")
+        assert statuses[("torch", "fp16")] == ("skipped: fp16 autocast needs a CUDA device (CPU autocast runs bf16: "
+                                               "use precision bf16)")
+    assert statuses[("onnxruntime", "fp16")].startswith("skipped: fp16 ONNX variants are built for TensorRT only")
+    assert statuses[("onnxruntime", "bf16")].startswith("skipped:")
+
+
+def test_torch_bf16_autocast_is_timed_on_cpu_too(tiny_records):
+    _, records, _ = tiny_records
+    record = next(r for r in records if (r["backend"], r["precision"]) == ("torch", "bf16"))
+    assert record["status"] == "ok" and record["p50_ms"] > 0
+    assert record["msda_impl"] in ("gather", "auto") and "requested_precision" not in record
+
+
+def test_onnxruntime_record_names_its_provider(tiny_records):
+    _, records, _ = tiny_records
+    record = next(r for r in records if (r["backend"], r["precision"]) == ("onnxruntime", "fp32"))
+    assert record["provider"] == "CPUExecutionProvider" and record["msda"] == "onnx"
+
+
+def test_one_artifact_is_timed_once_under_its_own_precision(tmp_path, monkeypatch):
+    """Bookkeeping only (no engine runs): a runner whose artifact is fp16 whatever precision is asked for, as one
+    TensorRT engine is under ``--precision fp32 fp16``."""
+    import numpy as np
+
+    from sdconet.benchmark import runners
+    from sdconet.config import load_config
+    from sdconet.runtime import Runner
+
+    class FixedArtifact(Runner):
+        backend = "fixed"
+
+        def __init__(self):
+            super().__init__(imgsz=32, class_names=["a"], precision="fp16")
+
+        @classmethod
+        def for_benchmark(cls, bench, precision, **options):
+            return cls()
+
+        def describe(self):
+            return super().describe() | {"engine": "one.plan"}
+
+        def _run(self, images):
+            n = images.shape[0]
+            return {"boxes": np.zeros((n, 1, 4)), "scores": np.zeros((n, 1)), "labels": np.zeros((n, 1))}
+
+    monkeypatch.setitem(runners.RUNTIME_RUNNERS, "fixed", f"{__name__}:FixedArtifact")
+    monkeypatch.setitem(globals(), "FixedArtifact", FixedArtifact)
+    ctx = runners.BenchContext(cfg=load_config("tiny"), state_dict=None, imgsz=32, warmup=0, iters=2,
+                               work_dir=tmp_path)
+    first, second = (runners.run_benchmark(ctx, "fixed", p, 1) for p in ("fp32", "fp16"))
+    assert first["status"] == "ok" and first["precision"] == "fp16" and first["requested_precision"] == "fp32"
+    assert first["engine"] == "one.plan"
+    assert second["status"] == "skipped: the same fixed artifact (fp16) is already timed in the record asked for as " \
+                               "fp32/b1"
+    assert runners.run_benchmark(ctx, "fixed", "fp16", 2)["status"] == "ok"  # another batch is another record
 
 
 def test_compare_renders_table_and_png(tiny_records, tmp_path):

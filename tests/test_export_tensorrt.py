@@ -231,7 +231,7 @@ def test_fp32_engine_matches_onnxruntime(plugin_onnx, tmp_path):
     assert read_engine_metadata(tmp_path / "msda.engine")["precision"] == facts["precision"] == "fp32"
     engine = TensorRTRunner(tmp_path / "msda.engine")
     tokens = torch.randn(3, TOKENS, 64)
-    out = engine(tokens.cuda())["out"].cpu().numpy()
+    out = engine.infer(tokens.cuda())["out"].cpu().numpy()
     (reference,) = mp.ort_session(onnx_path).run(None, {"tokens": tokens.numpy()})
     np.testing.assert_allclose(out, reference, atol=1e-4, rtol=1e-4)
 
@@ -247,7 +247,7 @@ def test_fp16_engine_close_to_fp32(plugin_onnx, tmp_path):
         return
     build_engine(onnx_path, tmp_path / "msda16.engine", EngineBuildOptions(precision="fp16", max_batch=2))
     tokens = torch.randn(2, TOKENS, 64)
-    out = TensorRTRunner(tmp_path / "msda16.engine")(tokens.cuda())["out"].float().cpu()
+    out = TensorRTRunner(tmp_path / "msda16.engine").infer(tokens.cuda())["out"].float().cpu()
     with torch.no_grad():
         reference = module(tokens)
     torch.testing.assert_close(out, reference, atol=2e-2, rtol=2e-2)

@@ -12,7 +12,7 @@ from sdconet.config import load_config
 from sdconet.deploy.exporter import ExportOptions, run_export
 from sdconet.engine.checkpoint import save_model_weights
 from sdconet.models import build_model
-from sdconet.runtime import RUNNERS, RunnerError, RunnerUnavailable, open_runner, pad_to_input
+from sdconet.runtime import RUNNERS, RunnerError, RunnerUnavailable, open_runner, pad_to_input, sorted_by_score
 from sdconet.runtime.metadata import PREFIX, onnx_model_info, read_onnx_metadata, write_onnx_metadata
 
 IMGSZ = 64
@@ -45,28 +45,18 @@ def padded_batch():
     return pad_to_input(tiles, IMGSZ)
 
 
-def _sorted(out: dict) -> dict:
-    """Detections of each image in descending score order (ties broken by box), so two backends compare 1:1."""
-    result = {k: [] for k in ("boxes", "scores", "labels")}
-    for b in range(out["scores"].shape[0]):
-        order = np.lexsort((out["boxes"][b, :, 0], -out["scores"][b]))
-        for key in result:
-            result[key].append(out[key][b][order])
-    return {k: np.stack(v) for k, v in result.items()}
-
-
 def test_torch_and_onnxruntime_agree_on_a_padded_batch(checkpoint, export, padded_batch):
     with open_runner("torch", checkpoint=checkpoint, device="cpu", imgsz=IMGSZ) as torch_runner:
         assert torch_runner.class_names == NAMES and torch_runner.has_saliency and torch_runner.precision == "fp32"
         reference = torch_runner.run(padded_batch)
     assert reference["labels"].dtype == np.int64 and reference["boxes"].shape[:2] == reference["scores"].shape
-    ref = _sorted(reference)
+    ref = sorted_by_score(reference)
     for filename, msda in (("tiny.onnx", "onnx"), ("tiny.plugin.onnx", "plugin")):
         with open_runner("onnxruntime", model=export / filename, threads=1) as runner:
             assert (runner.imgsz, runner.class_names, runner.precision, runner.msda) == (IMGSZ, NAMES, "fp32", msda)
             assert runner.has_saliency
             out = runner.run(padded_batch)
-        got = _sorted(out)
+        got = sorted_by_score(out)
         np.testing.assert_allclose(got["boxes"], ref["boxes"], atol=1e-2, err_msg=filename)
         np.testing.assert_allclose(got["scores"], ref["scores"], atol=1e-4, err_msg=filename)
         np.testing.assert_array_equal(got["labels"][:, :10], ref["labels"][:, :10], err_msg=filename)
@@ -168,3 +158,75 @@ def test_every_registered_runner_imports():
         assert cls.backend == backend
     with pytest.raises(RunnerError, match="unknown backend 'nope'"):
         open_runner("nope")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TensorRT: the profile check is plain logic; engines need TensorRT and a GPU
+# ---------------------------------------------------------------------------------------------------------------------
+def test_profile_error_names_engine_batch_and_range():
+    from sdconet.runtime.tensorrt_runner import profile_error
+
+    assert profile_error("e.plan", "images", (4, 3, 64, 64), (1, 3, 64, 64), (8, 3, 64, 64)) is None
+    message = profile_error("e.plan", "images", (9, 3, 64, 64), (1, 3, 64, 64), (8, 3, 64, 64))
+    assert message.startswith("e.plan: batch 9 is outside the engine's optimisation profile for input 'images' "
+                              "([1, 3, 64, 64] .. [8, 3, 64, 64])")
+    assert "shape [2, 3, 32, 32]" in profile_error("e.plan", "images", (2, 3, 32, 32), (1, 3, 64, 64),
+                                                   (8, 3, 64, 64))
+
+
+def test_tensorrt_runner_on_the_exported_model(export, padded_batch, tmp_path):
+    from sdconet.deploy.tensorrt_build import EngineBuildOptions, build_engine, tensorrt_unavailable_reason
+
+    reason = tensorrt_unavailable_reason()
+    if reason:
+        with pytest.raises(RunnerUnavailable, match="tensorrt not importable|no CUDA"):
+            open_runner("tensorrt", engine_path=tmp_path / "none.plan")
+        pytest.skip(reason)
+    engine = tmp_path / "tiny.fp32.plan"
+    build_engine(export / "tiny.plugin.onnx", engine, EngineBuildOptions(precision="fp32", max_batch=2))
+    with open_runner("tensorrt", engine_path=engine, class_names=NAMES) as runner:
+        assert (runner.imgsz, runner.max_batch, runner.precision) == (IMGSZ, 2, "fp32")
+        out = runner.run(padded_batch)
+        with pytest.raises(ValueError, match=r"batch 3 is outside the engine's optimisation profile"):
+            runner.run(np.concatenate([padded_batch, padded_batch[:1]]))
+    with open_runner("onnxruntime", model=export / "tiny.onnx", threads=1) as reference_runner:
+        reference = sorted_by_score(reference_runner.run(padded_batch))
+    np.testing.assert_allclose(sorted_by_score(out)["boxes"], reference["boxes"], atol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Triton: batches straight to the detector model of a real (bundled, CPU) server
+# ---------------------------------------------------------------------------------------------------------------------
+def test_triton_runner_matches_onnxruntime(export, padded_batch, tmp_path):
+    pytest.importorskip("tritonclient.http")
+    from sdconet.deploy.triton_repo import RepositoryOptions, build_repository
+    from sdconet.serve.server import ServerUnavailable, TritonServer, free_port
+
+    from sdconet.deploy.triton_repo import load_manifest
+
+    # no class_names given: the builder reads them from the ONNX metadata
+    repo = build_repository(tmp_path / "repo", onnx_path=export / "tiny.onnx", backend="cpu", imgsz=IMGSZ,
+                            max_batch=4, options=RepositoryOptions(cpu_threads=1))
+    assert load_manifest(repo)["class_names"] == NAMES
+    try:
+        TritonServer(repo).preflight()
+    except ServerUnavailable as err:
+        pytest.skip(f"no runnable tritonserver here: {err}")
+    with open_runner("onnxruntime", model=export / "tiny.onnx", threads=1) as reference_runner:
+        reference = sorted_by_score(reference_runner.run(padded_batch))
+    with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) as server:
+        for protocol, url in (("http", server.endpoints.http), ("grpc", server.endpoints.grpc)):
+            # http: names and precision from the manifest; grpc: names from the server's postprocess config
+            manifest = {"repo": repo} if protocol == "http" else {}
+            with open_runner("triton", url=url, protocol=protocol, **manifest) as runner:
+                assert (runner.model, runner.imgsz, runner.max_batch) == ("detector_cpu", IMGSZ, 4)
+                assert runner.class_names == NAMES and runner.has_saliency
+                assert runner.precision == ("fp32" if manifest else
+                                            "unknown (pass repo= to read it from the repository manifest)")
+                got = sorted_by_score(runner.run(padded_batch))
+                with pytest.raises(ValueError, match="batch 5 exceeds the model's max batch 4"):
+                    runner.run(np.zeros((5, 3, IMGSZ, IMGSZ), np.float32))
+            np.testing.assert_allclose(got["boxes"], reference["boxes"], atol=1e-3, err_msg=protocol)
+            np.testing.assert_array_equal(got["labels"], reference["labels"], err_msg=protocol)
+    with pytest.raises(RunnerUnavailable, match="no Triton server at"):
+        open_runner("triton", url=f"127.0.0.1:{free_port()}")

@@ -10,7 +10,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from sdconet.benchmark.report import (compare_chart, compare_table, load_records, markdown_table, write_records)
-from sdconet.benchmark.runners import BACKENDS, PRECISIONS, RUNNERS, BenchContext
+from sdconet.benchmark.runners import BACKENDS, PRECISIONS, BenchContext, run_benchmark
 from sdconet.config import ConfigError, load_config
 from sdconet.utils.logging import get_logger, setup_logging
 
@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", nargs="+", choices=BACKENDS, default=["torch", "onnxruntime"],
                         help="backends to time (default: torch onnxruntime)")
     parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["fp32"],
-                        help="precisions (fp16/bf16: GPU autocast for torch; int8: ModelOpt Q/DQ for onnxruntime)")
+                        help="precisions (torch: bf16 autocast on CPU and GPU, fp16 on GPU; onnxruntime int8: ModelOpt "
+                             "Q/DQ; tensorrt: the --engine whose .plan.json has that precision). Records carry the "
+                             "precision the artifact really runs in")
     parser.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes (triton: requests in flight)")
     parser.add_argument("--imgsz", type=int, default=256, help="LR input side (default 256)")
     parser.add_argument("--warmup", type=int, default=5, help="unmeasured calls before timing")
@@ -35,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", help="trained weights (.safetensors or run dir); default: random weights")
     parser.add_argument("--onnx", type=Path, help="fp32 ONNX to time instead of exporting one")
     parser.add_argument("--int8-onnx", type=Path, help="INT8 Q/DQ ONNX to time instead of quantizing one")
-    parser.add_argument("--engine", type=Path, help="TensorRT engine for --backend tensorrt")
+    parser.add_argument("--engine", type=Path, nargs="+", default=[],
+                        help="TensorRT engine(s) for --backend tensorrt; each is timed under the precision its "
+                             ".plan.json sidecar records, and once only")
     parser.add_argument("--compile", action="store_true", help="torch: also time torch.compile (GPU)")
     parser.add_argument("--cuda-graphs", action="store_true", help="torch: also time CUDA-graph replay (GPU)")
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http", help="triton client protocol")
@@ -75,7 +79,7 @@ def _context(args: argparse.Namespace, work_dir: Path) -> BenchContext:
     work_dir.mkdir(parents=True, exist_ok=True)
     return BenchContext(cfg=cfg, state_dict=state_dict, imgsz=args.imgsz, warmup=args.warmup, iters=args.iters,
                         work_dir=work_dir, onnx_path=args.onnx, int8_onnx_path=args.int8_onnx,
-                        engine_path=args.engine)
+                        engine_paths=list(args.engine), threads=args.threads)
 
 
 def _plan(args: argparse.Namespace) -> list[tuple[str, str, int, dict]]:
@@ -92,7 +96,7 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, str, int, dict]]:
 
 def _run_one(ctx: BenchContext, args: argparse.Namespace, backend: str, precision: str, batch: int,
              options: dict) -> dict:
-    record = RUNNERS[backend](ctx, precision, batch, **options)
+    record = run_benchmark(ctx, backend, precision, batch, **options)
     record["device_facts"] = ctx.facts
     record["model"] = {"config": ctx.cfg.name, "checkpoint": args.checkpoint or "random weights"}
     tqdm.write(f"{backend}/{precision}/b{batch}: {record['status']}"
@@ -116,7 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ConfigError, RuntimeError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        records = [_run_one(ctx, args, *item) for item in tqdm(_plan(args), desc="benchmark", unit="config")]
+        try:
+            records = [_run_one(ctx, args, *item) for item in tqdm(_plan(args), desc="benchmark", unit="config")]
+        finally:
+            ctx.close()
     table = markdown_table(records)
     print(table)
     if args.json:

@@ -1,12 +1,20 @@
-"""One runner per backend. Every runner times the same deploy graph (``sdconet.deploy.InferenceGraph``) and returns
-a record; a backend that cannot run here returns a record with ``status = "skipped: <reason>"`` instead of vanishing.
+"""The benchmark loop over the runtime layer: every backend registered in ``sdconet.runtime.RUNNERS`` is timed on the
+same deploy graph (``sdconet.deploy.InferenceGraph``) through its runner; a backend that cannot run here returns a
+record with ``status = "skipped: <reason>"`` (the runner's ``RunnerUnavailable`` message) instead of vanishing.
+
+Each runner class opens itself for a benchmark (``Runner.for_benchmark(ctx, precision, **options)``) from what the
+context offers (the graph, the fp32 / INT8 ONNX made on the fly, the ``--engine`` files), so a runtime added later is
+timed by registering it; nothing here changes. Triton is timed end to end through a real server and the load
+generator (``run_triton``), not as a runner.
 
 Records carry ``backend, precision, batch, imgsz, p50_ms, p90_ms, p99_ms, mean_ms, throughput, peak_mem_mb, device,
-status`` (+ ``variant`` and backend-specific notes).
+status`` (+ ``variant`` and backend-specific notes). ``precision`` is the one the timed artifact runs in (a TensorRT
+engine's sidecar, an ONNX's metadata); when it differs from the one asked for, ``requested_precision`` says so, and
+an artifact already timed at that precision is not timed twice under another name.
 """
 from __future__ import annotations
 
-import importlib.util
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,12 +25,15 @@ import torch
 from sdconet.benchmark.device import describe, device_facts
 from sdconet.benchmark.timing import peak_rss_mb, reset_peak_rss, time_calls
 from sdconet.config import Config
+from sdconet.runtime import RUNNERS as RUNTIME_RUNNERS
+from sdconet.runtime import Runner, RunnerError, RunnerUnavailable
 from sdconet.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt", "triton")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+BASE_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# describe() keys every runner has; the others (provider, msda_impl, engine, ...) become record notes
+_BASE_DESCRIBE = ("backend", "precision", "imgsz", "max_batch", "num_classes", "has_saliency")
 
 
 @dataclass
@@ -37,7 +48,8 @@ class BenchContext:
     work_dir: Path
     onnx_path: Path | None = None  # user-given fp32 ONNX; exported on the fly when None
     int8_onnx_path: Path | None = None
-    engine_path: Path | None = None
+    engine_paths: list[Path] = field(default_factory=list)  # TensorRT engines (their sidecars give the precision)
+    threads: int | None = None
     calib_images: int = 16
     facts: dict[str, Any] = field(default_factory=device_facts)
     _cache: dict[str, Any] = field(default_factory=dict)
@@ -50,9 +62,14 @@ class BenchContext:
             record["variant"] = variant
         return record
 
-    def images(self, batch: int) -> torch.Tensor:
+    def images(self, batch: int) -> np.ndarray:
+        """``[batch, 3, imgsz, imgsz]`` float32 uniform noise, the same for every backend."""
         generator = torch.Generator().manual_seed(0)
-        return torch.rand(batch, 3, self.imgsz, self.imgsz, generator=generator)
+        return torch.rand(batch, 3, self.imgsz, self.imgsz, generator=generator).numpy()
+
+    @property
+    def class_names(self) -> list[str]:
+        return [f"class_{i}" for i in range(self.cfg.model.detector.num_classes)]
 
     def graph(self, msda_impl: str = "gather"):
         from sdconet.deploy.inference_graph import build_inference_graph
@@ -62,18 +79,56 @@ class BenchContext:
             self._cache[key] = build_inference_graph(self.cfg, self.state_dict, msda_impl=msda_impl)
         return self._cache[key]
 
+    def onnx(self, precision: str) -> Path:
+        """The ONNX of ``precision``: fp32 = the user's or the pure-ONNX export of the graph the torch runner times;
+        int8 = the user's Q/DQ ONNX or ModelOpt's quantization of the fp32 one. RunnerUnavailable otherwise."""
+        if precision == "fp32":
+            return self.fp32_onnx()
+        if precision == "int8":
+            path = self.int8_onnx_path or _int8_onnx(self)
+            if isinstance(path, str):  # a reason, not a path
+                raise RunnerUnavailable(path)
+            return path
+        raise RunnerUnavailable(f"no {precision} ONNX here: the exporter's AutoCast step (export/build_engine.py "
+                                f"--fp16) writes the FP16 ONNX, for TensorRT")
+
     def fp32_onnx(self) -> Path:
-        """The user's ONNX, or the pure-ONNX export of the same graph the torch runner times."""
         if self.onnx_path is not None:
             return self.onnx_path
         if "onnx" not in self._cache:
             from sdconet.deploy.inference_graph import DETECTION_OUTPUTS, INPUT_NAME
             from sdconet.deploy.onnx_export import export_module, save_model, simplify
+            from sdconet.runtime.metadata import write_onnx_metadata
 
-            model = export_module(self.graph("gather"), self.images(1), input_name=INPUT_NAME,
-                                  output_names=DETECTION_OUTPUTS)
-            self._cache["onnx"] = save_model(simplify(model), self.work_dir / "bench_fp32.onnx")
+            model = simplify(export_module(self.graph("gather"), torch.from_numpy(self.images(1)),
+                                           input_name=INPUT_NAME, output_names=DETECTION_OUTPUTS))
+            write_onnx_metadata(model, class_names=self.class_names, imgsz=self.imgsz, msda="onnx",
+                                outputs=DETECTION_OUTPUTS, precision="fp32")
+            self._cache["onnx"] = save_model(model, self.work_dir / "bench_fp32.onnx")
         return self._cache["onnx"]
+
+    def runner(self, backend: str, precision: str, **options: Any) -> Runner:
+        """The runner of ``backend`` for ``precision``, opened once per (backend, precision, options)."""
+        key = ("runner", backend, precision, tuple(sorted(options.items())))
+        if key not in self._cache:
+            import importlib
+
+            module_name, class_name = RUNTIME_RUNNERS[backend].split(":")
+            try:
+                runner_cls = getattr(importlib.import_module(module_name), class_name)
+                self._cache[key] = runner_cls.for_benchmark(self, precision, **options)
+            except RunnerUnavailable as err:
+                self._cache[key] = err
+        value = self._cache[key]
+        if isinstance(value, RunnerUnavailable):
+            raise value
+        return value
+
+    def close(self) -> None:
+        for key, value in list(self._cache.items()):
+            if isinstance(value, Runner):
+                value.close()
+                del self._cache[key]
 
 
 def _skipped(record: dict[str, Any], reason: str) -> dict[str, Any]:
@@ -87,90 +142,45 @@ def _fill(record: dict[str, Any], stats, batch: int, peak_mb: float) -> dict[str
     return record
 
 
+def variant_of(options: dict[str, Any]) -> str | None:
+    names = (("compile", "compile_model"), ("cudagraphs", "cuda_graphs"))
+    return "+".join(name for name, key in names if options.get(key)) or None
+
+
 # ----------------------------------------------------------------------------------------------------------------
-def run_torch(ctx: BenchContext, precision: str, batch: int, compile_model: bool = False,
-              cuda_graphs: bool = False) -> dict[str, Any]:
-    """Eager PyTorch fp32 (CPU/GPU); AMP fp16/bf16 on GPU; optional torch.compile / CUDA graphs on GPU."""
-    variant = "+".join(v for v, on in (("compile", compile_model), ("cudagraphs", cuda_graphs)) if on) or None
-    record = ctx.base_record("torch", precision, batch, variant)
-    cuda = torch.cuda.is_available()
-    if precision == "int8":
-        return _skipped(record, "int8 is measured on ONNX Runtime (Q/DQ) and TensorRT, not eager PyTorch")
-    if precision in ("fp16", "bf16") and not cuda:
-        return _skipped(record, f"{precision} autocast is timed on GPU only; no CUDA device here")
-    if (compile_model or cuda_graphs) and not cuda:
-        return _skipped(record, "torch.compile / CUDA graphs are timed on GPU only; no CUDA device here")
-    device = torch.device("cuda" if cuda else "cpu")
-    msda_impl = "auto" if cuda else "gather"  # auto = the Triton kernel on CUDA
-    graph = ctx.graph(msda_impl).to(device)
-    images = ctx.images(batch).to(device)
-    fn: Callable[[], Any] = graph
-    if compile_model:
-        fn = torch.compile(graph, mode="max-autotune-no-cudagraphs")
-    autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-
-    def call() -> Any:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype,
-                                                    enabled=autocast_dtype is not None):
-            return fn(images)
-
-    if cuda_graphs:
-        call = _capture_cuda_graph(call)
+def run_runner(ctx: BenchContext, backend: str, precision: str, batch: int, **options: Any) -> dict[str, Any]:
+    """Time ``backend`` at ``precision`` (as its runner opens it) on ``batch`` images; a record either way."""
+    record = ctx.base_record(backend, precision, batch, variant_of(options))
+    try:
+        runner = ctx.runner(backend, precision, **options)
+    except RunnerUnavailable as err:
+        return _skipped(record, str(err))
+    except RunnerError as err:  # e.g. an --engine that does not deserialize here
+        record["status"] = f"error: {err}"
+        return record
+    if runner.precision != precision:  # the artifact decides (e.g. one TensorRT engine asked for as fp32 and fp16)
+        record["precision"], record["requested_precision"] = runner.precision, precision
+    notes = {k: v for k, v in runner.describe().items() if k not in _BASE_DESCRIBE and k not in record}
+    record.update(notes)
+    # the same artifact (engine / model file, provider, ...) at the same precision is timed once
+    identity = json.dumps([backend, record["precision"], batch, record.get("variant"), notes], sort_keys=True,
+                          default=str)
+    timed = ctx._cache.setdefault("timed", {})
+    if identity in timed:
+        return _skipped(record, f"the same {backend} artifact ({runner.precision}) is already timed in the record "
+                                f"asked for as {timed[identity]}")
+    timed[identity] = f"{precision}/b{batch}"
+    try:
+        call: Callable[[], Any] = runner.timed_call(ctx.images(batch))
+    except (RunnerError, ValueError) as err:  # e.g. a batch above the engine's profile
+        return _skipped(record, str(err))
+    cuda = runner.uses_cuda
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     reset_peak_rss()
     stats = time_calls(call, ctx.warmup, ctx.iters, cuda=cuda)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
-    record["msda_impl"] = msda_impl
     return _fill(record, stats, batch, peak)
-
-
-def _capture_cuda_graph(call: Callable[[], Any]) -> Callable[[], Any]:
-    """Warm up on a side stream, capture one call into a CUDA graph, and return its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    return graph.replay
-
-
-# ----------------------------------------------------------------------------------------------------------------
-def _ort_providers() -> list[str]:
-    import onnxruntime as ort
-
-    wanted = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-    return [p for p in wanted if p in ort.get_available_providers()]
-
-
-def run_onnxruntime(ctx: BenchContext, precision: str, batch: int) -> dict[str, Any]:
-    """ONNX Runtime with the best available execution provider; fp32 ONNX or the INT8 Q/DQ ONNX."""
-    record = ctx.base_record("onnxruntime", precision, batch)
-    if importlib.util.find_spec("onnxruntime") is None:
-        return _skipped(record, "onnxruntime is not installed (pip install 'sdconet[export]')")
-    import onnxruntime as ort
-
-    if precision == "int8":
-        path = ctx.int8_onnx_path or _int8_onnx(ctx)
-        if isinstance(path, str):  # a reason, not a path
-            return _skipped(record, path)
-    elif precision == "fp32":
-        path = ctx.fp32_onnx()
-    else:
-        return _skipped(record, f"{precision} ONNX variants are built for TensorRT only (use --backend tensorrt)")
-    providers = _ort_providers()
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=providers)
-    feed = {session.get_inputs()[0].name: ctx.images(batch).numpy()}
-    record["provider"] = session.get_providers()[0]
-    reset_peak_rss()
-    stats = time_calls(lambda: session.run(None, feed), ctx.warmup, ctx.iters)
-    return _fill(record, stats, batch, peak_rss_mb())
 
 
 def _int8_onnx(ctx: BenchContext) -> Path | str:
@@ -188,27 +198,6 @@ def _int8_onnx(ctx: BenchContext) -> Path | str:
     except Exception as err:  # ModelOpt missing/failed: report, keep benchmarking the rest
         ctx._cache["int8"] = f"INT8 quantization failed: {err}"
     return ctx._cache["int8"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-def run_tensorrt(ctx: BenchContext, precision: str, batch: int) -> dict[str, Any]:
-    """A serialized engine (``--engine``) through the project's TensorRT runtime wrapper."""
-    record = ctx.base_record("tensorrt", precision, batch)
-    if importlib.util.find_spec("tensorrt") is None:
-        return _skipped(record, "tensorrt is not importable (PyPI's wheels are download stubs without NVIDIA's "
-                                "index; use NVIDIA's container or JetPack)")
-    if not torch.cuda.is_available():
-        return _skipped(record, "no CUDA device")
-    if ctx.engine_path is None:
-        return _skipped(record, "no engine given: build one with `python export/build_engine.py --fp16` and pass "
-                                "--engine engines/<name>.plan")
-    from sdconet.deploy.trt_runtime import TensorRTRunner
-
-    runner = TensorRTRunner(ctx.engine_path)
-    images = ctx.images(batch).cuda()
-    torch.cuda.reset_peak_memory_stats()
-    stats = time_calls(lambda: runner(images), ctx.warmup, ctx.iters, cuda=True)
-    return _fill(record, stats, batch, torch.cuda.max_memory_allocated() / 2**20)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -231,7 +220,7 @@ def run_triton(ctx: BenchContext, precision: str, batch: int, protocol: str = "h
     if repo is None:
         repo = build_repository(ctx.work_dir / "triton_repo", onnx_path=ctx.fp32_onnx(), backend="cpu",
                                 imgsz=ctx.imgsz, max_batch=max(8, batch),
-                                class_names=[f"class_{i}" for i in range(ctx.cfg.model.detector.num_classes)])
+                                class_names=ctx.class_names)
         ctx._cache["triton_repo"] = repo
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (ctx.imgsz, ctx.imgsz, 3), dtype=np.uint8) for _ in range(4)]
@@ -253,5 +242,33 @@ def run_triton(ctx: BenchContext, precision: str, batch: int, protocol: str = "h
     return record
 
 
-RUNNERS = {"torch": run_torch, "onnxruntime": run_onnxruntime, "tensorrt": run_tensorrt, "triton": run_triton}
+# backends timed by something other than their runner (end to end through a server)
+SERVING_BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {"triton": run_triton}
+BACKENDS = tuple(RUNTIME_RUNNERS)
+
+
+def _known_precisions() -> tuple[str, ...]:
+    """The base precisions plus any other a registered runner class declares (its ``precisions`` attribute)."""
+    import importlib
+
+    found = list(BASE_PRECISIONS)
+    for target in RUNTIME_RUNNERS.values():
+        module_name, class_name = target.split(":")
+        try:
+            runner_cls = getattr(importlib.import_module(module_name), class_name)
+        except Exception as err:  # noqa: BLE001 - a broken optional runtime must not break the CLI
+            log.debug("cannot import %s (%s)", target, err)
+            continue
+        found += [p for p in getattr(runner_cls, "precisions", ()) if p not in found]
+    return tuple(found)
+
+
+PRECISIONS = _known_precisions()
+
+
+def run_benchmark(ctx: BenchContext, backend: str, precision: str, batch: int, **options: Any) -> dict[str, Any]:
+    """One record for (backend, precision, batch, options)."""
+    if backend in SERVING_BENCHMARKS:
+        return SERVING_BENCHMARKS[backend](ctx, precision, batch, **options)
+    return run_runner(ctx, backend, precision, batch, **options)
 

@@ -3,5 +3,6 @@ build + runtime, Triton repository, export report. The CLI is ``export/build_eng
 
 Modules are imported on use (TensorRT, ModelOpt and onnxruntime-extensions are optional):
 ``inference_graph.InferenceGraph``, ``exporter.ExportOptions`` / ``run_export``, ``onnx_export``, ``msda_plugin``,
-``op_support``, ``quantize``, ``tensorrt_build``, ``trt_runtime.TensorRTRunner``, ``report``, ``triton_repo``.
+``op_support``, ``quantize``, ``tensorrt_build``, ``report``, ``triton_repo``. Runtimes (ONNX Runtime, TensorRT, ...)
+live in ``sdconet.runtime``; ``trt_runtime`` re-exports ``TensorRTRunner`` for old imports.
 """

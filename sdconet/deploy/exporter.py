@@ -340,8 +340,10 @@ class Exporter:
             facts = tensorrt_build.build_engine(onnx_path, engine_path, build)
         except ValueError as err:  # the graph's types do not give the requested precision
             raise ExportError(str(err)) from err
-        # facts["precision"] is what the engine really runs in (a strongly typed build takes it from the graph)
+        # facts["precision"] is what the engine really runs in (a strongly typed build takes it from the graph);
+        # class names let TensorRTRunner describe the engine without the ONNX
         metadata = facts | {"onnx": str(onnx_path), "onnx_sha256": sha256_of(onnx_path),
+                            "class_names": self.class_names(),
                             "imgsz": opts.imgsz, "msda": opts.msda, "plugin": self.spec.name,
                             "export_options": self.report.options, "path": str(engine_path)}
         meta_path = tensorrt_build.write_engine_metadata(engine_path, metadata)

@@ -6,6 +6,7 @@ A built repository holds exactly the models the chosen deployment needs, so the 
     <repo>/detector_<backend>/{config.pbtxt, 1/model.(py+onnx | onnx | plan)}
     <repo>/postprocess/{config.pbtxt, 1/model.py, 1/sdconet_processing.py}    python backend
     <repo>/sdconet/{config.pbtxt, 1/}                                          ensemble
+    <repo>/sdconet_scene/{config.pbtxt, 1/model.py + sdconet_{tiling,merge,processing}.py}   whole scenes (BLS)
     <repo>/sdconet_repo.json                                                   manifest (read by the launcher)
 
 Backends: ``cpu`` (python backend running ONNX Runtime — works with the python-only server bundled in
@@ -24,6 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from sdconet.runtime.base import DEFAULT_SCORE_THRESHOLD
+from sdconet.scene import merge as scene_merge, tiling as scene_tiling
 from sdconet.serve import processing
 from sdconet.serve.python_env import DETECTOR_CPU_MODULES, PREPROCESS_MODULES, inspect_python_env
 from sdconet.utils.logging import get_logger
@@ -35,8 +38,12 @@ BACKENDS = ("cpu", "onnx", "trt")
 DETECTOR_MODELS = {"cpu": "detector_cpu", "onnx": "detector_onnx", "trt": "detector_trt"}
 DETECTOR_PLATFORMS = {"cpu": "python", "onnx": "onnxruntime_onnx", "trt": "tensorrt_plan"}
 ENSEMBLE_MODEL = "sdconet"
+SCENE_MODEL = "sdconet_scene"
 MANIFEST_NAME = "sdconet_repo.json"
 PROCESSING_MODULE_NAME = "sdconet_processing.py"
+# the pure-NumPy modules the scene model imports, copied next to its model.py under these names
+SCENE_MODULES = {"sdconet_tiling.py": scene_tiling, "sdconet_merge.py": scene_merge,
+                 PROCESSING_MODULE_NAME: processing}
 DETECTOR_INPUT = "images"
 # outputs the postprocess step consumes; further ONNX outputs (e.g. saliency) are declared but not wired
 DETECTOR_OUTPUTS = {"boxes": "TYPE_FP32", "scores": "TYPE_FP32", "labels": "TYPE_INT32"}
@@ -83,6 +90,18 @@ class RepositoryOptions:
     warmup: bool = True  # model_warmup of the GPU detectors: batch 1 and max_batch before the model is READY
     # TensorRT plugin libraries the engine needs (--plugin-lib): recorded in the manifest, loaded by the launcher
     plugin_libs: tuple[str, ...] = ()
+    # sdconet_scene (whole scenes, tiled on the server): instances (scenes in flight at once), tile overlap in
+    # network-input pixels (None = the scene CLI's default), tiles per detector request (None = half of max_batch),
+    # detector requests in flight per scene, the decoded-pixel limit, the tile limit per scene, a cap on detections
+    # per scene (0 = none) and the merge rule across tiles (sdconet.scene.merge)
+    scene_instances: int = 2
+    scene_overlap: Optional[int] = None
+    scene_tiles_per_request: Optional[int] = None
+    scene_requests_in_flight: int = 4
+    max_scene_pixels: int = processing.DEFAULT_MAX_IMAGE_PIXELS
+    scene_max_tiles: int = 4096
+    scene_max_detections: int = 0
+    scene_merge_rule: str = scene_merge.DEFAULT_MERGE_RULE
     # EXECUTION_ENV_PATH of the python models: an environment with numpy < 2 (see sdconet.serve.python_env);
     # None = the server's own Python. It is checked here unless check_python_env is False (an env on another machine).
     python_env: Optional[str] = sys.prefix
@@ -299,9 +318,20 @@ def _check_arguments(backend: str, imgsz: int, max_batch: int, class_names: Sequ
         raise RepositoryError(f"onnx_device must be 'gpu' or 'cpu', got {options.onnx_device!r}")
     if options.onnx_tensorrt_precision not in ("FP32", "FP16", "INT8"):
         raise RepositoryError(f"onnx_tensorrt_precision must be FP32/FP16/INT8, got {options.onnx_tensorrt_precision}")
-    for name in ("detector_instances", "python_instances", "max_image_pixels"):
+    for name in ("detector_instances", "python_instances", "max_image_pixels", "scene_instances",
+                 "scene_requests_in_flight", "max_scene_pixels", "scene_max_tiles"):
         if getattr(options, name) <= 0:
             raise RepositoryError(f"{name} must be positive, got {getattr(options, name)}")
+    if options.scene_overlap is not None and not 0 <= options.scene_overlap < imgsz:
+        raise RepositoryError(f"scene_overlap must be in [0, imgsz={imgsz}), got {options.scene_overlap}")
+    if options.scene_tiles_per_request is not None and not 1 <= options.scene_tiles_per_request <= max_batch:
+        raise RepositoryError(f"scene_tiles_per_request must be in [1, max_batch={max_batch}], got "
+                              f"{options.scene_tiles_per_request}")
+    if options.scene_max_detections < 0:
+        raise RepositoryError(f"scene_max_detections must be >= 0 (0 = no cap), got {options.scene_max_detections}")
+    if options.scene_merge_rule not in scene_merge.MERGE_RULES:
+        raise RepositoryError(f"scene_merge_rule must be one of {scene_merge.MERGE_RULES}, got "
+                              f"{options.scene_merge_rule!r}")
     if not TEMPLATE_DIR.is_dir():
         raise RepositoryError(f"template directory {TEMPLATE_DIR} is missing (run from a source checkout)")
 
@@ -317,19 +347,23 @@ def _prepare_target(repo_dir: Path) -> None:
 
 def build_repository(repo_dir: str | Path, *, onnx_path: str | Path | None = None,
                      engine_path: str | Path | None = None, backend: str, imgsz: int, max_batch: int,
-                     class_names: Sequence[str], score_threshold: float = 0.05,
+                     class_names: Sequence[str] | None = None, score_threshold: float = DEFAULT_SCORE_THRESHOLD,
                      options: RepositoryOptions | None = None) -> Path:
     """Write a Triton model repository for one deployment (``backend`` = ``cpu`` | ``onnx`` | ``trt``).
 
     ``onnx_path`` is the exported detector (always needed: its tensor signature drives the detector config; copied
     for ``cpu``/``onnx``), ``engine_path`` the TensorRT engine for ``trt``. A previous repository written by this
     builder at ``repo_dir`` is replaced as a whole (so switching backend leaves no stale model behind).
-    Returns ``repo_dir``.
+    ``class_names`` default to the ONNX's ``sdconet.class_names`` metadata. Returns ``repo_dir``.
     """
     options = options or RepositoryOptions()
     repo_dir = Path(repo_dir)
     onnx_path = Path(onnx_path) if onnx_path is not None else None
     engine_path = Path(engine_path) if engine_path is not None else None
+    if class_names is None and onnx_path is not None and onnx_path.is_file():
+        from sdconet.runtime.metadata import read_onnx_metadata
+
+        class_names = read_onnx_metadata(onnx_path).get("class_names")  # None for an ONNX exported before it
     _check_arguments(backend, imgsz, max_batch, class_names, score_threshold, onnx_path, engine_path, options)
     _prepare_target(repo_dir)
     if options.plugin_libs and backend != "trt":
@@ -366,12 +400,17 @@ def build_repository(repo_dir: str | Path, *, onnx_path: str | Path | None = Non
         "onnx_instance_kind": "KIND_GPU" if options.onnx_device == "gpu" else "KIND_CPU",
         "onnx_optimization": _onnx_optimization(options) if backend == "onnx" else "",
         "detector_warmup": _detector_warmup(options, inputs, max_batch) if backend in ("onnx", "trt") else "",
+        "scene_instances": options.scene_instances, "scene_overlap": scene_overlap(options, imgsz),
+        "scene_tiles_per_request": options.scene_tiles_per_request or max(1, max_batch // 2),
+        "scene_requests_in_flight": options.scene_requests_in_flight, "max_scene_pixels": options.max_scene_pixels,
+        "scene_max_tiles": options.scene_max_tiles, "scene_max_detections": options.scene_max_detections,
+        "scene_merge_rule": options.scene_merge_rule,
     }
 
     repo_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{repo_dir.name}.", dir=repo_dir.parent))
     try:
-        for model in ("preprocess", detector, "postprocess", ENSEMBLE_MODEL):
+        for model in ("preprocess", detector, "postprocess", ENSEMBLE_MODEL, SCENE_MODEL):
             version_dir = staging / model / "1"
             version_dir.mkdir(parents=True)
             config_path = staging / model / "config.pbtxt"
@@ -383,6 +422,9 @@ def build_repository(repo_dir: str | Path, *, onnx_path: str | Path | None = Non
                 shutil.copy2(TEMPLATE_DIR / model / "model.py", version_dir / "model.py")
             if model in ("preprocess", "postprocess"):
                 shutil.copy2(processing.__file__, version_dir / PROCESSING_MODULE_NAME)
+            if model == SCENE_MODEL:
+                for name, module in SCENE_MODULES.items():
+                    shutil.copy2(module.__file__, version_dir / name)
         detector_dir = staging / detector / "1"
         if backend == "trt":
             shutil.copy2(engine_path, detector_dir / "model.plan")
@@ -393,8 +435,8 @@ def build_repository(repo_dir: str | Path, *, onnx_path: str | Path | None = Non
                 shutil.copy2(onnx_path.parent / name, detector_dir / name)
         check_config_against_onnx(staging / detector / "config.pbtxt", onnx_path)
         manifest = {
-            "backend": backend, "ensemble": ENSEMBLE_MODEL, "detector": detector,
-            "models": ["preprocess", detector, "postprocess", ENSEMBLE_MODEL],
+            "backend": backend, "ensemble": ENSEMBLE_MODEL, "detector": detector, "scene_model": SCENE_MODEL,
+            "models": ["preprocess", detector, "postprocess", ENSEMBLE_MODEL, SCENE_MODEL],
             "imgsz": imgsz, "max_batch": max_batch, "num_detections": num_detections,
             "class_names": list(class_names), "score_threshold": float(score_threshold),
             "source_onnx": str(onnx_path.resolve()),
@@ -408,9 +450,16 @@ def build_repository(repo_dir: str | Path, *, onnx_path: str | Path | None = Non
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    log.info("Triton repository for backend '%s' written to %s (models: preprocess, %s, postprocess, %s)",
-             backend, repo_dir, detector, ENSEMBLE_MODEL)
+    log.info("Triton repository for backend '%s' written to %s (models: preprocess, %s, postprocess, %s, %s)",
+             backend, repo_dir, detector, ENSEMBLE_MODEL, SCENE_MODEL)
     return repo_dir
+
+
+def scene_overlap(options: RepositoryOptions, imgsz: int) -> int:
+    """Tile overlap of ``sdconet_scene`` in network-input pixels: the option, or the scene core's default."""
+    from sdconet.scene.core import DEFAULT_OVERLAP
+
+    return options.scene_overlap if options.scene_overlap is not None else min(DEFAULT_OVERLAP, imgsz // 2)
 
 
 def load_manifest(repo_dir: str | Path) -> dict:

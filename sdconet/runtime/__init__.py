@@ -10,12 +10,15 @@ import importlib
 from typing import Any
 
 from sdconet.runtime.base import (DEFAULT_SCORE_THRESHOLD, DETECTION_KEYS, SALIENCY_KEY, Runner, RunnerError,
-                                  RunnerUnavailable, normalize_outputs, pad_to_input)
+                                  RunnerUnavailable, normalize_outputs, pad_to_input, sorted_by_score)
 
 # backend name -> "module:class"; modules are imported on first use
 RUNNERS: dict[str, str] = {
     "torch": "sdconet.runtime.torch_runner:TorchRunner",
     "onnxruntime": "sdconet.runtime.onnxruntime_runner:OnnxRuntimeRunner",
+    "openvino": "sdconet.runtime.openvino_runner:OpenVINORunner",
+    "tensorrt": "sdconet.runtime.tensorrt_runner:TensorRTRunner",
+    "triton": "sdconet.runtime.triton_runner:TritonRunner",
 }
 
 
@@ -29,4 +32,4 @@ def open_runner(backend: str, **kwargs: Any) -> Runner:
 
 
 __all__ = ["DEFAULT_SCORE_THRESHOLD", "DETECTION_KEYS", "RUNNERS", "Runner", "RunnerError", "RunnerUnavailable",
-           "SALIENCY_KEY", "normalize_outputs", "open_runner", "pad_to_input"]
+           "SALIENCY_KEY", "normalize_outputs", "open_runner", "pad_to_input", "sorted_by_score"]

@@ -17,7 +17,7 @@ Properties: ``imgsz`` (fixed input side; ``None`` = any size, e.g. eager torch),
 from __future__ import annotations
 
 import abc
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -39,6 +39,8 @@ class Runner(abc.ABC):
     """Base class of every runtime. Subclasses set the attributes below in ``__init__`` and implement ``_run``."""
 
     backend: str = "?"
+    uses_cuda: bool = False  # benchmarks synchronise CUDA around each timed call and report CUDA peak memory
+    precisions: tuple[str, ...] = ("fp32",)  # what the runtime can run (the benchmark CLI offers their union)
 
     def __init__(self, *, imgsz: int | None, class_names: Sequence[str], precision: str,
                  max_batch: int | None = None, has_saliency: bool = False) -> None:
@@ -69,6 +71,25 @@ class Runner(abc.ABC):
         return {"backend": self.backend, "precision": self.precision, "imgsz": self.imgsz,
                 "max_batch": self.max_batch, "num_classes": len(self.class_names),
                 "has_saliency": self.has_saliency}
+
+    # -- benchmarks (sdconet.benchmark.runners) --------------------------------------------------------------------
+    @classmethod
+    def for_benchmark(cls, bench: Any, precision: str, **options: Any) -> "Runner":
+        """This runtime opened on the benchmark's model at ``precision``, or RunnerUnavailable(reason) when it cannot
+        run here or has no such precision (the record then reads ``skipped: <reason>``).
+
+        ``bench`` is a ``sdconet.benchmark.runners.BenchContext``: ``cfg``, ``state_dict``, ``imgsz``, ``threads``,
+        ``graph(msda_impl)``, ``onnx(precision)`` (the ONNX of that precision, exported on the fly; raises
+        RunnerUnavailable), ``engine_paths``, ``work_dir``. The record's precision is the opened runner's
+        ``precision`` (the artifact's), not the one asked for. A new runtime is timed by implementing this hook.
+        """
+        raise RunnerUnavailable(f"the {cls.backend} runtime has no benchmark hook (Runner.for_benchmark)")
+
+    def timed_call(self, images: np.ndarray) -> Callable[[], Any]:
+        """A zero-argument call of the backend's forward on ``images``, with everything that can be staged done
+        beforehand (input checks, device copies, buffer allocation): what the benchmarks time."""
+        checked = self.check_input(images)
+        return lambda: self._run(checked)
 
     def __enter__(self) -> "Runner":
         return self
@@ -105,6 +126,17 @@ def normalize_outputs(outputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
     if missing:
         raise RunnerError(f"runner output lacks {missing} (got {sorted(outputs)})")
     return result
+
+
+def sorted_by_score(outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Boxes/scores/labels of each image in descending score order (ties broken by x1), so that the outputs of two
+    backends, whose top-k may order equal scores differently, compare one to one. Shapes as in ``run``."""
+    result: dict[str, list[np.ndarray]] = {key: [] for key in DETECTION_KEYS}
+    for b in range(outputs["scores"].shape[0]):
+        order = np.lexsort((outputs["boxes"][b, :, 0], -outputs["scores"][b]))
+        for key in DETECTION_KEYS:
+            result[key].append(np.asarray(outputs[key][b])[order])
+    return {key: np.stack(values) for key, values in result.items()}
 
 
 def pad_to_input(tiles: Sequence[np.ndarray], size: int) -> np.ndarray:

@@ -78,6 +78,7 @@ class OnnxRuntimeRunner(Runner):
     """
 
     backend = "onnxruntime"
+    precisions = ("fp32", "int8")
 
     def __init__(self, model, threads: int | None = None, providers: Sequence[str] | None = None, *,
                  class_names: Sequence[str] | None = None, optimization_level: str | None = None) -> None:
@@ -108,6 +109,13 @@ class OnnxRuntimeRunner(Runner):
 
     def _run(self, images: np.ndarray) -> Mapping[str, Any]:
         return dict(zip(self.output_names, self.session.run(self.output_names, {self.input_name: images})))
+
+    @classmethod
+    def for_benchmark(cls, bench: Any, precision: str, **options: Any) -> "OnnxRuntimeRunner":
+        """The benchmark's fp32 ONNX or its INT8 Q/DQ version, all graph optimisations on."""
+        if precision in ("fp16", "bf16"):
+            raise RunnerUnavailable(f"{precision} ONNX variants are built for TensorRT only (use --backend tensorrt)")
+        return cls(bench.onnx(precision), threads=bench.threads, optimization_level="all", **options)
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"provider": self.provider, "msda": self.msda,

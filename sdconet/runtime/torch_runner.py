@@ -6,7 +6,7 @@ and every exported backend see identical tensors.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ class TorchRunner(Runner):
     """
 
     backend = "torch"
+    precisions = PRECISIONS
 
     def __init__(self, checkpoint: str | Path | None = None, *, graph: torch.nn.Module | None = None,
                  cfg: Config | None = None, state_dict: dict[str, torch.Tensor] | None = None,
@@ -85,15 +86,47 @@ class TorchRunner(Runner):
                          precision=precision, max_batch=None,
                          has_saliency=bool(getattr(self.graph, "with_saliency", False)))
         self._autocast_dtype = _AUTOCAST.get(precision)
+        self.compile_model = False  # benchmark variants (for_benchmark): torch.compile, CUDA-graph replay
+        self.cuda_graphs = False
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The graph's outputs by name for a tensor already on ``self.device`` (no checks, no copies)."""
+    def forward(self, images: torch.Tensor, module: Callable | None = None) -> dict[str, torch.Tensor]:
+        """The graph's (or ``module``'s, e.g. its compiled form) outputs by name for a tensor already on
+        ``self.device`` (no checks, no copies)."""
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self._autocast_dtype,
                                                     enabled=self._autocast_dtype is not None):
-            return dict(zip(self.graph.output_names, self.graph(images)))
+            return dict(zip(self.graph.output_names, (module or self.graph)(images)))
 
     def _run(self, images: np.ndarray) -> Mapping[str, Any]:
         return self.forward(torch.from_numpy(images).to(self.device))
+
+    @property
+    def uses_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    # -- benchmarks -----------------------------------------------------------------------------------------------
+    @classmethod
+    def for_benchmark(cls, bench: Any, precision: str, compile_model: bool = False,
+                      cuda_graphs: bool = False) -> "TorchRunner":
+        """The benchmark's graph on CUDA when there is one, else CPU; bf16 autocast runs on both."""
+        if precision not in PRECISIONS:
+            raise RunnerUnavailable(f"{precision} is measured on ONNX Runtime (Q/DQ) and TensorRT, not eager PyTorch")
+        cuda = torch.cuda.is_available()
+        if (compile_model or cuda_graphs) and not cuda:
+            raise RunnerUnavailable("torch.compile / CUDA graphs are timed on GPU only; no CUDA device here")
+        msda_impl = "auto" if cuda else "gather"  # auto = the Triton kernel on CUDA
+        runner = cls(graph=bench.graph(msda_impl), cfg=bench.cfg, device="cuda" if cuda else "cpu",
+                     msda_impl=msda_impl, precision=precision, imgsz=bench.imgsz)
+        runner.compile_model, runner.cuda_graphs = compile_model, cuda_graphs
+        return runner
+
+    def timed_call(self, images: np.ndarray) -> Callable[[], Any]:
+        staged = torch.from_numpy(self.check_input(images)).to(self.device)
+        module = torch.compile(self.graph, mode="max-autotune-no-cudagraphs") if self.compile_model else None
+
+        def call() -> Any:
+            return self.forward(staged, module)
+
+        return _capture_cuda_graph(call) if self.cuda_graphs else call
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"device": str(self.device), "msda_impl": self.msda_impl}
@@ -102,3 +135,17 @@ class TorchRunner(Runner):
         self.graph = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _capture_cuda_graph(call: Callable[[], Any]) -> Callable[[], Any]:
+    """Warm up on a side stream, capture one call into a CUDA graph, and return its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph.replay

@@ -1,0 +1,214 @@
+"""OpenVINO on the CPU: an exported detector (plugin-mode ONNX with the fused MSDA op, pure ONNX, or an INT8 model).
+
+* plugin-mode ONNX (``MultiscaleDeformableAttnPlugin_TRT`` / our ``sdconet`` plugin nodes): the nodes become the
+  fused C++ op of :mod:`sdconet.kernels.cpu` (built at setup, or here at first use); the fastest path
+  (docs/cpu-runtime.md);
+* pure ONNX: the gather-decomposed MSDA runs as OpenVINO's own ops;
+* ``precision="bf16"``: OpenVINO's ``INFERENCE_PRECISION_HINT`` (matrix work on AVX512-BF16 / AMX); refused on a CPU
+  whose OpenVINO plugin does not report BF16;
+* ``precision="int8"``: an NNCF-quantized model (OpenVINO IR ``.xml`` or ONNX with Q/DQ nodes), e.g. from
+  ``sdconet.deploy.cpu_quantize``; the model must be quantized, the flag alone quantizes nothing.
+
+Models are compiled for a static batch (OpenVINO's CPU plugin is faster on static shapes): one compiled model per
+batch size seen, compiled at its first call (a few seconds for the paper-size model).
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from sdconet.runtime.base import Runner, RunnerError, RunnerUnavailable
+
+PRECISIONS = ("fp32", "bf16", "int8")
+HINTS = ("latency", "throughput")
+_OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8 layers come from the model's FakeQuantize
+# IR op set of the fused op (sdconet::MultiscaleDeformableAttn): an IR holding it needs the extension too
+_IR_CUSTOM_OPSET = 'version="sdconet"'
+
+
+def openvino_available() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def cpu_capabilities() -> list[str]:
+    """OpenVINO's ``OPTIMIZATION_CAPABILITIES`` of the CPU (e.g. ``FP32``, ``BF16``, ``INT8``)."""
+    import openvino as ov
+
+    return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def _model_info(path: Path, class_names: Sequence[str] | None) -> tuple[dict[str, Any], bool]:
+    """(metadata as :func:`sdconet.runtime.metadata.onnx_model_info` gives it, needs the MSDA extension)."""
+    from sdconet.runtime.metadata import onnx_model_info
+
+    if path.suffix == ".xml":
+        # an IR carries no ONNX metadata: use the ONNX it was converted from when it lies next to it
+        sibling = next((p for p in (path.with_suffix(".onnx"), path.with_suffix(".plugin.onnx")) if p.is_file()),
+                       None)
+        needs_extension = _IR_CUSTOM_OPSET in path.read_text(errors="ignore")
+        if sibling is not None:
+            import onnx
+
+            info = onnx_model_info(onnx.load(str(sibling), load_external_data=False), sibling, class_names)
+        elif class_names:
+            info = {"class_names": list(class_names), "imgsz": None, "outputs": None, "msda": None,
+                    "precision": None, "version": None}
+        else:
+            raise RunnerError(f"{path}: an OpenVINO IR carries no class names and no ONNX of the same name lies "
+                              f"next to it; pass class_names")
+        return info, needs_extension
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    info = onnx_model_info(model, path, class_names)
+    return info, info["msda"] not in (None, "onnx")
+
+
+class OpenVINORunner(Runner):
+    """An exported detector on OpenVINO's CPU plugin.
+
+    Args:
+        model: path of a plugin-mode or pure ONNX (``.onnx``) or an OpenVINO IR (``.xml``).
+        precision: ``fp32`` | ``bf16`` (inference precision hint; needs BF16 hardware) | ``int8`` (the model must be
+            quantized: Q/DQ ONNX or an NNCF IR).
+        threads: ``INFERENCE_NUM_THREADS`` (default: OpenVINO's choice, all cores).
+        hint: ``latency`` (one stream using every thread: batch 1) or ``throughput`` (several streams; a batch is
+            split over them and run asynchronously).
+        class_names: override the names the model (or its export report) carries.
+        config: extra OpenVINO CPU properties, passed to ``compile_model`` as they are.
+    """
+
+    backend = "openvino"
+    supported_precisions = PRECISIONS
+
+    def __init__(self, model: str | Path, precision: str = "fp32", threads: int | None = None, *,
+                 hint: str = "latency", class_names: Sequence[str] | None = None,
+                 config: Mapping[str, Any] | None = None) -> None:
+        if not openvino_available():
+            raise RunnerUnavailable("openvino is not installed (pip install 'sdconet[cpu]')")
+        if precision not in PRECISIONS:
+            raise RunnerError(f"openvino runner: precision must be one of {', '.join(PRECISIONS)}, got "
+                              f"{precision!r}")
+        if hint not in HINTS:
+            raise RunnerError(f"openvino runner: hint must be one of {', '.join(HINTS)}, got {hint!r}")
+        if threads is not None and threads < 1:
+            raise RunnerError(f"openvino runner: threads must be >= 1, got {threads}")
+        import openvino as ov
+
+        self.path = Path(model)
+        if not self.path.is_file():
+            raise RunnerError(f"openvino runner: model not found: {self.path}")
+        info, needs_extension = _model_info(self.path, class_names)
+        self.info = info
+        artifact_int8 = info["precision"] == "int8" or (self.path.suffix == ".xml" and "FakeQuantize" in
+                                                        self.path.read_text(errors="ignore"))
+        if precision == "int8" and not artifact_int8:
+            raise RunnerError(f"openvino runner: precision int8 needs a quantized model (NNCF IR or Q/DQ ONNX, "
+                              f"sdconet/deploy/cpu_quantize.py); {self.path} is not quantized")
+        if precision != "int8" and artifact_int8:
+            raise RunnerError(f"openvino runner: {self.path} is an INT8 model; open it with precision='int8'")
+        self.core = ov.Core()
+        if precision == "bf16" and "BF16" not in cpu_capabilities():
+            raise RunnerUnavailable(
+                f"openvino runner: bf16 needs a CPU with AVX512-BF16 or AMX; this one "
+                f"({self.core.get_property('CPU', 'FULL_DEVICE_NAME')}) reports "
+                f"{', '.join(cpu_capabilities())} only: use precision fp32 (or int8)")
+        self.extension = None
+        if needs_extension:
+            from sdconet.kernels.cpu import KernelBuildError, extension_path
+
+            try:
+                self.extension = extension_path()
+            except KernelBuildError as err:
+                raise RunnerUnavailable(f"openvino runner: {self.path} has MSDA plugin nodes, which need the fused "
+                                        f"CPU kernel: {err}") from err
+            self.core.add_extension(str(self.extension))
+        try:
+            self.model = self.core.read_model(str(self.path))
+        except RuntimeError as err:
+            raise RunnerError(f"openvino runner: cannot read {self.path}: {err}") from err
+        self.config: dict[str, Any] = {"PERFORMANCE_HINT": hint.upper(),
+                                       "INFERENCE_PRECISION_HINT": _OV_PRECISION[precision]}
+        if threads is not None:
+            self.config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.config.update(config or {})
+        self.hint, self.threads = hint, threads
+        batch_dim = self.model.inputs[0].get_partial_shape()[0]
+        outputs = info["outputs"] or [o.get_any_name() for o in self.model.outputs]
+        self.output_names = list(outputs)
+        super().__init__(imgsz=info["imgsz"] or _static_side(self.model), class_names=info["class_names"],
+                         precision=precision, max_batch=batch_dim.get_length() if batch_dim.is_static else None,
+                         has_saliency="saliency" in outputs)
+        self.msda = "fused" if needs_extension else "onnx"
+        self._compiled: dict[int, Any] = {}
+
+    # ------------------------------------------------------------------------------------------------------------
+    def compiled(self, batch: int):
+        """(compiled model, its infer request) for a static ``batch`` (cached per batch size)."""
+        if batch not in self._compiled:
+            model = self.model.clone()
+            side = self.imgsz
+            if side is None:
+                raise RunnerError(f"openvino runner: {self.path} has no fixed input size to compile for")
+            model.reshape({model.inputs[0]: [batch, 3, side, side]})
+            try:
+                compiled = self.core.compile_model(model, "CPU", self.config)
+            except RuntimeError as err:
+                raise RunnerError(f"openvino runner: compiling {self.path} for batch {batch} failed: {err}") from err
+            self._compiled[batch] = (compiled, compiled.create_infer_request())
+        return self._compiled[batch]
+
+    def _run(self, images: np.ndarray) -> Mapping[str, Any]:
+        batch = images.shape[0]
+        if self.hint == "throughput" and batch > 1:
+            return self._run_streams(images)
+        compiled, request = self.compiled(batch)
+        result = request.infer({0: images})
+        return {self._output_name(out): np.array(result[out]) for out in compiled.outputs}
+
+    def _output_name(self, output) -> str:
+        """The contract name of an output (OpenVINO may list a tensor under several names, e.g. '/Mod_output_0')."""
+        names = output.get_names()
+        return next((n for n in self.output_names if n in names), output.get_any_name())
+
+    def _run_streams(self, images: np.ndarray) -> Mapping[str, Any]:
+        """Split the batch over the throughput streams and run the parts asynchronously."""
+        import openvino as ov
+
+        streams = int(self.compiled(1)[0].get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        parts = np.array_split(images, min(streams, images.shape[0]))
+        sizes = {len(p) for p in parts}
+        results: list[Any] = [None] * len(parts)
+        queues = {size: ov.AsyncInferQueue(self.compiled(size)[0], sum(len(p) == size for p in parts))
+                  for size in sizes}
+
+        def done(request, index: int) -> None:
+            results[index] = {self._output_name(out): np.array(request.get_tensor(out).data)
+                              for out in request.model_outputs}
+
+        for queue in queues.values():
+            queue.set_callback(done)
+        for index, part in enumerate(parts):
+            queues[len(part)].start_async({0: np.ascontiguousarray(part)}, index)
+        for queue in queues.values():
+            queue.wait_all()
+        return {key: np.concatenate([r[key] for r in results]) for key in results[0]}
+
+    def describe(self) -> dict[str, Any]:
+        return super().describe() | {"model": str(self.path), "msda": self.msda, "hint": self.hint,
+                                     "threads": self.threads, "extension": str(self.extension) if self.extension
+                                     else None}
+
+    def close(self) -> None:
+        self._compiled.clear()
+
+
+def _static_side(model) -> int | None:
+    shape = model.inputs[0].get_partial_shape()
+    if shape.rank.get_length() == 4 and shape[2].is_static and shape[2] == shape[3]:
+        return shape[2].get_length()
+    return None
+
