@@ -8,7 +8,8 @@ Library::
     results = detect_many(["a.png", "b.png"], protocol="grpc", concurrency=8)   # asyncio under the hood
 
 ``AsyncSDCoNetClient`` is the asyncio API (``await client.detect(...)``, ``await client.detect_many(...)``).
-Boxes are xyxy in the pixels of the image sent.
+Boxes are xyxy in the pixels of the image sent. ``retries=N`` retries a request that met a connection error or an
+UNAVAILABLE answer (exponential backoff, :class:`RetryPolicy`); an invalid request is never retried.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -35,6 +37,75 @@ OUTPUT_NAMES = ("num_detections", "detection_boxes", "detection_scores", "detect
 _STAT_INT_KEYS = {"count", "ns", "inference_count", "execution_count", "batch_size", "last_inference"}
 
 ImageInput = Union[str, Path, bytes, np.ndarray]
+# Triton answers that mean "not now" (server starting or stopping, a backend restarting): safe to send again
+_RETRYABLE_STATUS = {"StatusCode.UNAVAILABLE", "503"}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of one request: attempt ``k`` (0-based) waits ``min(backoff_s * 2**k, max_backoff_s)`` before the
+    next. Only connection errors and UNAVAILABLE answers are retried (:func:`is_retryable`)."""
+
+    retries: int = 0
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.backoff_s < 0 or self.max_backoff_s < 0:
+            raise ValueError(f"retries, backoff_s and max_backoff_s must be >= 0, got {self}")
+
+    def delay(self, attempt: int) -> float:
+        return min(self.backoff_s * 2 ** attempt, self.max_backoff_s)
+
+
+def is_retryable(err: BaseException) -> bool:
+    """True for errors a resend can cure: the connection failed (refused, reset, timed out) or Triton answered
+    UNAVAILABLE. An invalid request (INVALID_ARGUMENT / HTTP 400) or an internal error is not retried."""
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(err, InferenceServerException):
+        status = str(err.status() or "")
+        # the HTTP client reports a dropped connection as an exception without a status
+        return status in _RETRYABLE_STATUS or (not status and "connect" in str(err).lower())
+    return isinstance(err, (ConnectionError, TimeoutError, asyncio.TimeoutError)) or (
+        type(err).__module__.startswith(("aiohttp", "geventhttpclient", "gevent")) and isinstance(err, OSError))
+
+
+def call_with_retries(call: Callable[[], object], policy: RetryPolicy, what: str = "request"):
+    """``call()``, retried per ``policy``; the last error is raised with ``attempts`` set on it."""
+    for attempt in range(policy.retries + 1):
+        try:
+            return call()
+        except Exception as err:
+            if attempt == policy.retries or not is_retryable(err):
+                err.attempts = attempt + 1
+                raise
+            log.warning("%s: %s (attempt %d of %d); retrying in %.1f s", what, _describe(err), attempt + 1,
+                        policy.retries + 1, policy.delay(attempt))
+            time.sleep(policy.delay(attempt))
+
+
+async def acall_with_retries(call: Callable[[], object], policy: RetryPolicy, what: str = "request"):
+    """The asyncio form of :func:`call_with_retries` (``call()`` returns an awaitable)."""
+    for attempt in range(policy.retries + 1):
+        try:
+            return await call()
+        except Exception as err:
+            if attempt == policy.retries or not is_retryable(err):
+                err.attempts = attempt + 1
+                raise
+            log.warning("%s: %s (attempt %d of %d); retrying in %.1f s", what, _describe(err), attempt + 1,
+                        policy.retries + 1, policy.delay(attempt))
+            await asyncio.sleep(policy.delay(attempt))
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+def failure_record(err: BaseException) -> dict:
+    """What a per-image failure report says: the error, whether it was retryable, how many attempts were made."""
+    return {"error": _describe(err), "retryable": is_retryable(err), "attempts": getattr(err, "attempts", 1)}
 
 
 @dataclass
@@ -48,6 +119,12 @@ class Detections:
 
     def __len__(self) -> int:
         return len(self.scores)
+
+    def above(self, score_threshold: float) -> "Detections":
+        """The detections with ``score >= score_threshold``."""
+        keep = np.flatnonzero(self.scores >= score_threshold)
+        return Detections(self.boxes[keep], self.scores[keep], self.labels[keep],
+                          [self.class_names[i] for i in keep])
 
     def to_dict(self) -> dict:
         return {"num_detections": len(self), "detections": [
@@ -126,8 +203,9 @@ class SDCoNetClient:
     """Blocking client for the ``sdconet`` ensemble over HTTP (``host:8000``) or gRPC (``host:8001``)."""
 
     def __init__(self, url: Optional[str] = None, protocol: str = "http", model_name: str = ENSEMBLE_MODEL,
-                 timeout_s: float = 60.0):
+                 timeout_s: float = 60.0, retry: Optional[RetryPolicy] = None):
         self.protocol, self.model_name, self.timeout_s = protocol, model_name, timeout_s
+        self.retry = retry or RetryPolicy()
         self.url = url or default_url(protocol)
         self._module = _protocol_module(protocol, asynchronous=False)
         if protocol == "http":
@@ -136,13 +214,16 @@ class SDCoNetClient:
         else:
             self._client = self._module.InferenceServerClient(self.url)
 
-    def detect(self, image: ImageInput) -> Detections:
-        inputs = make_inputs(self._module, image)
+    def infer(self, inputs: list):
+        """One request to ``model_name`` with retries (see :class:`RetryPolicy`) -> the raw result."""
         if self.protocol == "http":
-            result = self._client.infer(self.model_name, inputs)
+            call = lambda: self._client.infer(self.model_name, inputs)  # noqa: E731
         else:
-            result = self._client.infer(self.model_name, inputs, client_timeout=self.timeout_s)
-        return parse_result(result)[0]
+            call = lambda: self._client.infer(self.model_name, inputs, client_timeout=self.timeout_s)  # noqa: E731
+        return call_with_retries(call, self.retry, f"{self.model_name} at {self.url}")
+
+    def detect(self, image: ImageInput) -> Detections:
+        return parse_result(self.infer(make_inputs(self._module, image)))[0]
 
     def is_ready(self) -> bool:
         return bool(self._client.is_server_ready()) and bool(self._client.is_model_ready(self.model_name))
@@ -173,8 +254,9 @@ class AsyncSDCoNetClient:
     """asyncio client: many requests in flight over one connection pool (HTTP) or channel (gRPC)."""
 
     def __init__(self, url: Optional[str] = None, protocol: str = "http", model_name: str = ENSEMBLE_MODEL,
-                 timeout_s: float = 60.0):
+                 timeout_s: float = 60.0, retry: Optional[RetryPolicy] = None):
         self.protocol, self.model_name, self.timeout_s = protocol, model_name, timeout_s
+        self.retry = retry or RetryPolicy()
         self.url = url or default_url(protocol)
         self._module = _protocol_module(protocol, asynchronous=True)
         if protocol == "http":
@@ -185,9 +267,10 @@ class AsyncSDCoNetClient:
     async def detect(self, image: ImageInput) -> Detections:
         inputs = make_inputs(self._module, image)
         if self.protocol == "http":
-            result = await self._client.infer(self.model_name, inputs)
+            call = lambda: self._client.infer(self.model_name, inputs)  # noqa: E731
         else:
-            result = await self._client.infer(self.model_name, inputs, client_timeout=self.timeout_s)
+            call = lambda: self._client.infer(self.model_name, inputs, client_timeout=self.timeout_s)  # noqa: E731
+        result = await acall_with_retries(call, self.retry, f"{self.model_name} at {self.url}")
         return parse_result(result)[0]
 
     async def detect_many(self, images: Sequence[ImageInput], concurrency: int = 8,
@@ -234,12 +317,12 @@ class AsyncSDCoNetClient:
 
 def detect_many(images: Sequence[ImageInput], url: Optional[str] = None, protocol: str = "http",
                 model_name: str = ENSEMBLE_MODEL, concurrency: int = 8, timeout_s: float = 60.0,
-                on_done: Optional[Callable[[int, Union[Detections, Exception]], None]] = None
-                ) -> list[Union[Detections, Exception]]:
+                on_done: Optional[Callable[[int, Union[Detections, Exception]], None]] = None,
+                retry: Optional[RetryPolicy] = None) -> list[Union[Detections, Exception]]:
     """Blocking wrapper over :meth:`AsyncSDCoNetClient.detect_many` (not callable from a running event loop)."""
 
     async def run() -> list[Union[Detections, Exception]]:
-        async with AsyncSDCoNetClient(url, protocol, model_name, timeout_s) as client:
+        async with AsyncSDCoNetClient(url, protocol, model_name, timeout_s, retry) as client:
             return await client.detect_many(images, concurrency, on_done)
 
     return asyncio.run(run())
@@ -257,8 +340,8 @@ def annotate(image_path: Path, detections: Detections) -> np.ndarray:
 
 
 def _output_stems(paths: Sequence[Path]) -> list[str]:
-    """File stems for per-image outputs, made unique when two inputs share a name."""
-    stems, seen = [], {}
+    """File stems for per-image outputs, made unique when two inputs share a name ("failures" is reserved)."""
+    stems, seen = [], {"failures": 1}
     for path in paths:
         count = seen.get(path.stem, 0)
         seen[path.stem] = count + 1
@@ -269,20 +352,45 @@ def _output_stems(paths: Sequence[Path]) -> list[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sdconet.client",
-        description="Send images to a running SDCoNet Triton server and write/print the detections as JSON.")
+        description="Send images to a running SDCoNet Triton server and write/print the detections as JSON. By "
+                    "default each image goes to the tile ensemble 'sdconet', which resizes (letterboxes) it to the "
+                    "network size; --scene sends whole scenes to 'sdconet_scene', which tiles them at their native "
+                    "resolution on the server.")
     parser.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, TIFF, ...)")
+    parser.add_argument("--scene", action="store_true",
+                        help="whole-scene mode: send each file (its encoded bytes) to sdconet_scene; boxes come back "
+                             "in scene pixels")
     parser.add_argument("--url", default=None, help="server host:port (default 127.0.0.1:8000 for http, "
                                                     "127.0.0.1:8001 for grpc)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="http")
-    parser.add_argument("--model", default=ENSEMBLE_MODEL, help="ensemble model name (default %(default)s)")
+    parser.add_argument("--model", default=None, help="model name (default sdconet, with --scene sdconet_scene)")
     parser.add_argument("--out", type=Path, default=None,
                         help="directory for <image>.json per image (default: print one JSON list to stdout)")
     parser.add_argument("--annotate", action="store_true", help="also write <image>.png with the boxes drawn "
                                                                 "(needs --out)")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight (default %(default)s)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="per-request timeout in seconds (default 60, with --scene 600)")
+    parser.add_argument("--retries", type=int, default=3,
+                        help="resend a request after a connection error or an UNAVAILABLE answer up to this many "
+                             "times, with exponential backoff (default %(default)s; invalid requests are never "
+                             "retried)")
+    parser.add_argument("--retry-backoff", type=float, default=1.0,
+                        help="seconds before the first retry, doubled for each next one up to 30 (default 1)")
+    parser.add_argument("--score-threshold", "--score-thresh", dest="score_threshold", type=float, default=None,
+                        help="keep detections with score >= this (applied to the server's answer, so only values "
+                             "above the threshold the repository was built with have an effect; default: the "
+                             "server's)")
     args = parser.parse_args(argv)
     setup_logging()
+    model = args.model or ("sdconet_scene" if args.scene else ENSEMBLE_MODEL)
+    timeout = args.timeout if args.timeout is not None else (600.0 if args.scene else 60.0)
+    try:
+        retry = RetryPolicy(retries=args.retries, backoff_s=args.retry_backoff)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.score_threshold is not None and not 0.0 <= args.score_threshold <= 1.0:
+        parser.error(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
     if args.annotate and args.out is None:
         parser.error("--annotate needs --out DIR")
     missing = [str(p) for p in args.images if not p.is_file()]
@@ -292,15 +400,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from tqdm import tqdm
 
     with tqdm(total=len(args.images), desc="detect", unit="img", file=sys.stderr) as bar:
-        results = detect_many(args.images, args.url, args.protocol, args.model, args.concurrency, args.timeout,
-                              on_done=lambda index, result: bar.update())
-    records, failures = [], 0
+        results = detect_many(args.images, args.url, args.protocol, model, args.concurrency, timeout,
+                              on_done=lambda index, result: bar.update(), retry=retry)
+    records, failures = [], []
     for path, stem, result in zip(args.images, _output_stems(args.images), results):
         if isinstance(result, Exception):
-            failures += 1
-            log.error("%s: %s", path, result)
-            record = {"image": str(path), "error": str(result)}
+            record = {"image": str(path), **failure_record(result)}
+            failures.append(record)
+            log.error("%s: failed after %d attempt(s): %s", path, record["attempts"], record["error"])
         else:
+            if args.score_threshold is not None:
+                result = result.above(args.score_threshold)
             record = {"image": str(path), **result.to_dict()}
             top = ", ".join(f"{n} {s:.2f}" for n, s in zip(result.class_names[:3], result.scores[:3]))
             log.info("%s: %d detection(s)%s", path, len(result), f" (top: {top})" if top else "")
@@ -316,8 +426,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         json.dump(records, sys.stdout, indent=2, ensure_ascii=False)
         sys.stdout.write("\n")
     else:
-        log.info("wrote %d JSON file(s)%s to %s", len(records), " and annotated PNGs" if args.annotate else "",
-                 args.out)
+        (args.out / "failures.json").write_text(json.dumps(failures, indent=2, ensure_ascii=False) + "\n")
+        log.info("wrote %d JSON file(s)%s to %s (%d failure(s) listed in failures.json)", len(records),
+                 " and annotated PNGs" if args.annotate else "", args.out, len(failures))
+    if failures:
+        log.error("%d of %d image(s) failed", len(failures), len(records))
     return 1 if failures else 0
 
 

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -181,13 +182,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--model", default=ENSEMBLE_MODEL)
     parser.add_argument("--images", type=Path, nargs="*", default=None,
                         help="images to send in turn (default: one synthetic 512x512 PNG)")
-    parser.add_argument("--concurrency", default="1,2,4,8", help="comma-separated levels (default %(default)s)")
+    parser.add_argument("--concurrency", default=None,
+                        help="comma-separated levels (default 1,2,4,8); in the soak mode one number (default 16)")
     parser.add_argument("--requests", type=int, default=100, help="timed requests per level (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=4, help="untimed requests before each level")
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    soak = parser.add_argument_group(
+        "soak mode", "--soak-seconds N: mixed good and malformed traffic for N s at one concurrency; writes the "
+                     "soak report to --json and its RSS/latency chart next to it (.png)")
+    soak.add_argument("--soak-seconds", type=float, default=None, help="run a soak of this many measured seconds")
+    soak.add_argument("--warmup-seconds", type=float, default=20.0, help="soak warm-up, not counted (default 20)")
+    soak.add_argument("--bad-fraction", type=float, default=0.2, help="share of malformed requests (default 0.2)")
+    soak.add_argument("--repo", type=Path, default=None,
+                      help="start a server on this repository for the soak (free loopback ports) instead of --url")
+    soak.add_argument("--server-pid", type=int, default=None,
+                      help="with --url: pid of the tritonserver, for the RSS samples of its process group")
+    soak.add_argument("--kill-stub", action="append", default=[], metavar="MODEL@T",
+                      help="SIGKILL the python backend stub of MODEL T s after the warm-up (repeatable)")
     args = parser.parse_args(argv)
     setup_logging()
+    if args.soak_seconds is not None:
+        return _soak_main(parser, args)
+    if args.repo is not None or args.kill_stub or args.server_pid is not None:
+        parser.error("--repo, --server-pid and --kill-stub belong to the soak mode (--soak-seconds N)")
+    args.concurrency = args.concurrency or "1,2,4,8"
     try:
         levels = [int(v) for v in args.concurrency.split(",") if v.strip()]
     except ValueError:
@@ -218,6 +237,76 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
         log.info("results written to %s", args.json)
     return 1 if any(r.errors for r in results) else 0
+
+
+def _soak_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The soak mode of :func:`main` (see :mod:`sdconet.serve.soak`)."""
+    from sdconet.serve.soak import run_soak, write_report
+
+    if (args.repo is None) == (args.url is None):
+        parser.error("the soak mode needs exactly one of --repo DIR (start a server) or --url HOST:PORT")
+    try:
+        concurrency = int(args.concurrency or 16)
+    except ValueError:
+        parser.error(f"in the soak mode --concurrency is one integer, got {args.concurrency!r}")
+    kills = []
+    for spec in args.kill_stub:
+        model, _, at = spec.rpartition("@")
+        try:
+            kills.append((model, float(at)))
+        except ValueError:
+            parser.error(f"--kill-stub must be MODEL@SECONDS, got {spec!r}")
+        if not model:
+            parser.error(f"--kill-stub must be MODEL@SECONDS, got {spec!r}")
+    if args.json is None:
+        parser.error("the soak mode needs --json OUT (the report; OUT.png is the chart)")
+    if args.images:
+        images = [p.read_bytes() for p in args.images]
+    else:
+        images = [synthetic_image(1024 if args.model == "sdconet_scene" else 512)]
+
+    from contextlib import ExitStack
+
+    from tqdm import tqdm
+
+    from sdconet.serve.server import TritonServer, free_port
+
+    with ExitStack() as stack:
+        if args.repo is not None:
+            server = stack.enter_context(TritonServer(args.repo, http_port=free_port(), grpc_port=free_port(),
+                                                      metrics_port=free_port()))
+            url = server.endpoints.http if args.protocol == "http" else server.endpoints.grpc
+            pgid = server.process.pid
+            log.info("soak: server on %s, log %s", url, server.log_path)
+        else:
+            url, pgid = args.url, (os.getpgid(args.server_pid) if args.server_pid is not None else None)
+        total = args.warmup_seconds + args.soak_seconds
+        with tqdm(total=round(total), desc="soak", unit="s", file=sys.stderr) as bar:
+            started = time.monotonic()
+
+            def tick() -> None:
+                elapsed = min(int(time.monotonic() - started), bar.total)
+                if elapsed != bar.n:  # once a second, not per request
+                    bar.n = elapsed
+                    bar.refresh()
+
+            try:
+                report = run_soak(url, protocol=args.protocol, model=args.model, soak_seconds=args.soak_seconds,
+                                  concurrency=concurrency, bad_fraction=args.bad_fraction,
+                                  warmup_seconds=args.warmup_seconds, good_images=images, server_pgid=pgid,
+                                  kill_stubs=kills, timeout_s=args.timeout, on_request=tick)
+            except ValueError as err:
+                parser.error(str(err))
+    png = write_report(report, args.json)
+    growth = "n/a" if report.rss_growth_mb is None else f"{report.rss_growth_mb:.1f} MB"
+    print(f"soak of {args.model} at {url}: {report.requests_ok} ok, {report.requests_lost} lost, "
+          f"{report.requests_failed_in_fault} failed in faults, {report.bad_rejected} bad rejected, "
+          f"{report.bad_accepted} bad accepted, p50 {report.p50_ms} ms, p99 {report.p99_ms} ms, "
+          f"RSS growth {growth}")
+    for fault in report.faults:
+        print(f"  killed {fault['model']} stub at {fault['t_s']} s: serving again after {fault['recovery_s']} s")
+    log.info("soak report written to %s and %s", args.json, png)
+    return 1 if report.requests_lost or report.bad_accepted else 0
 
 
 if __name__ == "__main__":

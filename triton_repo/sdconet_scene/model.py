@@ -1,0 +1,139 @@
+"""Triton python model ``sdconet_scene``: one whole scene per request -> detections in scene pixels (BLS).
+
+Inputs (exactly one): ``IMAGE_BYTES`` ``[1, 1]`` (an encoded PNG/JPEG/TIFF; the pixel limit is checked from its
+header before decoding) or ``IMAGE`` ``[1, H, W, 3]`` uint8 RGB. The scene is the network (LR) input at its native
+resolution: it is cut into ``imgsz`` tiles overlapping by ``overlap`` px (``sdconet_tiling``), the edge tiles
+zero-padded bottom/right, and the tiles go to the detector model as BLS requests of ``tiles_per_request`` tiles, at
+most ``max_requests_in_flight`` at a time, so the detector's dynamic batcher groups tiles of this and other scenes.
+Per tile, detections with ``score >= score_threshold`` are clipped to the tile, flagged when they touch an inner
+tile edge, shifted to scene pixels, then merged across tiles (``sdconet_merge``, rule ``merge_rule``).
+
+``sdconet_tiling``, ``sdconet_merge`` and ``sdconet_processing`` are copies of ``sdconet/scene/tiling.py``,
+``sdconet/scene/merge.py`` and ``sdconet/serve/processing.py`` placed here by the repository builder.
+
+A scene over ``max_scene_pixels`` or needing more than ``max_tiles`` tiles, and any other bad request, gets an error
+response (INVALID_ARG); the instance goes on serving. A failed detector request fails only its scene.
+"""
+import asyncio
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from sdconet_merge import merge_detections
+from sdconet_processing import InvalidImageError, check_pixel_limit, decode_image
+from sdconet_tiling import clip_boxes, inner_edges, shift_boxes, tile_grid, touches_inner_edge
+
+DETECTOR_OUTPUTS = ["boxes", "scores", "labels"]
+
+
+class DetectorFailed(RuntimeError):
+    """A BLS request to the detector came back with an error."""
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        self.detector = parameters["detector"]
+        self.size = int(parameters["imgsz"])
+        self.overlap = int(parameters["overlap"])
+        self.tiles_per_request = int(parameters["tiles_per_request"])
+        self.in_flight = int(parameters["max_requests_in_flight"])
+        self.max_pixels = int(parameters["max_scene_pixels"])
+        self.max_tiles = int(parameters["max_tiles"])
+        self.max_detections = int(parameters["max_detections"])  # 0 = no cap
+        self.merge_rule = parameters["merge_rule"]
+        self.score_threshold = float(parameters["score_threshold"])
+        self.class_names = [name.encode("utf-8") for name in json.loads(parameters["class_names"])]
+
+    def _scene(self, request):
+        """The request's scene as ``[H, W, 3]`` uint8, after the pixel limit."""
+        encoded = pb_utils.get_input_tensor_by_name(request, "IMAGE_BYTES")
+        raw = pb_utils.get_input_tensor_by_name(request, "IMAGE")
+        if (encoded is None) == (raw is None):
+            raise InvalidImageError("send exactly one of the inputs IMAGE_BYTES (an encoded scene) or IMAGE "
+                                    "([H, W, 3] uint8 RGB)")
+        if encoded is not None:
+            return decode_image(bytes(encoded.as_numpy().reshape(-1)[0]), self.max_pixels)
+        scene = raw.as_numpy()[0]
+        check_pixel_limit(scene.shape[0], scene.shape[1], self.max_pixels)
+        return scene
+
+    async def _run_tiles(self, scene, tiles):
+        """Detector outputs of every tile: (boxes [n, K, 4], scores [n, K], labels [n, K]) in tile pixels."""
+        gate = asyncio.Semaphore(self.in_flight)
+
+        async def one_request(start):
+            async with gate:
+                chunk = tiles[start:start + self.tiles_per_request]
+                # cut and converted only when the request is sent, so memory stays bounded on large scenes
+                batch = np.zeros((len(chunk), 3, self.size, self.size), np.float32)
+                for i, (top, left, height, width) in enumerate(chunk):
+                    pixels = scene[top:top + height, left:left + width]
+                    batch[i, :, :height, :width] = pixels.transpose(2, 0, 1).astype(np.float32) / 255.0
+                response = await pb_utils.InferenceRequest(
+                    model_name=self.detector, requested_output_names=DETECTOR_OUTPUTS,
+                    inputs=[pb_utils.Tensor("images", batch)]).async_exec()
+                if response.has_error():
+                    raise DetectorFailed(f"{self.detector}: {response.error().message()}")
+                return [pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in DETECTOR_OUTPUTS]
+
+        parts = await asyncio.gather(*(one_request(start) for start in range(0, len(tiles), self.tiles_per_request)))
+        return tuple(np.concatenate([part[k] for part in parts]) for k in range(len(DETECTOR_OUTPUTS)))
+
+    def _merge(self, scene_shape, tiles, boxes, scores, labels):
+        """Per-tile outputs -> scene detections (boxes [k, 4] scene pixels, scores [k], labels [k])."""
+        height, width = scene_shape
+        inner = inner_edges(tiles, height, width)
+        all_boxes, all_scores, all_labels, all_tiles, all_edges = [], [], [], [], []
+        for index, (top, left, tile_h, tile_w) in enumerate(tiles):
+            keep = np.flatnonzero(scores[index] >= self.score_threshold)
+            tile_boxes = clip_boxes(boxes[index][keep], tile_h, tile_w)
+            all_edges.append(touches_inner_edge(tile_boxes, tile_h, tile_w, inner[index]))
+            all_boxes.append(shift_boxes(tile_boxes, top, left))
+            all_scores.append(scores[index][keep])
+            all_labels.append(labels[index][keep])
+            all_tiles.append(np.full(len(keep), index, np.int64))
+        merged_boxes, merged_scores, merged_labels = merge_detections(
+            np.concatenate(all_boxes), np.concatenate(all_scores), np.concatenate(all_labels), rule=self.merge_rule,
+            tile_index=np.concatenate(all_tiles), touches_edge=np.concatenate(all_edges))
+        if self.max_detections > 0:
+            merged_boxes, merged_scores, merged_labels = (merged_boxes[:self.max_detections],
+                                                          merged_scores[:self.max_detections],
+                                                          merged_labels[:self.max_detections])
+        return merged_boxes, merged_scores, merged_labels
+
+    async def _detect(self, request):
+        scene = self._scene(request)
+        tiles = tile_grid(scene.shape[0], scene.shape[1], self.size, self.overlap)
+        if len(tiles) > self.max_tiles:
+            raise InvalidImageError(f"a {scene.shape[1]}x{scene.shape[0]} scene needs {len(tiles)} tiles of "
+                                    f"{self.size} px (overlap {self.overlap}); the server limit is {self.max_tiles} "
+                                    f"tiles per request")
+        boxes, scores, labels = self._merge(scene.shape[:2], tiles, *await self._run_tiles(scene, tiles))
+        count = len(scores)
+        names = np.array([[self.class_names[int(v)] if 0 <= int(v) < len(self.class_names) else str(int(v)).encode()
+                           for v in labels]], dtype=object).reshape(1, count)
+        return [pb_utils.Tensor("num_detections", np.array([[count]], np.int32)),
+                pb_utils.Tensor("num_tiles", np.array([[len(tiles)]], np.int32)),
+                pb_utils.Tensor("detection_boxes", boxes.astype(np.float32).reshape(1, count, 4)),
+                pb_utils.Tensor("detection_scores", scores.astype(np.float32).reshape(1, count)),
+                pb_utils.Tensor("detection_labels", labels.astype(np.int32).reshape(1, count)),
+                pb_utils.Tensor("detection_classes", names)]
+
+    async def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(pb_utils.InferenceResponse(output_tensors=await self._detect(request)))
+            except InvalidImageError as err:
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"sdconet_scene: {err}", pb_utils.TritonError.INVALID_ARG)))
+            except DetectorFailed as err:  # e.g. the detector's stub restarting: the client may retry
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"sdconet_scene: {err}", pb_utils.TritonError.UNAVAILABLE)))
+            except Exception as err:  # never let one request take the instance down
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"sdconet_scene: unexpected failure: {err!r}")))
+        return responses
