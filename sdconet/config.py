@@ -39,6 +39,7 @@ class EncoderConfig:
     window_size: int = 7
     drop_path_rate: float = 0.2
     pretrained_file: Optional[str] = None  # local ImageNet checkpoint; random init when None
+    out_norm: bool = False  # one LayerNorm per stage output (mmdet Swin, official code); False = raw timm outputs
 
 
 @dataclass
@@ -71,6 +72,13 @@ class SaliencyConfig:
     hidden_dim: int = 256
     alpha_init_range: float = 0.3  # top-down modulation alpha ~ U(-r, r)
     target_mode: str = "gaussian"  # "gaussian" (paper) | "linear" (official code)
+    # top-down modulation of the token scorer: "post_norm" (ours: after its first LayerNorm) | "official" (before it,
+    # as in the Salience DETR / SDCoNet code); docs/detector.md "Switches"
+    modulation: str = "post_norm"
+    # embedding added to the tokens the filtered encoder did not update: "per_level" (ours: one learned vector per
+    # level, on tokens no level kept) | "row_col" (Salience DETR: learned row/column table, on tokens the last encoder
+    # layer did not update)
+    background: str = "per_level"
     sigma: float = 0.5
     # max(l, t, r, b) ranges in HR pixels per level, finest first
     level_ranges: tuple[tuple[float, float], ...] = ((-1.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, math.inf))
@@ -129,6 +137,9 @@ class LossConfig:
     # an unmatched query whose box has IoU >= this with an ignored target (e.g. DOTA difficult) gets no class loss;
     # a value > 1 turns that off (such queries are then trained as background)
     ignore_iou_threshold: float = 0.5
+    # denoising slots that pad an image with fewer than max_gt targets: "ignore" (ours: no loss) | "background"
+    # (DINO / mmdet: class loss towards background)
+    dn_padding: str = "ignore"
 
 
 @dataclass
@@ -185,7 +196,8 @@ class TrainConfig:
     schedule: str = "full"  # full | joint | det_only | sr_only | saliency_only
     stage1_epochs: int = 16
     grad_accum_steps: int = 1
-    amp: Optional[str] = None  # None | "bf16" | "fp16" (GPU)
+    # None | "bf16" | "fp16" (GPU) | "auto": bf16 on a CPU with AMX-BF16, on CUDA bf16 where supported else fp16
+    amp: Optional[str] = None
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"

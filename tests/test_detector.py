@@ -309,13 +309,22 @@ def test_backward_reaches_every_parameter_group():
         assert torch.isfinite(p.grad).all(), name
 
 
-def test_look_forward_twice_feeds_back_into_previous_box_head():
-    cfg = _tiny()
+def _head_grad_norm(head):
+    return sum(float(p.grad.norm()) for p in head.parameters() if p.grad is not None)
+
+
+def test_look_forward_twice_reaches_the_previous_box_head_only():
+    cfg = _tiny("model.detector.num_decoder_layers=4")
     model = SaliencyDINO(cfg).eval()
+    with torch.no_grad():  # the last layers start at zero; give every head a non-trivial path
+        for head in model.decoder.box_heads:
+            head.layers[-1].weight.normal_(std=0.01)
     out = model(_features(cfg))
     _weighted_sum([out["pred_boxes"]]).backward()  # last decoder layer only
-    previous_head = model.decoder.box_heads[-2].layers[-1].weight
-    assert previous_head.grad is not None and previous_head.grad.abs().sum() > 0
+    norms = [_head_grad_norm(head) for head in model.decoder.box_heads]
+    assert norms[-1] > 0 and norms[-2] > 0, norms  # layer L's prediction refines box_{L-1} (look forward twice)
+    assert norms[-3] == 0 and norms[-4] == 0, norms  # ... and no earlier box (DINO detaches the reference)
+    assert _head_grad_norm(model.query_selection.box_head) == 0
 
 
 def test_saliency_disabled_is_a_plain_dino():

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import timm
@@ -13,8 +14,10 @@ from safetensors.torch import save_file
 from timm.models.swin_transformer import SwinTransformerBlock
 
 from sdconet.config import load_config
+from sdconet.losses.criterion import SetCriterion
 from sdconet.models import SDCoNet, SerialBaseline, build_model
-from sdconet.models.encoder import EncoderWeightsError, PaddedShiftSwinBlock, SwinEncoder
+from sdconet.models.encoder import (SUPPORTED_TIMM, EncoderWeightsError, PaddedShiftSwinBlock, SwinEncoder,
+                                    UnsupportedTimmError, check_timm_version)
 from sdconet.models.neck import ChannelMapperNeck
 from sdconet.models.postprocess import select_topk_detections, valid_image_sizes
 from sdconet.models.sr_decoder import SRDecoder
@@ -49,7 +52,7 @@ def _ceil_div(a: int, b: int) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 def _input_dependencies(block: SwinTransformerBlock, size: int, at: tuple[int, int]) -> torch.Tensor:
     """[size, size] bool: which input tokens the output token ``at`` depends on."""
-    x = torch.randn(1, size, size, block.dim, requires_grad=True)
+    x = torch.randn(1, size, size, block.norm1.normalized_shape[0], requires_grad=True)
     block(x)[0, at[0], at[1]].sum().backward()
     return x.grad[0].abs().sum(-1) > 0
 
@@ -59,23 +62,32 @@ def test_padded_shift_block_keeps_image_borders_apart():
                                  dynamic_mask=True).eval()
     # timm shifts before padding: on an 8x8 map the top-left token sees the bottom rows through the wrap-around
     assert _input_dependencies(block, 8, (0, 0))[3:].any()
-    block.__class__ = PaddedShiftSwinBlock
+    ours = PaddedShiftSwinBlock(block, window_size=7, shift_size=3)
+    assert set(ours.state_dict()) <= set(block.state_dict())  # timm's keys: timm checkpoints load unchanged
     # original Swin order: the wrapped-around 3x3 corner is its own masked region
     expected = torch.zeros(8, 8, dtype=torch.bool)
     expected[:3, :3] = True
-    assert torch.equal(_input_dependencies(block, 8, (0, 0)), expected)
+    assert torch.equal(_input_dependencies(ours, 8, (0, 0)), expected)
     # on window-multiple maps both orders are the same computation
     x = torch.randn(2, 14, 14, 16)
     with torch.no_grad():
-        ours = block(x)
-        block.__class__ = SwinTransformerBlock
-        assert torch.allclose(ours, block(x), atol=1e-6)
+        assert torch.allclose(ours(x), block(x), atol=1e-6)
+
+
+def test_unsupported_timm_names_the_supported_range():
+    check_timm_version(timm.__version__)  # the installed one is in range (pyproject pins it)
+    low, high = SUPPORTED_TIMM
+    for version in ("1.0.7", high, "0.9.16", "not-a-version"):
+        with pytest.raises(UnsupportedTimmError, match=re.escape(f"timm>={low},<{high}")):
+            check_timm_version(version)
+    check_timm_version(low)
 
 
 @pytest.mark.parametrize("size", [(256, 256), (128, 128), (192, 256), (98, 130)])
 def test_encoder_any_input_size(tiny, size):
     encoder = SwinEncoder(tiny.encoder).eval()
-    assert all(isinstance(m, PaddedShiftSwinBlock) for m in encoder.modules() if isinstance(m, SwinTransformerBlock))
+    assert not any(isinstance(m, SwinTransformerBlock) for m in encoder.modules())
+    assert sum(isinstance(m, PaddedShiftSwinBlock) for m in encoder.modules()) == sum(tiny.encoder.depths)
     with torch.no_grad():
         out = encoder(torch.randn(2, 3, *size))
     width = tiny.encoder.embed_dim
@@ -344,3 +356,142 @@ def test_paper_model_at_256():
     assert detections["saliency"].shape == (1, 1, 32, 32)
     assert all(torch.isfinite(v.float()).all() for v in detections.values())
     assert ((detections["saliency"] >= 0) & (detections["saliency"] <= 1)).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fidelity switches (docs/detector.md "Switches"): at our defaults the model computes exactly what it did before the
+# switches existed; flipped, each changes only the computation it names
+# ----------------------------------------------------------------------------------------------------------------
+REFERENCE = Path(__file__).parent / "data" / "tiny_reference_outputs.json"
+
+
+def _reference_targets() -> list[dict]:
+    # image 1 has fewer boxes than image 0: its denoising groups carry padding slots
+    return [{"labels": torch.tensor([1, 3, 2]), "size": torch.tensor([128, 128]),
+             "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.1], [0.7, 0.6, 0.1, 0.2], [0.5, 0.5, 0.3, 0.3]])},
+            {"labels": torch.tensor([0]), "size": torch.tensor([128, 128]),
+             "boxes": torch.tensor([[0.25, 0.3, 0.2, 0.2]])}]
+
+
+def _reference_run(*overrides: str, state_dict: dict | None = None) -> tuple[dict, torch.nn.Module]:
+    """The seeded tiny run recorded in tests/data/tiny_reference_outputs.json (the procedure must not change)."""
+    torch.manual_seed(0)
+    cfg = load_config("tiny", list(overrides))
+    model = build_model(cfg.model)
+    if state_dict is not None:  # same weights as another model, new parameters of a switch stay as initialised
+        model.load_state_dict(state_dict, strict=False)
+    criterion = SetCriterion.from_config(cfg)
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(2, 3, 64, 64, generator=g)
+    images_hr = torch.rand(2, 3, 128, 128, generator=g)
+    targets = _reference_targets()
+    model.train()
+    torch.manual_seed(2)  # denoising noise
+    out = model(images, None, targets)
+    losses = criterion(out, targets, images_hr)
+    model.eval()
+    with torch.no_grad():
+        inferred = model.infer(images)
+    record = {"losses": {k: float(v.detach()) for k, v in losses.items()}, "sr_sum": float(out["sr_image"].sum()),
+              "pred_logits": out["pred_logits"].detach(), "pred_boxes": out["pred_boxes"].detach(),
+              "infer_boxes": inferred["boxes"], "infer_scores": inferred["scores"], "saliency": inferred["saliency"],
+              "saliency_logits": [x.detach() for x in out["saliency_logits"]]}
+    return record, model
+
+
+def _assert_matches_reference(record: dict) -> None:
+    reference = json.loads(REFERENCE.read_text())
+    assert record["losses"].keys() == reference["losses"].keys()
+    for key, value in reference["losses"].items():
+        assert record["losses"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    assert record["sr_sum"] == pytest.approx(reference["sr_sum"], rel=1e-4)
+    for key in ("pred_logits", "pred_boxes", "infer_boxes", "infer_scores", "saliency"):
+        assert torch.allclose(record[key].flatten(), torch.tensor(reference[key]), atol=1e-4), key
+
+
+def test_defaults_reproduce_the_outputs_recorded_before_the_switches():
+    defaults = ("model.saliency.modulation=post_norm", "model.saliency.background=per_level",
+                "loss.dn_padding=ignore", "model.encoder.out_norm=false")
+    _assert_matches_reference(_reference_run(*defaults)[0])
+
+
+def test_switch_modulation_official_changes_only_the_modulated_levels():
+    base, model = _reference_run()
+    flipped, _ = _reference_run("model.saliency.modulation=official", state_dict=model.state_dict())
+    # the coarsest level has no coarser level above it: unmodulated, identical
+    assert torch.equal(base["saliency_logits"][-1], flipped["saliency_logits"][-1])
+    for level in range(3):
+        assert not torch.allclose(base["saliency_logits"][level], flipped["saliency_logits"][level], atol=1e-4)
+    assert base["sr_sum"] == flipped["sr_sum"]  # the SR branch does not see the saliency
+
+
+def test_switch_background_row_col_changes_only_the_encoder_background():
+    base, model = _reference_run()
+    flipped, flipped_model = _reference_run("model.saliency.background=row_col", state_dict=model.state_dict())
+    encoder = flipped_model.detector.encoder
+    assert not hasattr(encoder, "background_embed") and encoder.background_rows.shape == (200, 32)
+    for a, b in zip(base["saliency_logits"], flipped["saliency_logits"]):  # upstream of the encoder: unchanged
+        assert torch.equal(a, b)
+    assert base["sr_sum"] == flipped["sr_sum"]
+    assert not torch.allclose(base["pred_logits"], flipped["pred_logits"], atol=1e-4)
+
+
+def test_background_row_col_is_added_where_salience_detr_adds_it():
+    from sdconet.models.deformable_encoder import SaliencyFilteredEncoder
+    encoder = SaliencyFilteredEncoder(2, 16, 32, 0.0, 2, 2, 2, "gather", (1.0, 0.5), 4, background="row_col")
+    shapes = [(4, 4), (2, 2)]
+    table = encoder._background_table(shapes)  # [20, 16]
+    # token (y=1, x=2) of level 0: column 2 then row 1; level 1 restarts at (0, 0)
+    assert torch.equal(table[1 * 4 + 2], torch.cat((encoder.background_cols[2], encoder.background_rows[1])))
+    assert torch.equal(table[16], torch.cat((encoder.background_cols[0], encoder.background_rows[0])))
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(1, 20, 16, generator=g)
+    logits = [torch.randn(1, 16, generator=g), torch.randn(1, 4, generator=g)]
+    padding = torch.zeros(1, 20, dtype=torch.bool)
+    valid_ratios = torch.ones(1, 2, 2)
+    level_start = torch.tensor([0, 16])
+    with torch.no_grad():
+        memory, counts = encoder(features, torch.zeros_like(features), shapes, level_start, valid_ratios, padding,
+                                 logits, [16, 4], lambda x: x[..., :3])
+        encoder.background_rows.zero_()
+        encoder.background_cols.zero_()
+        plain, _ = encoder(features, torch.zeros_like(features), shapes, level_start, valid_ratios, padding,
+                           logits, [16, 4], lambda x: x[..., :3])
+    changed = (memory - plain).abs().sum(-1)[0] > 0
+    # the last layer updated counts[-1] tokens; every other (valid) token got the table entry
+    assert counts == [20, 10] and int(changed.sum()) == 20 - counts[-1]
+
+
+def test_switch_dn_padding_background_changes_only_the_denoising_class_loss():
+    base, model = _reference_run()
+    flipped, _ = _reference_run("loss.dn_padding=background", state_dict=model.state_dict())
+    changed = {k for k in base["losses"] if base["losses"][k] != flipped["losses"][k]}
+    assert changed == {"loss_class_dn", "loss_class_dn_aux0", "loss"}
+    for key in ("loss_class_dn", "loss_class_dn_aux0"):  # more background terms in the same normaliser
+        assert flipped["losses"][key] > base["losses"][key]
+
+
+def test_dn_padding_weights():
+    meta = {"num_groups": 2, "single_pad": 6, "pad_size": 12}  # max_gt = 3
+    targets = [{"labels": torch.tensor([1])}]
+    _, ignore = SetCriterion._dn_indices(targets, meta, 12, torch.device("cpu"), "ignore")
+    _, background = SetCriterion._dn_indices(targets, meta, 12, torch.device("cpu"), "background")
+    # group layout: 3 positive slots then 3 negative slots; target 0 is slot 0 / 3
+    assert ignore[0].tolist() == [1, 0, 0, 1, 0, 0] * 2
+    assert background[0].tolist() == [1.0] * 12
+    with pytest.raises(ValueError, match="loss.dn_padding"):
+        SetCriterion._dn_indices(targets, meta, 12, torch.device("cpu"), "zero")
+
+
+def test_switch_encoder_out_norm_adds_only_stage_norms(tiny):
+    base = SwinEncoder(tiny.encoder).eval()
+    normed = SwinEncoder(dataclasses.replace(tiny.encoder, out_norm=True)).eval()
+    missing = normed.load_state_dict(base.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == sorted(f"out_norms.{i}.{p}" for i in range(4) for p in ("weight", "bias"))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        raw, out = base(x), normed(x)
+    assert torch.equal(raw.patch_tokens, out.patch_tokens)
+    for stage, (a, b) in enumerate(zip(raw.features, out.features)):
+        expected = torch.nn.functional.layer_norm(a.permute(0, 2, 3, 1), a.shape[1:2]).permute(0, 3, 1, 2)
+        assert torch.allclose(b, expected, atol=1e-5), stage

@@ -19,7 +19,9 @@ loss divides by its number of positive tokens, averaged over ranks the same way.
 Ignored targets (``ignore=True``): never matched and not counted in ``num_boxes``; a query that is not matched but whose
 predicted box overlaps an ignored box with IoU >= ``LossConfig.ignore_iou_threshold`` gets no classification loss
 (neither foreground nor background), so the model is not taught that a difficult object is background. Their denoising
-positive queries get no loss at all; their denoising negatives stay background.
+positive queries get no loss at all; their denoising negatives stay background. Denoising slots that only pad an image
+with fewer than ``max_gt`` targets get no loss (``loss.dn_padding: ignore``) or a background class loss
+(``background``, as DINO and mmdet).
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ from sdconet.engine.distributed import reduce_mean
 from sdconet.losses.matcher import HungarianMatcher, ignore_flags
 from sdconet.losses.saliency_targets import count_positives, saliency_loss, saliency_targets
 from sdconet.losses.sr_loss import sr_l1_loss
+
+DN_PADDING_MODES = ("ignore", "background")
 from sdconet.ops.box_ops import box_cxcywh_to_xyxy, box_iou
 
 Indices = list[tuple[torch.Tensor, torch.Tensor]]
@@ -49,6 +53,8 @@ class SetCriterion(nn.Module):
 
     def __init__(self, loss_cfg: LossConfig, saliency_cfg: Optional[SaliencyConfig] = None) -> None:
         super().__init__()
+        if loss_cfg.dn_padding not in DN_PADDING_MODES:
+            raise ValueError(f"loss.dn_padding must be one of {DN_PADDING_MODES}, got {loss_cfg.dn_padding!r}")
         self.cfg = loss_cfg
         self.saliency_cfg = saliency_cfg or SaliencyConfig()
         self.matcher = HungarianMatcher.from_config(loss_cfg)
@@ -103,12 +109,13 @@ class SetCriterion(nn.Module):
 
     @staticmethod
     def _dn_indices(targets: list[dict], dn_meta: dict, num_dn_queries: int,
-                    device: torch.device) -> tuple[Indices, torch.Tensor]:
+                    device: torch.device, padding: str = "ignore") -> tuple[Indices, torch.Tensor]:
         """Fixed denoising assignment and class-loss weights.
 
         Group g's positive query for target j is ``g * single_pad + j`` (class + box losses), its negative
-        ``g * single_pad + max_gt + j`` (background class only). Padding queries of images with fewer than max_gt
-        targets, and the positives of ignored targets, get no loss.
+        ``g * single_pad + max_gt + j`` (background class only). The positives of ignored targets get no loss;
+        padding queries of images with fewer than max_gt targets get none (``padding="ignore"``) or a background
+        class loss (``padding="background"``).
         Returns (indices, class_weights ``[B, pad_size]``).
         """
         try:
@@ -120,6 +127,8 @@ class SetCriterion(nn.Module):
                              "(need pad_size = num_groups * single_pad, single_pad = 2 * max_gt)")
         max_gt = single_pad // 2
         group_offsets = torch.arange(num_groups, device=device) * single_pad  # [G]
+        if padding not in DN_PADDING_MODES:
+            raise ValueError(f"loss.dn_padding must be one of {DN_PADDING_MODES}, got {padding!r}")
         indices = []
         weights = torch.zeros(len(targets), pad_size, device=device)
         for b, target in enumerate(targets):
@@ -130,6 +139,12 @@ class SetCriterion(nn.Module):
             kept = (~ignore_flags(target, n, device)).nonzero().squeeze(1)  # [n_kept]
             positives = (group_offsets[:, None] + kept[None, :]).flatten()  # [G * n_kept]
             negatives = (group_offsets[:, None] + max_gt + torch.arange(n, device=device)[None, :]).flatten()
+            if padding == "background":  # every slot, then the positives of ignored targets back to no loss
+                slots = torch.arange(max_gt, device=device)
+                pad_slots = slots[slots >= n]
+                pad_positives = (group_offsets[:, None] + pad_slots[None, :]).flatten()
+                weights[b, pad_positives] = 1.0
+                weights[b, pad_positives + max_gt] = 1.0
             weights[b, positives] = 1.0
             weights[b, negatives] = 1.0
             indices.append((positives.cpu(), kept.repeat(num_groups).cpu()))
@@ -185,7 +200,7 @@ class SetCriterion(nn.Module):
             if dn_meta is None:
                 raise ValueError("outputs has dn_outputs but no dn_meta")
             indices, class_weights = self._dn_indices(targets, dn_meta, dn_outputs[-1]["pred_logits"].shape[1],
-                                                      device)
+                                                      device, self.cfg.dn_padding)
             dn_normaliser = num_boxes * int(dn_meta["num_groups"])
             for i, dn_output in enumerate(dn_outputs):
                 suffix = "_dn" if i == len(dn_outputs) - 1 else f"_dn_aux{i}"

@@ -8,7 +8,10 @@ has static shapes):
 3. encoder layer t updates the first ``int(N * layer_ratio[t])`` of them: a foreground self-attention over the
    ``foreground_topk`` best of those (max class score x saliency), then deformable attention whose values are the
    un-updated neck features, then the FFN; the results are scattered back into the token memory;
-4. tokens that no level kept get a learnable per-level background embedding.
+4. background embedding (``model.saliency.background``): ``per_level`` (ours) adds one learned vector per level to
+   the tokens that no level kept; ``row_col`` (Salience DETR / official SDCoNet code) adds a learned row/column table
+   entry (DETR's learned position embedding, at most :data:`BACKGROUND_TABLE_SIZE` rows/columns) to every valid token
+   the last encoder layer did not update.
 """
 from __future__ import annotations
 
@@ -20,6 +23,9 @@ from torch import nn
 from sdconet.models.deformable_attention import MSDeformAttn
 
 SpatialShapes = Sequence[tuple[int, int]]
+
+BACKGROUND_MODES = ("per_level", "row_col")
+BACKGROUND_TABLE_SIZE = 200  # rows/columns of the row_col table (Salience DETR's size)
 
 
 def level_keep_counts(spatial_shapes: SpatialShapes, level_ratio: Sequence[float],
@@ -171,8 +177,12 @@ class SaliencyFilteredEncoder(nn.Module):
 
     def __init__(self, num_layers: int, d_model: int, ffn_dim: int, dropout: float, num_heads: int,
                  num_levels: int, num_points: int, msda_impl: str, layer_ratio: Sequence[float],
-                 foreground_topk: int) -> None:
+                 foreground_topk: int, background: str = "per_level") -> None:
         super().__init__()
+        if background not in BACKGROUND_MODES:
+            raise ValueError(f"model.saliency.background must be one of {BACKGROUND_MODES}, got {background!r}")
+        if background == "row_col" and d_model % 2:
+            raise ValueError(f"model.saliency.background=row_col needs an even detector.d_model, got {d_model}")
         if len(layer_ratio) != num_layers:
             raise ValueError(f"saliency.layer_ratio has {len(layer_ratio)} entries for "
                              f"detector.num_encoder_layers={num_layers}")
@@ -182,7 +192,12 @@ class SaliencyFilteredEncoder(nn.Module):
             for _ in range(num_layers))
         self.foreground_attn = nn.ModuleList(
             ForegroundSelfAttention(d_model, num_heads, foreground_topk, dropout) for _ in range(num_layers))
-        self.background_embed = nn.Parameter(torch.empty(num_levels, d_model).normal_(std=0.02))
+        self.background = background
+        if background == "per_level":
+            self.background_embed = nn.Parameter(torch.empty(num_levels, d_model).normal_(std=0.02))
+        else:  # [table, d/2] each; uniform init as DETR's learned position embedding
+            self.background_rows = nn.Parameter(torch.empty(BACKGROUND_TABLE_SIZE, d_model // 2).uniform_())
+            self.background_cols = nn.Parameter(torch.empty(BACKGROUND_TABLE_SIZE, d_model // 2).uniform_())
 
     def forward(self, features: torch.Tensor, pos: torch.Tensor, spatial_shapes: SpatialShapes,
                 level_start_index: torch.Tensor, valid_ratios: torch.Tensor, padding: torch.Tensor,
@@ -213,8 +228,24 @@ class SaliencyFilteredEncoder(nn.Module):
             updated = torch.where(token_padding[..., None], tokens, updated)
             memory = memory.scatter(1, index_d, updated)
 
-        kept = torch.zeros_like(saliency).scatter(1, order, 1.0)
+        # tokens that get the background embedding: not kept by any level (per_level) / not updated by the last
+        # layer (row_col, where the official code adds it)
+        foreground = order if self.background == "per_level" else order[:, :counts[-1]]
+        kept = torch.zeros_like(saliency).scatter(1, foreground, 1.0)
         background = ((1.0 - kept) * (~padding).to(kept.dtype))[..., None]  # [B, S, 1]
-        level_background = torch.cat([embed.expand(h * w, -1) for embed, (h, w)
-                                      in zip(self.background_embed, spatial_shapes)])  # [S, d]
-        return memory + background * level_background, counts
+        return memory + background * self._background_table(spatial_shapes).to(memory.dtype), counts
+
+    def _background_table(self, spatial_shapes: SpatialShapes) -> torch.Tensor:
+        """The embedding each token would get as background: ``[S, d]``."""
+        if self.background == "per_level":
+            return torch.cat([embed.expand(h * w, -1) for embed, (h, w) in zip(self.background_embed, spatial_shapes)])
+        tables = []
+        for height, width in spatial_shapes:
+            if max(height, width) > BACKGROUND_TABLE_SIZE:
+                raise ValueError(f"model.saliency.background=row_col: a {height}x{width} feature map exceeds the "
+                                 f"{BACKGROUND_TABLE_SIZE}-entry row/column table; use background=per_level or a "
+                                 "smaller input")
+            cols = self.background_cols[:width][None].expand(height, -1, -1)  # [H, W, d/2]
+            rows = self.background_rows[:height][:, None].expand(-1, width, -1)
+            tables.append(torch.cat((cols, rows), dim=-1).flatten(0, 1))  # x half first, as DETR
+        return torch.cat(tables)

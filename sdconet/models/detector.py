@@ -61,9 +61,10 @@ class SaliencyDINO(nn.Module):
             if len(self.level_ratio) != num_levels:
                 raise ValueError(f"model.saliency.level_ratio has {len(self.level_ratio)} entries; "
                                  f"model.neck.num_levels is {num_levels}")
-            self.saliency = SaliencyPredictor(det.d_model, sal.hidden_dim, num_levels, sal.alpha_init_range)
+            self.saliency = SaliencyPredictor(det.d_model, sal.hidden_dim, num_levels, sal.alpha_init_range,
+                                              sal.modulation)
             self.encoder = SaliencyFilteredEncoder(**layer_args, layer_ratio=self.layer_ratio,
-                                                   foreground_topk=sal.foreground_topk)
+                                                   foreground_topk=sal.foreground_topk, background=sal.background)
         else:
             self.saliency = None
             self.encoder = DeformableEncoder(**layer_args)

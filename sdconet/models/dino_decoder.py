@@ -154,8 +154,9 @@ class DINODecoder(nn.Module):
     level_start_index, valid_ratios [B, L, 2], memory_padding [B, S], attn_mask)`` -> (per-layer class logits
     ``[B, T, C]``, per-layer boxes ``[B, T, 4]`` sigmoid cxcywh).
 
-    Layer i's box is ``sigmoid(delta_i + logit(box_{i-1}))`` with ``box_{i-1}`` NOT detached (look forward twice:
-    layer i's loss also refines layer i-1's prediction), while the reference fed into layer i is detached.
+    Look forward twice (DINO): layer i's prediction is ``sigmoid(delta_i + logit(box_{i-1}))`` with ``box_{i-1}``
+    NOT detached, so layer i's loss also trains layer i-1's box head; ``box_{i-1}`` itself was computed from the
+    detached ``box_{i-2}``, so the gradient stops there (no earlier head). The reference fed into layer i is detached.
     """
 
     def __init__(self, num_layers: int, d_model: int, num_classes: int, ffn_dim: int, dropout: float,
@@ -175,16 +176,19 @@ class DINODecoder(nn.Module):
                 memory_padding: torch.Tensor,
                 attn_mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         ratio_scale = torch.cat((valid_ratios, valid_ratios), dim=-1)[:, None]  # [B, 1, L, 4]
-        previous_boxes = reference
+        reference = reference.detach()
+        previous_boxes = reference  # box_{i-1}, carrying the gradient of head i-1 only
         all_logits, all_boxes = [], []
         for layer, cls_head, bbox_head in zip(self.layers, self.class_heads, self.box_heads):
-            reference_points = previous_boxes.detach()[:, :, None] * ratio_scale  # [B, T, L, 4]
+            reference_points = reference[:, :, None] * ratio_scale  # [B, T, L, 4]
             query_pos = self.ref_point_head(box_sine_embedding(reference_points[:, :, 0], self.d_model // 2))
             queries = layer(queries, query_pos, reference_points, memory, spatial_shapes, level_start_index,
                             memory_padding, attn_mask)
             normed = self.norm(queries)
-            boxes = (bbox_head(normed) + inverse_sigmoid(previous_boxes)).sigmoid()
+            delta = bbox_head(normed)
             all_logits.append(cls_head(normed))
-            all_boxes.append(boxes)
-            previous_boxes = boxes
+            all_boxes.append((delta + inverse_sigmoid(previous_boxes)).sigmoid())
+            # same value as the prediction, but its gradient reaches head i only
+            previous_boxes = (delta + inverse_sigmoid(reference)).sigmoid()
+            reference = previous_boxes.detach()
         return all_logits, all_boxes

@@ -4,10 +4,18 @@ Two deviations from a stock timm Swin, both so that one set of weights behaves t
 
 * ``always_partition=True``: every block keeps the configured window and shift, as in the original Swin detection
   backbone (timm would otherwise shrink windows to the feature size it was built for).
-* :class:`PaddedShiftSwinBlock`: pad the map to a window multiple *before* the cyclic shift, as the original Swin
-  detection/segmentation code does. timm shifts first and pads afterwards, so when a map is not a window multiple
-  (every stage at a 256-pixel input) its shift mask lets tokens from opposite image borders attend to each other
-  (timm issue #2438). On window-multiple maps both orders give identical results.
+* :class:`PaddedShiftSwinBlock`: our block, holding timm's norm/attention/MLP modules (same state-dict keys), that
+  pads the map to a window multiple *before* the cyclic shift, as the original Swin detection/segmentation code does.
+  timm shifts first and pads afterwards, so when a map is not a window multiple (every stage at a 256-pixel input)
+  its shift mask lets tokens from opposite image borders attend to each other (timm issue #2438). On window-multiple
+  maps both orders give identical results.
+
+timm is used through its public modules only (``create_model``, ``WindowAttention.forward(x, mask)``, the blocks'
+``norm1/attn/drop_path1/norm2/mlp/drop_path2``); :data:`SUPPORTED_TIMM` is the range these were tested against
+(``always_partition`` first appears in timm 1.0.8).
+
+``model.encoder.out_norm`` adds one LayerNorm per stage output (mmdet's Swin, used by the official SDCoNet code);
+off by default, which returns timm's raw stage outputs.
 """
 from __future__ import annotations
 
@@ -22,7 +30,8 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import load_state_dict
+from safetensors.torch import load_file as load_safetensors
+from packaging.version import InvalidVersion, Version
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 
 from sdconet.config import EncoderConfig
@@ -37,10 +46,47 @@ class EncoderWeightsError(RuntimeError):
     """The encoder's pretrained file is missing or does not fit the configured encoder; the message names the file."""
 
 
-class PaddedShiftSwinBlock(SwinTransformerBlock):
-    """timm Swin block with the original pad-then-shift order of the windowed attention (see module docstring)."""
+# the timm releases this module was tested with: [min, max) (1.0.8 adds always_partition; 1.1 may change internals)
+SUPPORTED_TIMM = ("1.0.8", "1.1")
 
-    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+
+class UnsupportedTimmError(RuntimeError):
+    """The installed timm is outside :data:`SUPPORTED_TIMM`; the message names the supported range."""
+
+
+def check_timm_version(version: str = timm.__version__) -> None:
+    """Raise :class:`UnsupportedTimmError` unless ``SUPPORTED_TIMM[0] <= version < SUPPORTED_TIMM[1]``."""
+    low, high = SUPPORTED_TIMM
+    try:
+        supported = Version(low) <= Version(version) < Version(high)
+    except InvalidVersion:
+        supported = False
+    if not supported:
+        raise UnsupportedTimmError(f"timm {version} is not supported by sdconet.models.encoder: the encoder was "
+                                   f"tested with timm>={low},<{high} (pip install 'timm>={low},<{high}')")
+
+
+class PaddedShiftSwinBlock(nn.Module):
+    """A Swin block with the original pad-then-shift order of the windowed attention (see module docstring).
+
+    Built from a timm ``SwinTransformerBlock``, whose ``norm1/attn/drop_path1/norm2/mlp/drop_path2`` modules it takes
+    over (so the state-dict keys stay timm's); ``window_size``/``shift_size`` are the configured ones.
+    ``[B, H, W, C] -> [B, H, W, C]``.
+    """
+
+    def __init__(self, block: SwinTransformerBlock, window_size: int, shift_size: int) -> None:
+        super().__init__()
+        self.norm1, self.attn, self.drop_path1 = block.norm1, block.attn, block.drop_path1
+        self.norm2, self.mlp, self.drop_path2 = block.norm2, block.mlp, block.drop_path2
+        self.window_size = (int(window_size), int(window_size))
+        self.shift_size = (int(shift_size), int(shift_size))
+        self.window_area = self.window_size[0] * self.window_size[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self._window_attention(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+    def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
         """[B, H, W, C] -> [B, H, W, C]."""
         _, height, width, channels = x.shape
         window_h, window_w = self.window_size
@@ -84,11 +130,16 @@ def shifted_window_mask(height: int, width: int, window: tuple[int, int], shift:
     return torch.from_numpy(_shifted_window_mask_array(int(height), int(width), tuple(window), tuple(shift)))
 
 
-def use_padded_shift_blocks(module: nn.Module) -> None:
-    """Switch every timm ``SwinTransformerBlock`` inside ``module`` to :class:`PaddedShiftSwinBlock` (same weights)."""
-    for block in module.modules():
-        if type(block) is SwinTransformerBlock:
-            block.__class__ = PaddedShiftSwinBlock
+def use_padded_shift_blocks(module: nn.Module, window_size: int) -> None:
+    """Replace every timm ``SwinTransformerBlock`` inside ``module`` by a :class:`PaddedShiftSwinBlock` holding its
+    modules: block ``i`` of a stage shifts by ``window_size // 2`` when ``i`` is odd (Swin's alternation)."""
+    for stage in module.modules():
+        blocks = getattr(stage, "blocks", None)
+        if not isinstance(blocks, nn.Sequential):
+            continue
+        for index, block in enumerate(blocks):
+            if isinstance(block, SwinTransformerBlock):
+                blocks[index] = PaddedShiftSwinBlock(block, window_size, 0 if index % 2 == 0 else window_size // 2)
 
 
 class EncoderOutput(NamedTuple):
@@ -105,6 +156,7 @@ class SwinEncoder(nn.Module):
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
+        check_timm_version()
         if len(cfg.depths) != NUM_STAGES or len(cfg.num_heads) != NUM_STAGES:
             raise ValueError(f"model.encoder.depths and model.encoder.num_heads need {NUM_STAGES} entries, got "
                              f"{list(cfg.depths)} and {list(cfg.num_heads)}")
@@ -121,11 +173,14 @@ class SwinEncoder(nn.Module):
         if list(self.swin.keys()) != ["patch_embed", *stage_names]:
             raise ValueError(f"model.encoder.name={cfg.name!r}: expected timm Swin modules patch_embed + "
                              f"{stage_names}, got {list(self.swin.keys())}")
-        use_padded_shift_blocks(self.swin)
+        use_padded_shift_blocks(self.swin, cfg.window_size)
         self.patch_size = int(self.swin.patch_embed.patch_size[0])
         self.channels: list[int] = list(self.swin.feature_info.channels())
         self.strides: list[int] = list(self.swin.feature_info.reduction())
         self.patch_channels = cfg.embed_dim
+        # per-stage output LayerNorm (mmdet Swin); None = timm's raw stage outputs. Built only when enabled, so the
+        # default model's parameters (and their random init) are unchanged.
+        self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.channels) if cfg.out_norm else None
         if cfg.pretrained_file:
             load_encoder_weights(self, cfg.pretrained_file)
 
@@ -136,9 +191,10 @@ class SwinEncoder(nn.Module):
         tokens = self.swin.patch_embed(images)  # [B, h/4, w/4, C0] (NHWC)
         x = tokens
         features = []
-        for stage in list(self.swin.values())[1:]:
+        for index, stage in enumerate(list(self.swin.values())[1:]):
             x = stage(x)
-            features.append(x.permute(0, 3, 1, 2).contiguous())
+            out = x if self.out_norms is None else self.out_norms[index](x)
+            features.append(out.permute(0, 3, 1, 2).contiguous())
         return EncoderOutput(features, tokens.permute(0, 3, 1, 2).contiguous())
 
 
@@ -163,6 +219,23 @@ def _to_feature_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file or a ``torch.save`` checkpoint (its ``state_dict``/``model`` entry when it
+    has one), without DDP/compile wrapper prefixes. Our own reader: timm's ``load_state_dict`` keywords vary across
+    the supported 1.0.x releases."""
+    if path.suffix == ".safetensors":
+        checkpoint = load_safetensors(str(path), device="cpu")
+    else:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f"expected a dict of tensors, got {type(checkpoint).__name__}")
+    return {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in checkpoint.items()}
+
+
 def load_encoder_weights(encoder: SwinEncoder, path: str | Path) -> None:
     """Load an ImageNet Swin checkpoint (``.pth``/``.safetensors``; timm or original layout) into ``encoder``.
 
@@ -174,7 +247,7 @@ def load_encoder_weights(encoder: SwinEncoder, path: str | Path) -> None:
         raise EncoderWeightsError(f"model.encoder.pretrained_file: {path} does not exist (no weights are downloaded; "
                                   "pass a local ImageNet Swin checkpoint or null for random init)")
     try:
-        state_dict = load_state_dict(str(path), weights_only=True)
+        state_dict = _read_state_dict(path)
     except Exception as err:  # torch.load / safetensors raise several error types for unreadable files
         raise EncoderWeightsError(f"model.encoder.pretrained_file: cannot read {path}: {err}") from err
     state_dict = _to_feature_layout(state_dict)

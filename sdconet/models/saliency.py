@@ -4,9 +4,10 @@ One token scorer is shared by all levels. Levels are scored coarse -> fine; each
 upsampled saliency of the level above it (``m = m + m * up(score_coarser) * alpha_l``), so that coarse evidence of an
 object raises the saliency of the fine tokens that cover it.
 
-The modulation acts on the LayerNorm-ed tokens (the scorer's first op). Applied before the LayerNorm, as in the
-Salience DETR code, the per-token factor ``1 + up * alpha`` is divided out again by the normalisation (it only
-survives as a sign flip where the factor is negative), so alpha would get almost no gradient.
+By default (``model.saliency.modulation: post_norm``) the modulation acts on the LayerNorm-ed tokens (the scorer's
+first op). Applied before the LayerNorm (``official``, as in the Salience DETR and SDCoNet code), the per-token factor
+``1 + up * alpha`` is divided out again by the normalisation (it only survives as a sign flip where the factor is
+negative, and through LayerNorm's epsilon), so alpha gets almost no gradient.
 """
 from __future__ import annotations
 
@@ -16,21 +17,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+MODULATION_MODES = ("post_norm", "official")
+
 
 class SaliencyTokenHead(nn.Module):
     """Per-token saliency logit from a local half and a global (image-level) half of the hidden features.
 
     ``tokens [B, N, d]``, ``padding [B, N]`` bool (True = padding), optional ``modulation [B, N, 1]`` (top-down
-    factor, applied as ``m + m * modulation`` to the normalised tokens) -> logits ``[B, N]``.
+    factor, applied as ``m + m * modulation`` to the normalised tokens, or to the raw tokens before the LayerNorm
+    when ``modulation="official"``) -> logits ``[B, N]``.
     LayerNorm -> Linear(d, h) -> GELU; channels split into local h/2 and global h/2 (global = mean over the valid
     tokens of the level); concat -> MLP h -> h/2 -> h/4 -> 1.
     """
 
-    def __init__(self, in_dim: int = 256, hidden_dim: int = 256) -> None:
+    def __init__(self, in_dim: int = 256, hidden_dim: int = 256, modulation: str = "post_norm") -> None:
         super().__init__()
         if hidden_dim % 4:
             raise ValueError(f"saliency.hidden_dim must be divisible by 4, got {hidden_dim}")
+        if modulation not in MODULATION_MODES:
+            raise ValueError(f"model.saliency.modulation must be one of {MODULATION_MODES}, got {modulation!r}")
         self.hidden_dim = hidden_dim
+        self.modulation = modulation
         self.norm = nn.LayerNorm(in_dim)
         self.embed = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU())
         self.score = nn.Sequential(
@@ -45,8 +52,10 @@ class SaliencyTokenHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor, padding: torch.Tensor,
                 modulation: torch.Tensor | None = None) -> torch.Tensor:
+        if modulation is not None and self.modulation == "official":
+            tokens = tokens + tokens * modulation
         tokens = self.norm(tokens)
-        if modulation is not None:
+        if modulation is not None and self.modulation == "post_norm":
             tokens = tokens + tokens * modulation
         hidden = self.embed(tokens)
         local, global_ = hidden.split(self.hidden_dim // 2, dim=-1)
@@ -65,9 +74,9 @@ class SaliencyPredictor(nn.Module):
     """
 
     def __init__(self, d_model: int = 256, hidden_dim: int = 256, num_levels: int = 4,
-                 alpha_init_range: float = 0.3) -> None:
+                 alpha_init_range: float = 0.3, modulation: str = "post_norm") -> None:
         super().__init__()
-        self.token_head = SaliencyTokenHead(d_model, hidden_dim)
+        self.token_head = SaliencyTokenHead(d_model, hidden_dim, modulation)
         # one modulation strength per level that has a coarser level above it
         self.alpha = nn.Parameter(torch.empty(num_levels - 1).uniform_(-alpha_init_range, alpha_init_range))
 

@@ -79,7 +79,7 @@ class SRDecoder(nn.Module):
                                  depth=depth, downsample=False, num_heads=heads, window_size=cfg.window_size,
                                  always_partition=True, dynamic_mask=True)
             for width, depth, heads in zip(widths, cfg.depths, cfg.num_heads))
-        use_padded_shift_blocks(self.stages)
+        use_padded_shift_blocks(self.stages, cfg.window_size)
         self.to_lr = Upsample(widths[-1], widths[-1], patch_size)
         self.head = nn.Sequential(
             nn.Conv2d(widths[-1], widths[-1] * upscale ** 2, 3, padding=1),
