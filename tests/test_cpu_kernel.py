@@ -1,0 +1,171 @@
+"""Fused MSDA CPU kernel (sdconet.kernels.cpu): parity with sdconet.ops.msda on every ISA path this CPU runs (forced
+with SDCONET_CPU_ISA), through the C entry point and through OpenVINO reading a plugin-mode ONNX node; errors."""
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("openvino")
+
+from sdconet.kernels import cpu  # noqa: E402
+from sdconet.ops.msda import level_start_index_for, msda_grid_sample, msda_naive  # noqa: E402
+
+TOL = 1e-5  # fp32, as the issue asks
+ODD_LEVELS = [(13, 7), (5, 9), (3, 2), (1, 1)]
+PAPER_LEVELS = [(32, 32), (16, 16), (8, 8), (4, 4)]
+
+
+def _inputs(levels, batch=2, queries=37, heads=3, channels=40, points=3, seed=0, spread=(-0.3, 1.3)):
+    """Random MSDA inputs; locations spread beyond [0, 1] so many corners fall outside the maps."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = sum(h * w for h, w in levels)
+    value = torch.randn(batch, tokens, heads, channels, generator=g)
+    lo, hi = spread
+    loc = torch.rand(batch, queries, heads, len(levels), points, 2, generator=g) * (hi - lo) + lo
+    attn = torch.rand(batch, queries, heads, len(levels), points, generator=g).flatten(-2).softmax(-1)
+    return value, loc, attn.view(batch, queries, heads, len(levels), points)
+
+
+def _reference(levels, value, loc, attn):
+    n, _, m, d = value.shape
+    return msda_grid_sample(value, levels, None, loc, attn).view(n, loc.shape[1], m, d).numpy()
+
+
+def _fused(levels, value, loc, attn):
+    return cpu.msda_forward(value.numpy(), levels, level_start_index_for(levels), loc.numpy(), attn.numpy())
+
+
+def _isa_params():
+    return [pytest.param(isa, marks=pytest.mark.skipif(not cpu.cpu_supports(isa), reason=f"this CPU has no {isa}"))
+            for isa in cpu.ISAS]
+
+
+@pytest.fixture(params=_isa_params())
+def isa(request, monkeypatch):
+    monkeypatch.setenv("SDCONET_CPU_ISA", request.param)
+    assert cpu.selected_isa() == request.param
+    return request.param
+
+
+@pytest.mark.parametrize("channels", [32, 40, 7, 80])  # full vectors, a masked/scalar tail, < 1 vector, > 64
+def test_parity_odd_levels_batch_and_outside_points(isa, channels):
+    value, loc, attn = _inputs(ODD_LEVELS, channels=channels)
+    outside = ((loc < 0) | (loc > 1)).any(-1).float().mean()
+    assert outside > 0.2  # the test really exercises zero padding
+    np.testing.assert_allclose(_fused(ODD_LEVELS, value, loc, attn), _reference(ODD_LEVELS, value, loc, attn),
+                               atol=TOL, rtol=0)
+
+
+def test_parity_paper_shapes_and_naive_loop(isa):
+    value, loc, attn = _inputs(PAPER_LEVELS, batch=1, queries=50, heads=8, channels=32, points=4,
+                               spread=(-0.05, 1.05))
+    np.testing.assert_allclose(_fused(PAPER_LEVELS, value, loc, attn), _reference(PAPER_LEVELS, value, loc, attn),
+                               atol=TOL, rtol=0)
+    small = _inputs([(3, 4), (2, 2)], batch=2, queries=3, heads=2, channels=5, points=2)
+    naive = msda_naive(small[0], [(3, 4), (2, 2)], None, small[1], small[2]).view(2, 3, 2, 5).numpy()
+    np.testing.assert_allclose(_fused([(3, 4), (2, 2)], *small), naive, atol=TOL, rtol=0)
+
+
+def test_points_far_outside_and_on_the_border_contribute_exactly(isa):
+    levels = [(4, 6)]
+    value, loc, attn = _inputs(levels, batch=1, queries=6, heads=1, channels=16, points=1)
+    loc[0, :, 0, 0, 0] = torch.tensor([[1e9, 0.5], [-1e9, 0.5], [0.5, 5.0], [float("nan"), 0.5],
+                                       [0.0, 0.0], [1.0, 1.0]])
+    out = _fused(levels, value, loc, attn)
+    assert (out[0, :4] == 0).all()  # nothing sampled, no garbage from a wild int conversion
+    # (0, 0) -> pixel (-0.5, -0.5): only corner (0, 0) is inside, with weight 0.25
+    np.testing.assert_allclose(out[0, 4, 0], 0.25 * attn[0, 4, 0, 0, 0] * value[0, 0, 0].numpy(), atol=TOL)
+    np.testing.assert_allclose(out[0, 4:], _reference(levels, value, loc, attn)[0, 4:], atol=TOL)
+
+
+def test_level_start_index_is_honoured():
+    """Levels stored out of order: the kernel reads each level where level_start_index says."""
+    levels = [(3, 5), (2, 2)]
+    value, loc, attn = _inputs(levels, batch=1, queries=4, heads=2, channels=8, points=2)
+    swapped = torch.cat([value[:, 15:], value[:, :15]], dim=1)  # level 1 first in memory
+    out = cpu.msda_forward(swapped.numpy(), levels, [4, 0], loc.numpy(), attn.numpy())
+    np.testing.assert_allclose(out, _reference(levels, value, loc, attn), atol=TOL, rtol=0)
+
+
+def test_errors_name_the_value(monkeypatch):
+    value, loc, attn = _inputs([(3, 3)], batch=1, queries=2, heads=1, channels=4, points=1)
+    with pytest.raises(ValueError, match=r"level 0 \(H=4, W=3, start 0\) does not fit value's 9 tokens"):
+        cpu.msda_forward(value.numpy(), [(4, 3)], [0], loc.numpy(), attn.numpy())
+    with pytest.raises(ValueError, match="1 levels in sampling_locations but spatial_shapes has 2 rows"):
+        cpu.msda_forward(value.numpy(), [(3, 3), (1, 1)], [0, 9], loc.numpy(), attn.numpy())
+    monkeypatch.setenv("SDCONET_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="SDCONET_CPU_ISA='sse9' is not one of avx512, avx2, scalar"):
+        cpu.selected_isa()
+    missing = [isa for isa in cpu.ISAS if not cpu.cpu_supports(isa)]
+    if missing:
+        monkeypatch.setenv("SDCONET_CPU_ISA", missing[0])
+        with pytest.raises(ValueError, match=f"SDCONET_CPU_ISA={missing[0]} but this CPU does not support it"):
+            cpu.msda_forward(value.numpy(), [(3, 3)], [0], loc.numpy(), attn.numpy())
+
+
+def _plugin_node_model(levels, value_shape, loc_shape, op_type="MultiscaleDeformableAttnPlugin_TRT",
+                       domain="trt.plugins", float_type=None):
+    """A one-node ONNX graph holding the plugin node exactly as the exporter writes it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    float_type = TensorProto.FLOAT if float_type is None else float_type
+    shapes = helper.make_tensor("spatial_shapes", TensorProto.INT32, [len(levels), 2], np.ravel(levels).tolist())
+    starts = helper.make_tensor("level_start_index", TensorProto.INT32, [len(levels)], level_start_index_for(levels))
+    node = helper.make_node(op_type, ["value", "spatial_shapes", "level_start_index", "sampling_locations",
+                                      "attention_weights"], ["output"], domain=domain, plugin_version="1")
+    n, _, m, d = value_shape
+    graph = helper.make_graph(
+        [node], "msda",
+        [helper.make_tensor_value_info("value", float_type, ["batch", *value_shape[1:]]),
+         helper.make_tensor_value_info("sampling_locations", float_type, ["batch", *loc_shape[1:]]),
+         helper.make_tensor_value_info("attention_weights", float_type, ["batch", *loc_shape[1:-1]])],
+        [helper.make_tensor_value_info("output", float_type, ["batch", loc_shape[1], m, d])],
+        initializer=[shapes, starts])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)])
+
+
+@pytest.mark.parametrize("op_type,domain", [("MultiscaleDeformableAttnPlugin_TRT", "trt.plugins"),
+                                            ("MultiscaleDeformableAttn", "sdconet")])
+def test_openvino_reads_the_plugin_node_as_the_fused_op(tmp_path, op_type, domain):
+    import onnx
+    import openvino as ov
+
+    value, loc, attn = _inputs(ODD_LEVELS, batch=3, queries=11, heads=2, channels=24, points=2)
+    path = tmp_path / "msda.onnx"
+    onnx.save(_plugin_node_model(ODD_LEVELS, value.shape, loc.shape, op_type, domain), path)
+    core = ov.Core()
+    core.add_extension(str(cpu.extension_path()))
+    model = core.read_model(str(path))
+    assert [op.get_type_name() for op in model.get_ops()].count("MultiscaleDeformableAttn") == 1
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": 2})
+    out = compiled({"value": value.numpy(), "sampling_locations": loc.numpy(),
+                    "attention_weights": attn.numpy()})[compiled.outputs[0]]
+    np.testing.assert_allclose(out, _reference(ODD_LEVELS, value, loc, attn), atol=TOL, rtol=0)
+
+
+def test_build_is_cached_and_keyed_by_openvino_and_compiler():
+    from sdconet.kernels.cpu import build
+
+    first = cpu.extension_path()
+    assert cpu.build_extension() == first  # no rebuild: same sources, same key
+    assert first.parent.parent == build.build_dir()
+    key = build._build_key("2026.4.1", "g++")
+    assert key != build._build_key("2026.5.0", "g++") and key != build._build_key("2026.4.1", "clang++")
+
+
+def test_half_precision_io_is_widened_at_the_op_boundary(tmp_path):
+    """f16 tensors into the node (a reduced-precision graph): the op computes in f32 on the rounded inputs."""
+    import onnx
+    import openvino as ov
+
+    value, loc, attn = (t.half() for t in _inputs(ODD_LEVELS, batch=2, queries=9, heads=2, channels=16, points=2))
+    path = tmp_path / "msda16.onnx"
+    onnx.save(_plugin_node_model(ODD_LEVELS, value.shape, loc.shape, float_type=onnx.TensorProto.FLOAT16), path)
+    core = ov.Core()
+    core.add_extension(str(cpu.extension_path()))
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_NUM_THREADS": 2})
+    out = compiled({"value": value.numpy(), "sampling_locations": loc.numpy(),
+                    "attention_weights": attn.numpy()})[compiled.outputs[0]]
+    assert out.dtype == np.float16
+    reference = _reference(ODD_LEVELS, value.float(), loc.float(), attn.float())
+    np.testing.assert_allclose(out.astype(np.float32), reference, atol=5e-3, rtol=1e-2)  # f16 output rounding

@@ -1,0 +1,132 @@
+"""OpenVINO runner: the tiny model's plugin-mode ONNX (fused MSDA op) and pure ONNX agree with torch and ONNX Runtime
+fp32, bf16 runs where the CPU has it (refused with the reason where not), an ISA-capped run still agrees, bad
+arguments name the value."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("openvino")
+
+from sdconet.config import load_config  # noqa: E402
+from sdconet.deploy.exporter import ExportOptions, run_export  # noqa: E402
+from sdconet.deploy.report import parity_figures  # noqa: E402
+from sdconet.engine.checkpoint import save_model_weights  # noqa: E402
+from sdconet.models import build_model  # noqa: E402
+from sdconet.runtime import RUNNERS, RunnerError, RunnerUnavailable, open_runner  # noqa: E402
+from sdconet.runtime.openvino_runner import cpu_capabilities  # noqa: E402
+
+IMGSZ = 64
+NAMES = ["car", "ship", "plane", "tank", "house", "bridge"]  # the tiny config has 6 classes
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    root = tmp_path_factory.mktemp("openvino")
+    # the SR decoder is never part of the deployed graph: leave it out
+    cfg = load_config("tiny", ["model.sr=false", "data.synthetic.num_images=8", f"data.cache_dir={root / 'cache'}"])
+    torch.manual_seed(0)
+    checkpoint = save_model_weights(build_model(cfg.model), cfg, root / "run" / "checkpoints" / "best.safetensors",
+                                    {"category_names": NAMES})
+    result = run_export(ExportOptions(checkpoint=str(checkpoint), out=str(root / "engines"), imgsz=IMGSZ,
+                                      max_batch=4, msda="plugin", name="tiny"))
+    assert result.exit_code == 0, result.report["parity"]
+    return {"checkpoint": checkpoint, "plugin": root / "engines" / "tiny.plugin.onnx",
+            "pure": root / "engines" / "tiny.onnx"}
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).random((2, 3, IMGSZ, IMGSZ), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def reference(export, images):
+    with open_runner("onnxruntime", model=export["pure"], threads=2) as ort_runner:
+        return ort_runner.run(images)
+
+
+def _parity(out: dict, ref: dict) -> dict:
+    """The exporter's parity figures (boxes, scores, top labels; outputs are sorted by score) of ``out`` vs ``ref``."""
+    keys = ("boxes", "scores", "labels")
+    return parity_figures([ref[k] for k in keys], [out[k] for k in keys], IMGSZ)
+
+
+def _assert_close(out: dict, ref: dict) -> None:
+    figures = _parity(out, ref)
+    assert figures["passed"], figures
+
+
+@pytest.mark.parametrize("graph", ["plugin", "pure"])
+def test_fp32_agrees_with_onnxruntime_and_torch(export, images, reference, graph):
+    with open_runner("openvino", model=export[graph], threads=2) as runner:
+        assert runner.class_names == NAMES and runner.imgsz == IMGSZ and runner.precision == "fp32"
+        assert runner.msda == ("fused" if graph == "plugin" else "onnx")
+        out = runner.run(images)
+        _assert_close(out, reference)
+        # batch 1 compiles its own static model and gives the same first image
+        single = runner.run(images[:1])
+        _assert_close(single, {k: v[:1] for k, v in out.items()})
+    with open_runner("torch", checkpoint=export["checkpoint"], device="cpu", imgsz=IMGSZ) as torch_runner:
+        _assert_close(out, torch_runner.run(images))
+
+
+def test_throughput_hint_splits_the_batch_and_agrees(export, images, reference):
+    with open_runner("openvino", model=export["plugin"], threads=2, hint="throughput") as runner:
+        _assert_close(runner.run(images), reference)
+
+
+def test_bf16_runs_and_agrees_or_is_refused_with_the_reason(export, images, reference):
+    if "BF16" not in cpu_capabilities():
+        with pytest.raises(RunnerUnavailable, match="bf16 needs a CPU with AVX512-BF16 or AMX"):
+            open_runner("openvino", model=export["plugin"], precision="bf16")
+        pytest.skip(f"this CPU has no bf16 support (OpenVINO reports {cpu_capabilities()}): bf16 agreement is "
+                    f"checked on a CPU with AVX512-BF16/AMX")
+    with open_runner("openvino", model=export["plugin"], precision="bf16", threads=2) as runner:
+        assert runner.precision == "bf16"
+        figures = _parity(runner.run(images), reference)
+    # bf16 keeps 8 mantissa bits: looser than the fp32 gate, but the best detections keep their labels
+    assert figures["max_box_error_px"] <= 2.0 and figures["max_score_error"] <= 5e-2, figures
+    assert figures["top_labels_match"], figures
+
+
+def test_isa_capped_run_agrees(export, images, reference, tmp_path):
+    """oneDNN capped to AVX (no AVX2/FMA kernels) and the fused op forced to its scalar path: a CPU without AVX2 runs
+    the same model. (SSE4.1 is below what OpenVINO's CPU plugin accepts: compiling fails with 'bad combination'.)"""
+    np.save(tmp_path / "images.npy", images)
+    script = (
+        "import sys, numpy as np\n"
+        "from sdconet.runtime import open_runner\n"
+        "from sdconet.kernels.cpu import selected_isa\n"
+        f"r = open_runner('openvino', model={str(export['plugin'])!r}, threads=2, config={{'PERF_COUNT': True}})\n"
+        f"out = r.run(np.load({str(tmp_path / 'images.npy')!r}))\n"
+        "assert selected_isa() == 'scalar', selected_isa()\n"
+        "kinds = {p.exec_type for p in r.compiled(2)[1].profiling_info}\n"
+        "assert any(k.startswith('jit_avx_') for k in kinds), kinds  # the cap took effect on oneDNN\n"
+        "assert not any('brg' in k and 'avx2' in k for k in kinds), kinds\n"
+        f"np.savez({str(tmp_path / 'out.npz')!r}, **out)\n")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX", SDCONET_CPU_ISA="scalar")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    capped = dict(np.load(tmp_path / "out.npz"))
+    _assert_close(capped, reference)
+
+
+def test_bad_arguments_name_the_value(export, tmp_path):
+    assert RUNNERS["openvino"].endswith(":OpenVINORunner")
+    with pytest.raises(RunnerError, match="precision must be one of fp32, bf16, int8, got 'fp8'"):
+        open_runner("openvino", model=export["plugin"], precision="fp8")
+    with pytest.raises(RunnerError, match="hint must be one of latency, throughput"):
+        open_runner("openvino", model=export["plugin"], hint="fast")
+    with pytest.raises(RunnerError, match="model not found: .*missing.onnx"):
+        open_runner("openvino", model=tmp_path / "missing.onnx")
+    with pytest.raises(RunnerError, match="int8 needs a quantized model"):
+        open_runner("openvino", model=export["pure"], precision="int8")
+    with open_runner("openvino", model=export["plugin"]) as runner:
+        with pytest.raises(ValueError, match="takes 64x64 inputs, got 32x32"):
+            runner.run(np.zeros((1, 3, 32, 32), np.float32))
