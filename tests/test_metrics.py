@@ -117,7 +117,7 @@ def test_outputs_to_detections_coordinates_and_topk():
     logits[0, 2, 1] = 3.0  # best: query 2, label 1
     logits[0, 0, 0] = 1.0  # second: query 0, label 0
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.1, 0.1, 0.1, 0.1], [0.25, 0.75, 0.1, 0.2], [0.9, 0.9, 0.3, 0.3]]])
-    targets = [{"image_id": 5, "orig_size": (100, 200), "size": (50, 100)}]  # H x W of the annotation file
+    targets = [{"image_id": 5, "size": (100, 200)}]  # H x W the boxes are normalised to
     dets = outputs_to_detections({"pred_logits": logits, "pred_boxes": boxes}, targets, [3, 7], top_k=2)
     assert [d["category_id"] for d in dets] == [7, 3]
     assert dets[0]["score"] == pytest.approx(1 / (1 + math.exp(-3.0)))
@@ -135,6 +135,31 @@ def test_outputs_to_detections_coordinates_and_topk():
         outputs_to_detections({"pred_logits": logits, "pred_boxes": boxes}, targets, [3])
 
 
+def test_odd_sized_image_boxes_map_back_exactly(tmp_path):
+    # the loader crops a 65x47 image to 64x46 (scale 2) and normalises boxes to the cropped size: a model that
+    # predicts exactly the loader's normalised boxes must land on the annotation file's boxes (AP 1), not on boxes
+    # stretched by 65/64 and 47/46
+    from PIL import Image
+    from sdconet.config import DataConfig
+    from sdconet.data.dataset import CocoDetection
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.full((47, 65, 3), 90, dtype=np.uint8)).save(tmp_path / "images" / "odd.png")
+    gt_boxes = [[40.0, 28.0, 20.0, 16.0], [4.0, 6.0, 10.0, 8.0]]
+    gt = {"images": [{"id": 1, "width": 65, "height": 47, "file_name": "odd.png"}],
+          "categories": [{"id": 3, "name": "ship"}],
+          "annotations": [{"id": i + 1, "image_id": 1, "category_id": 3, "bbox": b, "area": b[2] * b[3],
+                           "iscrowd": 0} for i, b in enumerate(gt_boxes)]}
+    ann_file = tmp_path / "gt.json"
+    ann_file.write_text(json.dumps(gt))
+    target = CocoDetection(tmp_path / "images", ann_file, DataConfig(cache_dir=str(tmp_path / "c")), upscale=2)[0]["target"]
+    assert target["size"].tolist() == [46, 64] and target["orig_size"].tolist() == [47, 65]
+    logits = torch.full((1, 2, 1), 9.0)
+    dets = outputs_to_detections({"pred_logits": logits, "pred_boxes": target["boxes"][None]}, [target], [3])
+    assert torch.allclose(torch.tensor(sorted(d["bbox"] for d in dets)), torch.tensor(sorted(gt_boxes)), atol=1e-4)
+    metrics = coco_evaluate(ann_file, dets)
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["AP75"] == pytest.approx(1.0)
+
+
 def test_outputs_of_a_perfect_model_score_ap_one(gt_file):
     # normalised cxcywh of every GT, confident logits for its class -> through both helpers -> AP 1
     gt = load_coco(gt_file)
@@ -147,7 +172,7 @@ def test_outputs_of_a_perfect_model_score_ap_one(gt_file):
             x, y, w, h = ann["bbox"]
             boxes[b, q] = torch.tensor([(x + w / 2) / 100, (y + h / 2) / 100, w / 100, h / 100])
             logits[b, q, label_of[ann["category_id"]]] = 9.0
-        targets.append({"image_id": image_id, "orig_size": (100, 100)})
+        targets.append({"image_id": image_id, "size": (100, 100)})
     dets = outputs_to_detections({"pred_logits": logits, "pred_boxes": boxes}, targets, [3, 7])
     assert coco_evaluate(gt_file, dets)["AP"] == pytest.approx(1.0)
 

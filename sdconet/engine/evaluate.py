@@ -1,7 +1,7 @@
 """Evaluation: COCO box AP on HR coordinates (pycocotools) + PSNR/SSIM of the SR branch, and the epoch picture grid.
 
 Predictions are the model's normalised cxcywh boxes, mapped to the annotation file's pixels with each target's
-``orig_size`` by :func:`sdconet.engine.metrics.outputs_to_detections`, then scored against the dataset's ``ann_file``
+``size`` (the size the boxes were normalised to) by :func:`sdconet.engine.metrics.outputs_to_detections`, then scored against the dataset's ``ann_file``
 (top-100 per image, maxDets 100). PSNR/SSIM compare the de-normalised SR output, clipped to [0, 1], with the HR image
 on each image's unpadded region, averaged over images.
 """

@@ -81,7 +81,7 @@ def _check_detections(coco_gt: COCO, detections: list[dict]) -> None:
 
 
 def coco_evaluate(ann_file_or_coco: Union[str, Path, COCO], detections: list[dict],
-                  image_ids: Optional[Sequence[int]] = None) -> dict[str, float]:
+                  image_ids: Optional[Sequence[int]] = None, max_detections: int = 100) -> dict[str, float]:
     """COCO box AP of ``detections`` against a ground-truth file.
 
     Args:
@@ -89,8 +89,9 @@ def coco_evaluate(ann_file_or_coco: Union[str, Path, COCO], detections: list[dic
         detections: dicts ``image_id``, ``category_id``, ``bbox`` [x, y, w, h] (HR pixels of the annotation file),
             ``score``.
         image_ids: evaluate these images only (default: every image of the ground truth).
+        max_detections: pycocotools' largest maxDets, the one the AP figures use (whole scenes need more than 100).
     Returns:
-        ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` floats (maxDets 100; -1 = no GT in that area range).
+        ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` floats (at ``max_detections``; -1 = no GT in that area range).
     """
     coco_gt = load_coco(ann_file_or_coco)
     _check_detections(coco_gt, detections)
@@ -105,6 +106,7 @@ def coco_evaluate(ann_file_or_coco: Union[str, Path, COCO], detections: list[dic
     evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
     if image_ids is not None:
         evaluator.params.imgIds = sorted(image_ids)
+    evaluator.params.maxDets = [1, 10, max_detections]
     with _pycocotools_output_to_log(logging.DEBUG):
         evaluator.evaluate()
         evaluator.accumulate()
@@ -121,8 +123,10 @@ def outputs_to_detections(outputs: dict, targets: list[dict],
 
     Args:
         outputs: ``pred_logits`` ``[B, Q, C]``, ``pred_boxes`` ``[B, Q, 4]`` normalised cxcywh.
-        targets: B dicts with ``image_id`` and ``orig_size`` (H, W) — the size in the annotation file, so that the
-            normalised boxes map to the file's coordinates even if the loader resized the image.
+        targets: B dicts with ``image_id`` and ``size`` (H, W): the size the boxes were normalised to. The loader
+            only crops (bottom/right remainder of an odd-sized image, origin unchanged) and never resizes, so
+            ``box * size`` is in the annotation file's pixel coordinates; scaling by ``orig_size`` instead would
+            stretch every box by W/(W-1) on an odd-sized image.
         label_to_category: contiguous label -> COCO ``category_id`` (a sequence indexed by label, or a mapping).
         top_k: detections per image (over all Q*C pairs, so one query may yield several classes, as in DINO).
     Returns:
@@ -135,16 +139,16 @@ def outputs_to_detections(outputs: dict, targets: list[dict],
     if not isinstance(label_to_category, Mapping) and len(label_to_category) < num_classes:
         raise ValueError(f"label_to_category has {len(label_to_category)} entries but the model predicts "
                          f"{num_classes} classes")
-    orig_sizes = []
+    sizes = []
     for b, target in enumerate(targets):
-        if "orig_size" not in target or "image_id" not in target:
-            raise KeyError(f"target {b} needs 'orig_size' and 'image_id' for evaluation (has {sorted(target)})")
-        orig_sizes.append([float(s) for s in target["orig_size"]])
-    image_sizes = torch.tensor(orig_sizes, dtype=torch.float32, device=boxes.device)  # [B, 2] (H, W)
+        if "size" not in target or "image_id" not in target:
+            raise KeyError(f"target {b} needs 'size' and 'image_id' for evaluation (has {sorted(target)})")
+        sizes.append([float(s) for s in target["size"]])
+    image_sizes = torch.tensor(sizes, dtype=torch.float32, device=boxes.device)  # [B, 2] (H, W)
     selected = select_topk_detections(logits.float(), boxes.float(), image_sizes, min(top_k, num_queries * num_classes))
     detections = []
     for b, target in enumerate(targets):
-        height, width = orig_sizes[b]
+        height, width = sizes[b]
         xyxy = selected["boxes"][b]
         xyxy = torch.stack((xyxy[:, 0].clamp(0, width), xyxy[:, 1].clamp(0, height),
                             xyxy[:, 2].clamp(0, width), xyxy[:, 3].clamp(0, height)), dim=-1)
