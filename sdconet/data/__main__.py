@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 from sdconet.config import SyntheticDataConfig
 from sdconet.data.converters import DOTA_CLASSES, convert_dota, convert_hrsc, convert_nwpu
 from sdconet.data.image_io import DEFAULT_MAX_IMAGE_PIXELS
+from sdconet.data.scene_synth import DEFAULT_PIXEL_SIZE, DEFAULT_TILE, generate_scene
 from sdconet.data.splitter import SplitSettings, split_dataset
 from sdconet.data.stats import dataset_stats, format_stats
 from sdconet.data.synthetic import generate_synthetic_dataset
@@ -55,6 +56,19 @@ def _cmd_synth(args: argparse.Namespace) -> None:
     print(f"synthetic dataset -> {out}")
     for split in ("train", "val"):
         print(f"  {split:<6}{summary[split]['images']:>6} images {summary[split]['boxes']:>7} boxes")
+    _write_json(args.json, summary)
+
+
+def _cmd_synth_scene(args: argparse.Namespace) -> None:
+    if len(args.size) > 2:
+        raise DataError(f"--size takes N or WIDTH HEIGHT, got {args.size}")
+    width, height = (args.size * 2)[:2]
+    summary = generate_scene(args.out, width, height, geotiff=args.geotiff, crs=args.crs, pixel_size=args.pixel_size,
+                             seed=args.seed, classes=args.classes, tile=args.tile, name=args.name)
+    print(f"synthetic scene {width}x{height} ({summary['tiles']} tiles, {summary['boxes']} boxes) -> "
+          f"{summary['scene']} + {summary['annotations']}")
+    for name, count in summary["per_class"].items():
+        print(f"  {name:<24}{count:>8}")
     _write_json(args.json, summary)
 
 
@@ -148,6 +162,24 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--force", action="store_true", help="replace an existing synthetic dataset in --out")
     synth.add_argument("--json", metavar="OUT", help="also write the summary as JSON to OUT")
     synth.set_defaults(func=_cmd_synth)
+
+    scene = sub.add_parser("synth-scene", help="one large synthetic scene (PNG, or a tiled GeoTIFF) + its COCO JSON",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    scene.add_argument("--out", required=True, help="output folder (<name>.tif or .png, <name>.json)")
+    scene.add_argument("--size", type=int, nargs="+", required=True, metavar="N",
+                       help="scene side in pixels, or WIDTH HEIGHT")
+    scene.add_argument("--geotiff", action="store_true",
+                       help="write a tiled, compressed, georeferenced GeoTIFF (else a PNG, for small scenes)")
+    scene.add_argument("--crs", default="EPSG:32633", help="CRS of the GeoTIFF (a UTM zone centres the scene on it)")
+    scene.add_argument("--pixel-size", type=float, default=DEFAULT_PIXEL_SIZE,
+                       help="ground sampling distance in metres")
+    scene.add_argument("--seed", type=int, default=0)
+    scene.add_argument("--classes", nargs="+", metavar="NAME",
+                       help="draw only these synthetic classes (default: all six); the JSON keeps all categories")
+    scene.add_argument("--tile", type=int, default=DEFAULT_TILE, help="render tile side in pixels")
+    scene.add_argument("--name", default="scene", help="file stem of the scene and its JSON")
+    scene.add_argument("--json", metavar="OUT", help="also write the summary as JSON to OUT")
+    scene.set_defaults(func=_cmd_synth_scene)
 
     nwpu = sub.add_parser("convert-nwpu", help="NWPU VHR-10 release -> COCO JSON",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -406,9 +406,15 @@ def _random_point(rng: np.random.Generator, mask: Optional[Array], size: int) ->
     return rng.uniform(0, size), rng.uniform(0, size)
 
 
-def render_scene(rng: np.random.Generator, size: int, num_objects: int,
-                 num_distractors: int) -> tuple[Array, list[tuple[str, tuple[int, int, int, int]]]]:
-    """One synthetic HR image -> (``[size, size, 3]`` uint8, [(class name, (x1, y1, x2, y2)), ...])."""
+def render_scene(rng: np.random.Generator, size: int, num_objects: int, num_distractors: int,
+                 class_weights: Optional[dict[str, float]] = None, extent: Optional[tuple[int, int]] = None
+                 ) -> tuple[Array, list[tuple[str, tuple[int, int, int, int]]]]:
+    """One synthetic HR image -> (``[size, size, 3]`` uint8, [(class name, (x1, y1, x2, y2)), ...]).
+
+    ``class_weights`` (default ``CLASS_WEIGHTS``) sets which classes are drawn and how often; ``extent`` =
+    (height, width) keeps every object and distractor inside that top-left part, so the image can be cropped to it
+    without cutting one (the large-scene generator's non-square tiles)."""
+    class_weights = CLASS_WEIGHTS if class_weights is None else class_weights
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     rgb, urban = _land_cover(rng, size, xx, yy)
     roads, road_mask = _roads(rng, size, xx, yy, rgb)
@@ -416,6 +422,9 @@ def render_scene(rng: np.random.Generator, size: int, num_objects: int,
     land = ~water & ~road_mask
     _trees(rng, size, rgb, land & ~urban)
     scene = _Scene(rgb, sun_angle=float(rng.uniform(0, 2 * np.pi)))
+    if extent is not None:  # shapes are only placed on unoccupied ground
+        scene.occupied[extent[0]:, :] = True
+        scene.occupied[:, extent[1]:] = True
     deep_water = ndimage.distance_transform_edt(water) if water.any() else None
 
     for _ in range(num_distractors):
@@ -427,8 +436,8 @@ def render_scene(rng: np.random.Generator, size: int, num_objects: int,
             if scene.place(spec, cx, cy, float(rng.uniform(0, np.pi))):
                 break
 
-    kinds = list(CLASS_WEIGHTS)
-    weights = np.array([CLASS_WEIGHTS[k] for k in kinds])
+    kinds = list(class_weights)
+    weights = np.array([class_weights[k] for k in kinds])
     placed = 0
     for _ in range(num_objects * 3):  # allow for rejections; groups may place several at once
         if placed >= num_objects:
@@ -439,7 +448,8 @@ def render_scene(rng: np.random.Generator, size: int, num_objects: int,
     if not scene.boxes:  # every image carries at least one object: the smallest kind fits almost anywhere
         for _attempt in range(200):
             cx, cy = rng.uniform(0, size, 2)
-            if scene.place(_sample_spec(rng, "vehicle"), cx, cy, float(rng.uniform(0, np.pi))):
+            fallback = "vehicle" if "vehicle" in class_weights else kinds[0]
+            if scene.place(_sample_spec(rng, fallback), cx, cy, float(rng.uniform(0, np.pi))):
                 break
 
     illumination = 1.0 + 0.08 * (xx * scene.sun[0] + yy * scene.sun[1]) / size
