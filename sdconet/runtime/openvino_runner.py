@@ -82,7 +82,7 @@ class OpenVINORunner(Runner):
     """
 
     backend = "openvino"
-    supported_precisions = PRECISIONS
+    precisions = PRECISIONS
 
     def __init__(self, model: str | Path, precision: str = "fp32", threads: int | None = None, *,
                  hint: str = "latency", class_names: Sequence[str] | None = None,
@@ -145,6 +145,23 @@ class OpenVINORunner(Runner):
         self.msda = "fused" if needs_extension else "onnx"
         self._compiled: dict[int, Any] = {}
 
+    @classmethod
+    def for_benchmark(cls, bench: Any, precision: str, **options: Any) -> "OpenVINORunner":
+        """fp32/bf16: the plugin-mode ONNX of the benchmark's graph (fused MSDA), or the user's ``--onnx`` as given;
+        int8: the NNCF IR in ``bench.openvino_int8_path`` when the benchmark has one."""
+        if precision not in cls.precisions:
+            raise RunnerUnavailable(f"openvino runs {', '.join(cls.precisions)}, not {precision}")
+        if not openvino_available():
+            raise RunnerUnavailable("openvino is not installed (pip install 'sdconet[cpu]')")
+        if precision == "int8":
+            path = getattr(bench, "openvino_int8_path", None)
+            if path is None:
+                raise RunnerUnavailable("no OpenVINO INT8 model: make one with "
+                                        "sdconet.deploy.cpu_quantize.quantize_openvino_int8 (NNCF)")
+        else:
+            path = bench.onnx_path or plugin_onnx(bench)
+        return cls(path, precision=precision, threads=bench.threads, class_names=bench.class_names, **options)
+
     # ------------------------------------------------------------------------------------------------------------
     def compiled(self, batch: int):
         """(compiled model, its infer request) for a static ``batch`` (cached per batch size)."""
@@ -204,6 +221,28 @@ class OpenVINORunner(Runner):
 
     def close(self) -> None:
         self._compiled.clear()
+
+
+def plugin_onnx(bench: Any) -> Path:
+    """Plugin-mode ONNX (TensorRT's MSDA plugin nodes, which this runner maps to the fused op) of a benchmark's
+    graph, exported once into its work folder: the same export the exporter's plugin artifact gets."""
+    if "onnx_plugin" not in bench._cache:
+        import torch
+
+        from sdconet.deploy import msda_plugin
+        from sdconet.deploy.inference_graph import DETECTION_OUTPUTS, INPUT_NAME
+        from sdconet.deploy.onnx_export import export_module, save_model, simplify_around_custom_nodes
+        from sdconet.runtime.metadata import write_onnx_metadata
+
+        spec = msda_plugin.trt_plugin_spec(1)
+        with msda_plugin.use_plugin_spec(spec):
+            model = export_module(bench.graph("plugin"), torch.from_numpy(bench.images(1)), input_name=INPUT_NAME,
+                                  output_names=DETECTION_OUTPUTS, custom_domains=[spec.domain])
+        model = simplify_around_custom_nodes(model)
+        write_onnx_metadata(model, class_names=bench.class_names, imgsz=bench.imgsz, msda="plugin",
+                            outputs=DETECTION_OUTPUTS, precision="fp32")
+        bench._cache["onnx_plugin"] = save_model(model, Path(bench.work_dir) / "bench_fp32.plugin.onnx")
+    return bench._cache["onnx_plugin"]
 
 
 def _static_side(model) -> int | None:
