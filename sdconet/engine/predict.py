@@ -1,9 +1,12 @@
 """Detect objects in a folder of images: ``python train/predict.py --checkpoint RUN --images DIR --out DIR``.
 
-Input images are HR by default (``--input hr``): each is degraded with the training degradation (the one
-``sdconet.data.degrade``) exactly as in training and evaluation, and boxes come back in the file's pixels. With
-``--input lr`` an image is fed to the network as it is. Images larger than the tile (default: the training image size)
-are cut into overlapping tiles whose detections are shifted back and merged with class-wise NMS.
+The PyTorch entry of the scene-inference core (``sdconet.scene.core``; ``python -m sdconet.predict`` is the CLI for
+every backend and for GeoTIFF scenes, docs/scenes.md). Input images are HR by default (``--input hr``): each window
+is degraded with the training degradation (the one ``sdconet.data.degrade``) exactly as in training and evaluation,
+and boxes come back in the file's pixels. With ``--input lr`` an image is fed to the network as it is. Images larger
+than the tile (default: the training image size) are cut into overlapping tiles, padded bottom/right with zeros like
+every exported backend, and merged across tiles with the core's rule (IoS merging; ``--nms-iou`` asks for plain NMS).
+Here ``--tile`` / ``--overlap`` are in file pixels (the scene CLI's are in network pixels).
 
 Writes ``OUT/detections.json`` (per image: file, size, detections with ``bbox`` xyxy in file pixels, ``score``,
 ``label``, ``category``) and ``OUT/annotated/<name>.png``.
@@ -12,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +22,11 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torchvision.ops import batched_nms
 from tqdm import tqdm
 
 from sdconet.config import Config
-from sdconet.scene.tiling import tile_starts
+from sdconet.runtime.base import DEFAULT_SCORE_THRESHOLD
+from sdconet.scene.merge import DEFAULT_MERGE_RULE
 from sdconet.utils.logging import get_logger, setup_logging
 
 logger = get_logger(__name__)
@@ -47,15 +49,16 @@ def training_image_size(cfg: Config) -> int:
 class PredictOptions:
     tile: Optional[int] = None  # HR pixels of the file (LR pixels with input="lr"); None = training image size
     overlap: Optional[int] = None  # same unit as tile; None = DEFAULT_OVERLAP or half the tile, whichever is smaller
-    score_threshold: float = 0.3
-    nms_iou: float = 0.5
-    max_detections: int = 100
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD
+    nms_iou: Optional[float] = None  # set: merge tiles by class-wise NMS at this IoU instead of the default rule
+    max_detections: Optional[int] = None  # per image; None = no cap
     input: str = "hr"  # "hr": degrade like training; "lr": feed as is
     batch_size: int = 4
 
 
 class Predictor:
-    """A trained SDCoNet (from a checkpoint) that detects objects in images of any size.
+    """A trained SDCoNet (from a checkpoint) that detects objects in images of any size, through the scene core
+    with the torch runner.
 
     Args:
         checkpoint: weights file, run directory (best preferred) or None (the latest run under ``runs/``).
@@ -64,18 +67,15 @@ class Predictor:
     """
 
     def __init__(self, checkpoint: str | Path | None, device: torch.device, options: PredictOptions):
-        from sdconet.engine.checkpoint import load_model_weights, resolve_checkpoint
-        from sdconet.models import build_model
+        from sdconet.engine.checkpoint import read_checkpoint_metadata, resolve_checkpoint
+        from sdconet.runtime.torch_runner import TorchRunner
+        from sdconet.scene.core import SceneInferencer, SceneOptions
 
         if options.input not in ("hr", "lr"):
             raise ValueError(f"input must be 'hr' or 'lr', got {options.input!r}")
         self.checkpoint = resolve_checkpoint(checkpoint)
-        cfg, state_dict, meta = load_model_weights(self.checkpoint)
+        cfg, meta = read_checkpoint_metadata(self.checkpoint)
         self.cfg, self.device, self.options = cfg, device, options
-        self.model = build_model(cfg.model)
-        self.model.load_state_dict(state_dict)
-        self.model.to(device).eval()
-        self.category_names: list[str] = list(meta.get("category_names") or [])
         self.scale = cfg.model.upscale if options.input == "hr" else 1  # file pixels per network-input pixel
         tile = options.tile or training_image_size(cfg) * self.scale // cfg.model.upscale  # file pixels
         overlap = min(DEFAULT_OVERLAP, tile // 2) if options.overlap is None else options.overlap
@@ -83,50 +83,24 @@ class Predictor:
         if overlap < 0 or self.overlap_lr >= self.tile_lr:
             raise ValueError(f"--tile {tile} / --overlap {overlap} (file pixels): the overlap must be >= 0 and the "
                              f"tile larger than the overlap by at least {self.scale} px")
+        self.runner = TorchRunner(self.checkpoint, device=device, imgsz=self.tile_lr, with_saliency=False)
+        self.category_names: list[str] = list(meta.get("category_names") or [])
+        self.inferencer = SceneInferencer(self.runner, SceneOptions(
+            input=options.input, tile=self.tile_lr, overlap=self.overlap_lr, score_threshold=options.score_threshold,
+            max_detections=options.max_detections, batch=options.batch_size,
+            merge="nms" if options.nms_iou is not None else DEFAULT_MERGE_RULE, merge_threshold=options.nms_iou,
+            upscale=cfg.model.upscale, degradation=cfg.data.degradation, progress=False))
 
     def category(self, label: int) -> str:
         return self.category_names[label] if label < len(self.category_names) else str(label)
 
-    def network_input(self, image: np.ndarray) -> torch.Tensor:
-        """[H, W, 3] uint8 file pixels -> [3, h, w] float network input (degraded when input is HR)."""
-        from sdconet.data import degrade
-
-        tensor = torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
-        if self.scale == 1:
-            return tensor
-        height, width = (s - s % self.scale for s in tensor.shape[-2:])  # crop at most scale-1 px bottom/right
-        return degrade(tensor[:, :height, :width], self.scale, self.cfg.data.degradation, seed=0)
-
-    @torch.no_grad()
     def predict(self, image: np.ndarray) -> dict[str, torch.Tensor]:
-        """Detections of one image: ``boxes`` [n, 4] xyxy file pixels, ``scores`` [n], ``labels`` [n] (n <= max)."""
-        lr = self.network_input(image).to(self.device)
-        height, width = lr.shape[-2:]
-        windows = [(top, left) for top in tile_starts(height, self.tile_lr, self.overlap_lr)
-                   for left in tile_starts(width, self.tile_lr, self.overlap_lr)]
-        tile_h, tile_w = min(self.tile_lr, height), min(self.tile_lr, width)
-        boxes, scores, labels = [], [], []
-        for first in range(0, len(windows), self.options.batch_size):
-            chunk = windows[first:first + self.options.batch_size]
-            # every tile has the full tile size (a smaller image is padded bottom/right and masked), so the
-            # network always sees the input size it was trained at
-            batch = lr.new_zeros(len(chunk), 3, self.tile_lr, self.tile_lr)
-            masks = torch.ones(len(chunk), self.tile_lr, self.tile_lr, dtype=torch.bool, device=self.device)
-            for i, (top, left) in enumerate(chunk):
-                batch[i, :, :tile_h, :tile_w] = lr[:, top:top + tile_h, left:left + tile_w]
-                masks[i, :tile_h, :tile_w] = False
-            out = self.model.infer(batch, masks)
-            offsets = torch.tensor([[l, t, l, t] for t, l in chunk], dtype=out["boxes"].dtype, device=self.device)
-            keep = out["scores"] >= self.options.score_threshold  # [b, K]
-            boxes.append(((out["boxes"] + offsets[:, None]) * self.scale)[keep])
-            scores.append(out["scores"][keep])
-            labels.append(out["labels"][keep])
-        boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
-        if len(windows) > 1:  # objects seen by two tiles: keep the best-scoring copy
-            keep = batched_nms(boxes, scores, labels, self.options.nms_iou)
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        order = scores.argsort(descending=True)[:self.options.max_detections]
-        return {"boxes": boxes[order].cpu(), "scores": scores[order].cpu(), "labels": labels[order].cpu()}
+        """Detections of one [H, W, 3] uint8 image: ``boxes`` [n, 4] xyxy file pixels, ``scores`` [n], ``labels``
+        [n], in descending score order."""
+        from sdconet.scene.core import ArrayScene
+
+        result = self.inferencer.run(ArrayScene(image))
+        return {key: torch.from_numpy(value) for key, value in result.detections.items()}
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -182,8 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tile", type=int, help="tile side in file pixels (default: the training image size)")
     parser.add_argument("--overlap", type=int,
                         help=f"tile overlap in file pixels (default {DEFAULT_OVERLAP}, at most half the tile)")
-    parser.add_argument("--score-thresh", type=float, default=0.3, help="minimum score kept (default 0.3)")
-    parser.add_argument("--nms-iou", type=float, default=0.5, help="IoU for merging tiles (default 0.5)")
+    parser.add_argument("--score-threshold", "--score-thresh", dest="score_threshold", type=float,
+                        default=DEFAULT_SCORE_THRESHOLD,
+                        help=f"minimum score kept (default {DEFAULT_SCORE_THRESHOLD})")
+    parser.add_argument("--nms-iou", type=float,
+                        help="merge tiles by class-wise NMS at this IoU (default: the scene core's IoS merging)")
+    parser.add_argument("--max-detections", type=int, help="cap per image (default: none)")
     parser.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     return parser
@@ -195,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     setup_logging()
-    options = PredictOptions(tile=args.tile, overlap=args.overlap, score_threshold=args.score_thresh,
-                             nms_iou=args.nms_iou, input=args.input, batch_size=args.batch_size)
+    options = PredictOptions(tile=args.tile, overlap=args.overlap, score_threshold=args.score_threshold,
+                             nms_iou=args.nms_iou, max_detections=args.max_detections, input=args.input,
+                             batch_size=args.batch_size)
     try:
         predictor = Predictor(args.checkpoint, resolve_device(args.device), options)
         report = predict_folder(predictor, args.images, args.out)
@@ -204,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     total = sum(len(r["detections"]) for r in report["images"])
-    print(f"{len(report['images'])} image(s), {total} detection(s) >= {args.score_thresh}: "
+    print(f"{len(report['images'])} image(s), {total} detection(s) >= {args.score_threshold}: "
           f"{args.out / 'detections.json'}; pictures in {args.out / 'annotated'}/")
     if report["errors"]:
         print(f"{len(report['errors'])} image(s) could not be read (listed under 'errors')")

@@ -1,0 +1,397 @@
+"""Detect objects in whole scenes with any backend: ``python -m sdconet.predict SCENE_OR_DIR... --out DIR``.
+
+  python -m sdconet.predict scenes/ --backend torch --checkpoint runs/demo --out detections/
+  python -m sdconet.predict big.tif --backend onnxruntime --model engines/sdconet.onnx --out detections/
+  python -m sdconet.predict big.png --backend triton --url 127.0.0.1:8000 --out detections/
+
+Scenes are fed at their native resolution (``--input lr``, the default: the file is the network input); ``--input
+hr`` reproduces the evaluation protocol (degrade x upscale like training, boxes back in file pixels). ``--tile`` and
+``--overlap`` are in network-input (LR) pixels; a fixed-size model (ONNX, OpenVINO, TensorRT, Triton) needs the tile
+to equal its input size. With ``--backend triton`` the server's scene model ``sdconet_scene`` tiles and merges.
+
+Per scene, mirroring its path relative to the folder given (or its name for a file): ``OUT/<stem>.geojson``,
+``OUT/<stem>.json``, ``OUT/<stem>_preview.png``, ``OUT/<stem>_saliency.{png,tif}`` and the done-marker
+``OUT/<stem>.done.json``; for the job ``OUT/summary.json`` = ``{"scenes", "errors", "metrics"}``. A rerun on the same
+``--out`` skips the scenes already done with the same model and options (``--force`` redoes them). Exit status: 0 all
+scenes done, 1 some scene failed (listed under ``errors``), 2 bad arguments or a model that cannot be opened.
+Guide: docs/scenes.md.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from sdconet.runtime.base import DEFAULT_SCORE_THRESHOLD
+from sdconet.scene.core import INPUTS, SceneInferencer, SceneOptions, SceneResult
+from sdconet.scene.merge import DEFAULT_MERGE_RULE, MERGE_RULES
+from sdconet.utils.logging import get_logger, setup_logging
+
+logger = get_logger(__name__)
+
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt", "triton")
+SCENE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+SUMMARY_NAME = "summary.json"
+DONE_SUFFIX = ".done.json"
+MARKER_VERSION = 1  # bump when the outputs of the same model + options change
+
+
+class UsageError(ValueError):
+    """Bad arguments or an unusable model: exit status 2 with the message."""
+
+
+@dataclass
+class Scene:
+    path: Path  # the file
+    relative: Path  # its path under the input folder (its name for a file given directly)
+
+    @property
+    def stem(self) -> Path:
+        """Output prefix relative to OUT: the relative path without its suffix."""
+        return self.relative.with_suffix("")
+
+
+def collect_scenes(inputs: Sequence[str | Path]) -> list[Scene]:
+    """Scene files of ``inputs`` (files, or folders searched recursively), refusing missing paths, empty folders
+    and two scenes whose outputs would collide (same relative path without suffix, or the reserved ``summary``)."""
+    scenes: list[Scene] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in SCENE_SUFFIXES)
+            if not found:
+                raise UsageError(f"{item}: no scenes ({', '.join(SCENE_SUFFIXES)})")
+            scenes += [Scene(p, p.relative_to(item)) for p in found]
+        elif item.is_file():
+            scenes.append(Scene(item, Path(item.name)))
+        else:
+            raise UsageError(f"scene or folder not found: {item}")
+    seen: dict[str, Path] = {}
+    for scene in scenes:
+        key = scene.stem.as_posix()
+        if key == Path(SUMMARY_NAME).stem:
+            raise UsageError(f"{scene.path}: a scene may not be named 'summary' at the top of --out "
+                             f"(OUT/{SUMMARY_NAME} is the job's summary); rename it or put it in a folder")
+        if key in seen:
+            raise UsageError(f"{seen[key]} and {scene.path} would both write OUT/{key}.*; give them different "
+                             f"names or folders")
+        seen[key] = scene.path
+    return scenes
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (the model identity in the done-marker)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- backends: what runs one scene ----------------------------------------------------------------------------------
+class LocalScenes:
+    """A runner in this process + the scene core (torch, onnxruntime, openvino, tensorrt)."""
+
+    def __init__(self, runner, options: SceneOptions, model_id: dict[str, Any]) -> None:
+        self.runner = runner
+        self.inferencer = SceneInferencer(runner, options)
+        self.class_names = runner.class_names
+        self.model_id = model_id
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.model_id, "runner": self.runner.describe(), "scene": self.inferencer.describe()}
+
+    def detect(self, reader) -> SceneResult:
+        return self.inferencer.run(reader)
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+class TritonScenes:
+    """The served scene model ``sdconet_scene`` (tiling and merging on the server)."""
+
+    def __init__(self, url: str, options: SceneOptions, protocol: str, timeout_s: float, retries: int) -> None:
+        from sdconet.serve.scene_client import TritonSceneClient
+
+        if options.input != "lr":
+            raise UsageError("--backend triton tiles scenes at their native resolution on the server: "
+                             "--input hr is not available there (use a local backend)")
+        self.client = TritonSceneClient(url, protocol=protocol, timeout_s=timeout_s, retries=retries)
+        try:
+            self.server = self.client.server_options()
+        except Exception as err:  # connection refused, model not loaded: tritonclient raises its own types
+            self.client.close()
+            raise UsageError(f"triton server {url}: cannot read the sdconet_scene model's options ({err})") from err
+        for flag, ours, key in (("--tile", options.tile, "imgsz"), ("--overlap", options.overlap, "overlap")):
+            theirs = self.server.get(key)
+            if ours is not None and theirs is not None and ours != theirs:
+                raise UsageError(f"{flag} {ours}: the served sdconet_scene model uses {key} {theirs}; leave "
+                                 f"{flag} out or rebuild the repository")
+        threshold = self.server.get("score_threshold")
+        if threshold is not None and options.score_threshold < threshold:
+            logger.warning("--score-threshold %.3f is below the server's %.3f: the server's applies",
+                           options.score_threshold, threshold)
+        self.options, self.url = options, url
+        self.class_names: list[str] = []
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": {"url": self.url, "server": self.server},
+                "scene": {"score_threshold": self.options.score_threshold,
+                          "max_detections": self.options.max_detections}}
+
+    def detect(self, reader) -> SceneResult:
+        from sdconet.scene.raster import Window
+
+        started = time.perf_counter()
+        limit = self.server.get("max_scene_pixels")
+        if limit is not None and reader.width * reader.height > limit:
+            raise ValueError(f"{reader.path}: {reader.width}x{reader.height} px exceeds the server's "
+                             f"max_scene_pixels={limit}; use a local backend for this scene")
+        rgb, _ = reader.read(Window(0, 0, reader.height, reader.width))
+        found = self.client.detect_scene(np.ascontiguousarray(rgb))
+        self.class_names = list(found["class_names"]) or self.class_names
+        keep = np.flatnonzero(found["scores"] >= self.options.score_threshold)[:self.options.max_detections]
+        return SceneResult(found["boxes"][keep].astype(np.float32), found["scores"][keep].astype(np.float32),
+                           found["labels"][keep].astype(np.int64), None, tiles=int(found["tiles"]),
+                           tiles_skipped=0, seconds=time.perf_counter() - started)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_backend(args: argparse.Namespace, options: SceneOptions):
+    """The backend the arguments ask for; ``UsageError`` for a wrong combination or an unusable model."""
+    from sdconet.runtime import RunnerError, open_runner
+
+    sources = {"--checkpoint": args.checkpoint, "--model": args.model, "--url": args.url}
+    given = [flag for flag, value in sources.items() if value is not None]
+    wanted = {"torch": "--checkpoint", "triton": "--url"}.get(args.backend, "--model")
+    if given != [wanted]:
+        raise UsageError(f"--backend {args.backend} takes {wanted} (got {', '.join(given) or 'none'})")
+    if args.backend == "triton":
+        return TritonScenes(args.url, options, args.protocol, args.timeout, args.retries)
+    try:
+        if args.backend == "torch":
+            from sdconet.engine.checkpoint import CheckpointError, resolve_checkpoint
+            from sdconet.runtime.torch_runner import TRAINING_SIZE
+
+            try:
+                checkpoint = resolve_checkpoint(args.checkpoint)
+            except CheckpointError as err:
+                raise UsageError(str(err)) from err
+            runner = open_runner("torch", checkpoint=checkpoint, device=args.device,
+                                 precision=args.precision or "fp32",
+                                 imgsz=options.tile if options.tile is not None else TRAINING_SIZE)
+            model_path = checkpoint
+        else:
+            model_path = Path(args.model)
+            if not model_path.is_file():
+                raise UsageError(f"--model {model_path}: file not found")
+            if args.backend == "onnxruntime":
+                runner = open_runner("onnxruntime", model=model_path, threads=args.threads)
+            elif args.backend == "openvino":
+                runner = open_runner("openvino", model=model_path, precision=args.precision or "fp32",
+                                     threads=args.threads)
+            else:
+                runner = open_runner("tensorrt", engine_path=model_path, plugin_libs=args.plugin or ())
+    except RunnerError as err:
+        raise UsageError(str(err)) from err
+    if args.precision and runner.precision != args.precision:
+        runner.close()
+        raise UsageError(f"--precision {args.precision}: {model_path} runs in {runner.precision}")
+    model_id = {"backend": args.backend, "file": str(model_path.resolve()), "sha256": file_digest(model_path),
+                "precision": runner.precision}
+    try:
+        return LocalScenes(runner, options, model_id)
+    except ValueError as err:
+        runner.close()
+        raise UsageError(str(err)) from err
+
+
+# -- one scene, resumable -----------------------------------------------------------------------------------------
+def scene_key(job: dict[str, Any], scene: Scene) -> str:
+    """Hash of what determines a scene's outputs: model, options, output settings and the input file's identity."""
+    stat = scene.path.stat()
+    material = {"version": MARKER_VERSION, "job": job, "file": str(scene.path.resolve()), "size": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns}
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_marker(path: Path) -> Optional[dict[str, Any]]:
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # absent or unreadable: the scene is redone
+    return marker if isinstance(marker, dict) else None
+
+
+def run_scene(backend, scene: Scene, out: Path, job: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Detect one scene and write its outputs, the done-marker last; or return the recorded entry of a scene
+    already done with the same key."""
+    from sdconet.benchmark.timing import peak_rss_mb
+    from sdconet.scene.outputs import write_atomically, write_scene_outputs
+    from sdconet.scene.raster import open_scene
+
+    out_dir = out / scene.stem.parent
+    stem = scene.stem.name
+    marker_path = out_dir / f"{stem}{DONE_SUFFIX}"
+    key = scene_key(job, scene)
+    marker = None if args.force else read_marker(marker_path)
+    if marker is not None and marker.get("key") == key and (out_dir / f"{stem}.json").is_file():
+        logger.info("%s: done already with the same model and options (--force redoes it)", scene.relative)
+        return marker["scene"]
+    with open_scene(scene.path, max_unwindowed_pixels=args.max_unwindowed_pixels) as reader:
+        result = backend.detect(reader)
+        written = write_scene_outputs(out_dir, stem, reader, result.detections, backend.class_names,
+                                      geojson_crs=args.geojson_crs, saliency=result.saliency)
+        megapixels = reader.width * reader.height / 1e6
+        entry = {"file": scene.relative.as_posix(), "width": reader.width, "height": reader.height,
+                 "tiles": result.tiles, "tiles_skipped": result.tiles_skipped, "detections": len(result.scores),
+                 "outputs": {kind: (scene.stem.parent / path.name).as_posix()
+                             for kind, path in written.items() if path is not None},
+                 "seconds": round(result.seconds, 3),
+                 "tiles_per_s": round(result.tiles / result.seconds, 3) if result.seconds > 0 else None,
+                 "megapixels_per_s": round(megapixels / result.seconds, 3) if result.seconds > 0 else None,
+                 "peak_rss_mb": round(peak_rss_mb(), 1)}
+    write_atomically(marker_path, lambda tmp: tmp.write_text(json.dumps({"key": key, "scene": entry}, indent=2)))
+    return entry
+
+
+# -- evaluation ---------------------------------------------------------------------------------------------------
+def evaluate_scenes(ann_file: Path, out: Path, entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """COCO metrics of the whole-scene detections (read back from each ``<stem>.json``) against ``ann_file``,
+    whose ``file_name``s are the scenes' relative paths (or names); categories matched to class names by name;
+    maxDets = max(100, the largest ground-truth count of a scene)."""
+    from sdconet.engine.metrics import coco_evaluate, load_coco
+
+    coco = load_coco(ann_file)
+    by_name = {img["file_name"]: img["id"] for img in coco.dataset.get("images", [])}
+    by_base = {Path(name).name: image_id for name, image_id in by_name.items()}
+    category = {cat["name"]: cat["id"] for cat in coco.dataset.get("categories", [])}
+    detections, image_ids, unmatched_names = [], [], set()
+    for entry in entries:
+        image_id = by_name.get(entry["file"], by_base.get(Path(entry["file"]).name))
+        if image_id is None:
+            logger.warning("%s: not in %s; left out of the metrics", entry["file"], ann_file)
+            continue
+        image_ids.append(image_id)
+        record = json.loads((out / entry["outputs"]["json"]).read_text())
+        for det in record["detections"]:
+            if det["class_name"] not in category:
+                unmatched_names.add(det["class_name"])
+                continue
+            x1, y1, x2, y2 = det["bbox_xyxy"]
+            detections.append({"image_id": image_id, "category_id": category[det["class_name"]],
+                               "bbox": [x1, y1, x2 - x1, y2 - y1], "score": det["score"]})
+    if not image_ids:
+        raise UsageError(f"--ann {ann_file}: none of the scenes is among its images' file_name")
+    if unmatched_names:
+        logger.warning("classes %s are not categories of %s: their detections are left out",
+                       sorted(unmatched_names), ann_file)
+    counts = [len(coco.getAnnIds(imgIds=[i])) for i in image_ids]
+    max_dets = max(100, *counts)
+    metrics = coco_evaluate(coco, detections, image_ids=image_ids, max_detections=max_dets)
+    return metrics | {"max_dets": max_dets, "images": len(image_ids), "detections": len(detections)}
+
+
+# -- CLI ----------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sdconet.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("scenes", nargs="+", metavar="SCENE_OR_DIR", help="scene files or folders (recursive)")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch", help="runtime (default torch)")
+    parser.add_argument("--checkpoint", help="torch: weights file or run directory")
+    parser.add_argument("--model", help="onnxruntime/openvino: an .onnx (or OpenVINO .xml); tensorrt: an engine")
+    parser.add_argument("--url", help="triton: HOST:PORT of a server with the sdconet_scene model")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--input", choices=INPUTS, default="lr",
+                        help="lr: the file is the network input (default); hr: degrade like training first")
+    parser.add_argument("--tile", type=int, help="tile side in LR pixels (default: the model's input size)")
+    parser.add_argument("--overlap", type=int, help="tile overlap in LR pixels (default 64, at most half the tile)")
+    parser.add_argument("--batch", type=int, help="tiles per runner call (default: the model's max batch, else 4)")
+    parser.add_argument("--score-threshold", "--score-thresh", dest="score_threshold", type=float,
+                        default=DEFAULT_SCORE_THRESHOLD,
+                        help=f"minimum score kept (default {DEFAULT_SCORE_THRESHOLD})")
+    parser.add_argument("--max-detections", type=int, help="cap per scene (default: none)")
+    parser.add_argument("--merge", choices=MERGE_RULES, default=DEFAULT_MERGE_RULE,
+                        help=f"cross-tile merge rule (default {DEFAULT_MERGE_RULE}; docs/scenes.md)")
+    parser.add_argument("--ann", type=Path, help="COCO JSON whose file_names are the scenes: whole-scene metrics")
+    parser.add_argument("--force", action="store_true", help="redo scenes already done in --out")
+    parser.add_argument("--precision", help="check the model runs in this precision (torch: fp32|bf16|fp16)")
+    parser.add_argument("--geojson-crs", choices=("wgs84", "native"), default="wgs84",
+                        help="GeoJSON coordinates of georeferenced scenes (default wgs84 lon/lat)")
+    parser.add_argument("--device", default=None, help="torch: cpu | cuda | cuda:N (default: CUDA when available)")
+    parser.add_argument("--threads", type=int, help="onnxruntime/openvino: intra-op threads")
+    parser.add_argument("--plugin", action="append", help="tensorrt: plugin library (repeatable)")
+    parser.add_argument("--protocol", choices=("http", "grpc"), default="http", help="triton protocol")
+    parser.add_argument("--timeout", type=float, default=600.0, help="triton: seconds per scene request")
+    parser.add_argument("--retries", type=int, default=0,
+                        help="triton: resend a scene after a connection error or UNAVAILABLE (backoff doubles)")
+    parser.add_argument("--max-unwindowed-pixels", type=int, default=None,
+                        help="largest PNG/JPEG/strip TIFF decoded whole (default: the reader's limit)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    from sdconet.scene.outputs import write_atomically
+
+    write_atomically(out / SUMMARY_NAME, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from sdconet.scene.raster import DEFAULT_MAX_UNWINDOWED_PIXELS
+
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    if args.max_unwindowed_pixels is None:
+        args.max_unwindowed_pixels = DEFAULT_MAX_UNWINDOWED_PIXELS
+    options = SceneOptions(input=args.input, tile=args.tile, overlap=args.overlap,
+                           score_threshold=args.score_threshold, max_detections=args.max_detections,
+                           batch=args.batch, merge=args.merge, progress=not args.no_progress)
+    try:
+        if args.ann is not None and not args.ann.is_file():
+            raise UsageError(f"--ann {args.ann}: file not found")
+        scenes = collect_scenes(args.scenes)
+        backend = open_backend(args, options)
+    except (UsageError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    job = {"backend": backend.describe(), "geojson_crs": args.geojson_crs}
+    summary: dict[str, Any] = {"backend": args.backend, "settings": job, "scenes": [], "errors": [],
+                               "metrics": None}
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        for scene in scenes:
+            try:
+                summary["scenes"].append(run_scene(backend, scene, args.out, job, args))
+            except Exception as err:  # one bad scene is an entry in errors; the others still run
+                logger.error("%s", err if str(scene.path) in str(err) else f"{scene.path}: {err}")
+                summary["errors"].append({"file": scene.relative.as_posix(), "error": f"{type(err).__name__}: {err}"})
+            write_summary(args.out, summary)
+    finally:
+        backend.close()
+    if args.ann is not None and summary["scenes"]:
+        try:
+            summary["metrics"] = evaluate_scenes(args.ann, args.out, summary["scenes"])
+        except (UsageError, ValueError, KeyError) as err:
+            summary["errors"].append({"file": str(args.ann), "error": f"evaluation: {err}"})
+    write_summary(args.out, summary)
+    total = sum(entry["detections"] for entry in summary["scenes"])
+    print(f"{len(summary['scenes'])} scene(s), {total} detection(s) >= {args.score_threshold}: "
+          f"{args.out / SUMMARY_NAME}")
+    if summary["errors"]:
+        print(f"{len(summary['errors'])} scene(s) failed (listed under 'errors')", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
