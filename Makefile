@@ -25,7 +25,14 @@ $(MODELOPT_STAMP):
 	$(MODELOPT_VENV)/bin/python -m pip install -q torch==2.14.1 "nvidia-modelopt[onnx]"
 	touch $(MODELOPT_STAMP)
 
-setup: $(STAMP) $(MODELOPT_STAMP)
+# The fused MSDA CPU kernel (OpenVINO extension): built from source with the system compiler and cmake, cached under
+# sdconet/kernels/cpu/build/ (rebuilt when a source changes).
+CPU_KERNEL_STAMP := $(VENV)/.cpu-kernel
+$(CPU_KERNEL_STAMP): $(STAMP) $(wildcard sdconet/kernels/cpu/*.cpp sdconet/kernels/cpu/*.hpp sdconet/kernels/cpu/CMakeLists.txt)
+	$(PY) -m sdconet.kernels.cpu
+	touch $(CPU_KERNEL_STAMP)
+
+setup: $(STAMP) $(MODELOPT_STAMP) $(CPU_KERNEL_STAMP)
 
 test: setup
 	$(PY) -m pytest -q

@@ -150,6 +150,7 @@ def test_build_is_cached_and_keyed_by_openvino_and_compiler():
     assert cpu.build_extension() == first  # no rebuild: same sources, same key
     assert first.parent.parent == build.build_dir()
     key = build._build_key("2026.4.1", "g++")
+    assert len(key) == 16
     assert key != build._build_key("2026.5.0", "g++") and key != build._build_key("2026.4.1", "clang++")
 
 
@@ -169,3 +170,15 @@ def test_half_precision_io_is_widened_at_the_op_boundary(tmp_path):
     assert out.dtype == np.float16
     reference = _reference(ODD_LEVELS, value.float(), loc.float(), attn.float())
     np.testing.assert_allclose(out.astype(np.float32), reference, atol=5e-3, rtol=1e-2)  # f16 output rounding
+
+
+def test_missing_build_tools_are_named(tmp_path, monkeypatch):
+    from sdconet.kernels.cpu import build
+
+    monkeypatch.setenv("SDCONET_KERNEL_BUILD_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(cpu.KernelBuildError, match="CXX=no-such-compiler is not an executable on PATH"):
+        build.build_extension()
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cmake, no compiler
+    with pytest.raises(cpu.KernelBuildError, match="cmake not found on PATH"):
+        build.build_extension()

@@ -1,6 +1,6 @@
 """Build the fused MSDA CPU kernel (an OpenVINO extension library) with the system compiler.
 
-    python -m sdconet.kernels.cpu.build [--force] [--verbose]     # what `make setup` runs
+    python -m sdconet.kernels.cpu [--force] [--verbose]     # what `make setup` runs
 
 Needs cmake >= 3.16, a C++17 compiler (g++ or clang++) and the ``openvino`` wheel (its ``include/`` and ``cmake/``
 folders are the SDK). The library goes to ``sdconet/kernels/cpu/build/<key>/`` (git-ignored; ``SDCONET_KERNEL_BUILD_DIR``
@@ -43,7 +43,12 @@ def _openvino_sdk() -> tuple[Path, str]:
 
 
 def _compiler() -> str:
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
+    if os.environ.get("CXX"):
+        compiler = shutil.which(os.environ["CXX"])
+        if not compiler:
+            raise KernelBuildError(f"CXX={os.environ['CXX']} is not an executable on PATH")
+        return compiler
+    compiler = shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
     if not compiler:
         raise KernelBuildError("no C++ compiler found (set CXX or install g++): the fused MSDA CPU kernel is built "
                                "from source at setup (make setup) or first use")
