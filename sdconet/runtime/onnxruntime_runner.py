@@ -115,7 +115,9 @@ class OnnxRuntimeRunner(Runner):
         """The benchmark's fp32 ONNX or its INT8 Q/DQ version, all graph optimisations on."""
         if precision in ("fp16", "bf16"):
             raise RunnerUnavailable(f"{precision} ONNX variants are built for TensorRT only (use --backend tensorrt)")
-        return cls(bench.onnx(precision), threads=bench.threads, optimization_level="all", **options)
+        # the class names do not change latency, and a quantized ONNX made on the fly carries none
+        return cls(bench.onnx(precision), threads=bench.threads, optimization_level="all",
+                   class_names=bench.class_names, **options)
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"provider": self.provider, "msda": self.msda,
