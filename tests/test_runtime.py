@@ -1,6 +1,5 @@
 """The runtime layer: torch and ONNX Runtime (pure and plugin graphs) agree on the same padded batch, the exporter's
 ONNX metadata round-trips, an ONNX without metadata opens with its export report, bad inputs name the value."""
-import json
 import shutil
 
 import numpy as np
