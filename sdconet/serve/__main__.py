@@ -1,4 +1,9 @@
-"""``python -m sdconet.serve --repo DIR``: run Triton on a built repository until Ctrl-C / SIGTERM."""
+"""``python -m sdconet.serve --repo DIR``: run Triton on a built repository until Ctrl-C / SIGTERM.
+
+While it serves, a watch runs about once a second: a python model whose backend stub died is reloaded
+(``TritonServer.heal``); when that fails, or tritonserver itself exits, the server is restarted (at most
+``--max-restarts`` times), and every step is logged.
+"""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +44,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for readiness")
     parser.add_argument("--json", action="store_true", help="print the endpoints as one JSON line")
+    parser.add_argument("--max-restarts", type=int, default=3,
+                        help="restart the server this many times when it exits unexpectedly or a crashed model "
+                             "cannot be reloaded (default %(default)s; 0 = exit with code 1 instead)")
     args = parser.parse_args(argv)
     setup_logging()
 
@@ -78,12 +86,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"  HTTP     {e.http}\n  gRPC     {e.grpc}\n  metrics  {e.metrics}\n"
                   f"  log      {server.log_path}\n"
                   f"Try: python -m sdconet.client IMAGE --url {e.http}\nCtrl-C to stop.", flush=True)
-        while server.process.poll() is None:
-            time.sleep(0.5)
-        log.error("tritonserver exited unexpectedly with code %s; log tail:\n%s", server.process.returncode,
-                  server.log_tail())
-        server.stop()
-        return 1
+        restarts = 0
+        while True:
+            reason = _watch(server)
+            if restarts >= args.max_restarts:
+                log.error("%s; not restarting (--max-restarts %d reached)", reason, args.max_restarts)
+                server.stop()
+                return 1
+            restarts += 1
+            log.error("%s; restarting the server (restart %d of at most %d)", reason, restarts, args.max_restarts)
+            server.stop()
+            server = TritonServer(args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                                  metrics_port=args.metrics_port, binary=args.tritonserver, log_file=args.log_file,
+                                  log_verbose=args.log_verbose)
+            started = time.monotonic()
+            server.start()
+            server.wait_ready(args.startup_timeout)
+            log.warning("server restarted and ready in %.1f s (pid %d)", time.monotonic() - started,
+                        server.process.pid)
     except _Stop as stop:
         log.info("%s received: stopping the server", stop)
         code = server.stop()
@@ -96,6 +116,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _watch(server: TritonServer) -> str:
+    """Serve until something needs a restart; heal crashed stubs on the way. Returns why a restart is needed."""
+    while True:
+        if server.process.poll() is not None:
+            return (f"tritonserver exited unexpectedly with code {server.process.returncode}; log tail:\n"
+                    f"{server.log_tail()}")
+        try:
+            server.heal()
+        except ServerError as err:
+            return f"a crashed model could not be reloaded in-process ({err})"
+        time.sleep(1.0)
 
 
 if __name__ == "__main__":

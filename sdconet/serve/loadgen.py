@@ -276,10 +276,11 @@ def _soak_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
             server = stack.enter_context(TritonServer(args.repo, http_port=free_port(), grpc_port=free_port(),
                                                       metrics_port=free_port()))
             url = server.endpoints.http if args.protocol == "http" else server.endpoints.grpc
-            pgid = server.process.pid
+            pgid, heal = server.process.pid, server.heal
             log.info("soak: server on %s, log %s", url, server.log_path)
         else:
             url, pgid = args.url, (os.getpgid(args.server_pid) if args.server_pid is not None else None)
+            heal = None  # the launcher of that server watches its stubs
         total = args.warmup_seconds + args.soak_seconds
         with tqdm(total=round(total), desc="soak", unit="s", file=sys.stderr) as bar:
             started = time.monotonic()
@@ -294,7 +295,7 @@ def _soak_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
                 report = run_soak(url, protocol=args.protocol, model=args.model, soak_seconds=args.soak_seconds,
                                   concurrency=concurrency, bad_fraction=args.bad_fraction,
                                   warmup_seconds=args.warmup_seconds, good_images=images, server_pgid=pgid,
-                                  kill_stubs=kills, timeout_s=args.timeout, on_request=tick)
+                                  kill_stubs=kills, timeout_s=args.timeout, on_request=tick, heal=heal)
             except ValueError as err:
                 parser.error(str(err))
     png = write_report(report, args.json)

@@ -11,6 +11,11 @@
 
 The server runs in its own process group on loopback by default; ``stop()`` sends SIGTERM (Triton drains in-flight
 requests), escalates to SIGKILL on the group after a timeout, and returns only when no process of the group is left.
+
+Crashed python backend stubs: Triton 2.51 does not restart a stub that died (the model stays READY while every request
+fails with "Stub process '<model>_0_0' is not healthy"). The server therefore runs in explicit model-control mode
+(every model loaded at start), and :meth:`TritonServer.heal` -- called about once a second by the launcher's watch --
+counts each python model's live stubs and reloads a model whose stubs are missing, which starts fresh ones.
 """
 from __future__ import annotations
 
@@ -158,6 +163,36 @@ def process_group_members(pgid: int) -> list[int]:
     return members
 
 
+def process_label(pid: int) -> str:
+    """``tritonserver``, ``stub:<model>`` for a python backend stub (its first argument is the model's
+    ``<model>/<version>/model.py``), or the executable's name."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    name = Path(argv[0].decode(errors="replace")).name
+    if name == "triton_python_backend_stub" and len(argv) > 1:
+        return f"stub:{Path(argv[1].decode(errors='replace')).parents[1].name}"
+    return name
+
+
+def stub_pids(pgid: int, model: str) -> list[int]:
+    """Live python backend stub processes of ``model`` in the server's process group ``pgid``."""
+    return [pid for pid in process_group_members(pgid) if process_label(pid) == f"stub:{model}"]
+
+
+def expected_stubs(repo: Path) -> dict[str, int]:
+    """Python models of ``repo`` -> how many backend stubs they run (one per model instance)."""
+    from sdconet.deploy.triton_repo import parse_model_config
+
+    counts = {}
+    for config_path in sorted(repo.glob("*/config.pbtxt")):
+        config = parse_model_config(config_path)
+        if config.backend == "python":
+            counts[config.name] = sum(group.count or 1 for group in config.instance_group) or 1
+    return counts
+
+
 class TritonServer:
     """A ``tritonserver`` process serving ``repo`` (context manager: start on enter, stop on exit).
 
@@ -185,6 +220,8 @@ class TritonServer:
             self.binary, self.bundled = find_tritonserver()
         self.log_verbose = log_verbose
         self.exit_timeout_s = exit_timeout_s
+        self._expected_stubs = expected_stubs(self.repo)
+        self._reloads = 0  # reload_model's marker
         self._scratch: Optional[Path] = None
         self._log_file = Path(log_file) if log_file is not None else None
         self._log_handle = None
@@ -277,7 +314,9 @@ class TritonServer:
                 f"--grpc-address={e.host}", f"--grpc-port={e.grpc_port}",
                 f"--metrics-address={e.host}", f"--metrics-port={e.metrics_port}",
                 f"--exit-timeout-secs={self.exit_timeout_s}", f"--log-verbose={self.log_verbose}",
-                "--strict-readiness=true", "--disable-auto-complete-config"]
+                "--strict-readiness=true", "--disable-auto-complete-config",
+                # explicit control, everything loaded at start: lets heal() reload a model whose stub died
+                "--model-control-mode=explicit", "--load-model=*"]
         if self.bundled:
             args.append("--allow-gpu-metrics=false")  # CPU-only build: skip the NVML/DCGM probes
         args += tensorrt_plugin_args(self.repo)
@@ -336,6 +375,64 @@ class TritonServer:
         tail = self.log_tail()
         self.stop()
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s; log ({self._log_file}):\n{tail}")
+
+    def stub_pids(self, model: str) -> list[int]:
+        """Live python backend stub processes of ``model``."""
+        return [] if self.process is None else stub_pids(self.process.pid, model)
+
+    def missing_stubs(self) -> dict[str, tuple[int, int]]:
+        """Python models with fewer live stubs than instances -> (expected, alive)."""
+        if self.process is None:
+            return {}
+        alive: dict[str, int] = {}
+        for pid in process_group_members(self.process.pid):
+            label = process_label(pid)
+            if label.startswith("stub:"):
+                alive[label[5:]] = alive.get(label[5:], 0) + 1
+        return {model: (count, alive.get(model, 0)) for model, count in self._expected_stubs.items()
+                if alive.get(model, 0) < count}
+
+    def reload_model(self, model: str, timeout_s: float = 120.0) -> None:
+        """Reload ``model`` through the repository API (new instances, new stubs); raises ServerError on failure.
+
+        A load of a loaded, unchanged model is a no-op, so the model's own config goes along as an override with
+        one marker parameter changed (``sdconet_reload``, which no model reads): Triton then builds new instances
+        and swaps them in without an unload gap."""
+        base = f"http://{self.endpoints.http}/v2"
+        try:
+            with urllib.request.urlopen(f"{base}/models/{model}/config", timeout=timeout_s) as response:
+                config = response.read().decode()
+        except (urllib.error.URLError, OSError) as err:
+            raise ServerError(f"reading the config of model '{model}' failed: {err}") from err
+        self._reloads += 1
+        config = json.loads(config)
+        config.setdefault("parameters", {})["sdconet_reload"] = {"string_value": str(self._reloads)}
+        body = json.dumps({"parameters": {"config": json.dumps(config)}}).encode()
+        request = urllib.request.Request(f"{base}/repository/models/{model}/load", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                if response.status != 200:
+                    raise ServerError(f"reloading model '{model}' answered HTTP {response.status}")
+        except urllib.error.HTTPError as err:
+            raise ServerError(f"reloading model '{model}' failed: HTTP {err.code} "
+                              f"{err.read().decode(errors='replace')}") from err
+        except (urllib.error.URLError, OSError) as err:
+            raise ServerError(f"reloading model '{model}' failed: {err}") from err
+
+    def heal(self) -> list[str]:
+        """Reload every python model whose backend stub died; returns the models reloaded (logged as it goes).
+
+        Raises ServerError when a reload fails (the caller restarts the server)."""
+        healed = []
+        for model, (expected, alive) in self.missing_stubs().items():
+            log.warning("model '%s': %d of %d python backend stub(s) alive (a stub crashed or was killed); "
+                        "reloading the model", model, alive, expected)
+            started = time.monotonic()
+            self.reload_model(model)
+            log.warning("model '%s' reloaded in %.1f s; serving again", model, time.monotonic() - started)
+            healed.append(model)
+        return healed
 
     def stop(self, timeout_s: Optional[float] = None) -> int | None:
         """SIGTERM, wait (``exit_timeout_s`` + 10 s by default), then SIGKILL the process group. Returns the exit

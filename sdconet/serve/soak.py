@@ -32,7 +32,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from sdconet.serve.client import ENSEMBLE_MODEL, _protocol_module
-from sdconet.serve.server import process_group_members
+from sdconet.serve.server import process_group_members, process_label, stub_pids
 from sdconet.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -59,19 +59,6 @@ def _status_kb(pid: int, field_name: str) -> int:
     return 0
 
 
-def process_label(pid: int) -> str:
-    """``tritonserver`` or ``stub:<model>`` (the python backend stub's first argument is the model's model.py)."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return "?"
-    name = Path(argv[0].decode(errors="replace")).name
-    if name == "triton_python_backend_stub" and len(argv) > 1:
-        # .../<model>/<version>/model.py
-        return f"stub:{Path(argv[1].decode(errors='replace')).parents[1].name}"
-    return name
-
-
 def _pss_kb(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
@@ -95,11 +82,6 @@ def group_rss_mb(pgid: int) -> tuple[float, float, dict[str, float]]:
         per_process[label] = per_process.get(label, 0.0) + _status_kb(pid, "VmRSS") / 1024
         pss += _pss_kb(pid) / 1024
     return sum(per_process.values()), pss, per_process
-
-
-def stub_pids(pgid: int, model: str) -> list[int]:
-    """PIDs of the python backend stubs serving ``model`` in the server's process group."""
-    return [pid for pid in process_group_members(pgid) if process_label(pid) == f"stub:{model}"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -219,11 +201,14 @@ def _growth(samples: Sequence[Sequence[float]], warmup_s: float, end_s: float) -
 def run_soak(url: str, *, protocol: str = "http", model: str = ENSEMBLE_MODEL, soak_seconds: float,
              concurrency: int, bad_fraction: float, warmup_seconds: float = 20.0, good_images: Sequence[bytes],
              server_pgid: Optional[int] = None, kill_stubs: Sequence[tuple[str, float]] = (),
-             timeout_s: float = 60.0, on_request: Optional[Callable[[], None]] = None) -> SoakReport:
+             timeout_s: float = 60.0, on_request: Optional[Callable[[], None]] = None,
+             heal: Optional[Callable[[], list[str]]] = None) -> SoakReport:
     """Soak ``model`` at ``url`` (see the module docstring).
 
     ``server_pgid``: the server's process group for the RSS samples (None: no memory figures). ``kill_stubs``:
     ``(model, t_s)`` pairs: SIGKILL that model's python backend stub(s) ``t_s`` seconds after the warm-up ends.
+    ``heal``: called once a second, e.g. :meth:`TritonServer.heal` when this process launched the server (with
+    ``--url`` the launcher ``python -m sdconet.serve`` runs its own watch).
     """
     if soak_seconds <= 0 or warmup_seconds < 0:
         raise ValueError(f"soak_seconds must be > 0 and warmup_seconds >= 0, got {soak_seconds}, {warmup_seconds}")
@@ -337,6 +322,11 @@ def run_soak(url: str, *, protocol: str = "http", model: str = ENSEMBLE_MODEL, s
                 with lock:
                     faults.append(Fault(target, pids, now()))
                 log.warning("soak: killed the stub(s) %s of model '%s' at t=%.1f s", pids, target, now())
+            if heal is not None:
+                try:
+                    heal()
+                except Exception as err:  # recorded; the soak goes on and counts what fails
+                    log.error("soak: the server could not heal itself: %s", err)
             time.sleep(max(0.0, 1.0 - (now() - t)))
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
