@@ -11,12 +11,13 @@ import pytest
 
 rasterio = pytest.importorskip("rasterio")
 from rasterio.enums import ColorInterp  # noqa: E402
-from rasterio.transform import from_origin  # noqa: E402
+from rasterio.transform import Affine  # noqa: E402
 
 from sdconet.scene import raster  # noqa: E402
 from sdconet.scene.raster import GDAL_CACHE_BYTES, SceneError, Window, open_scene  # noqa: E402
 
 UTM_ORIGIN = (500000.0, 5000000.0)  # EPSG:32633 easting/northing of the top-left corner
+UTM_TRANSFORM = Affine(0.5, 0.0, UTM_ORIGIN[0], 0.0, -0.5, UTM_ORIGIN[1])  # 0.5 m pixels, north up
 
 
 def write_tif(path: Path, data: np.ndarray, *, crs: str | None = "EPSG:32633", nodata=None, colorinterp=None,
@@ -28,7 +29,7 @@ def write_tif(path: Path, data: np.ndarray, *, crs: str | None = "EPSG:32633", n
     if tiled:
         profile.update(tiled=True, blockxsize=64, blockysize=64)
     if crs:
-        profile.update(crs=crs, transform=from_origin(*UTM_ORIGIN, 0.5, 0.5))
+        profile.update(crs=crs, transform=UTM_TRANSFORM)
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data)
         if colorinterp:
@@ -224,7 +225,7 @@ def test_20000_square_geotiff_is_read_by_window_in_bounded_memory(tmp_path):
     path = tmp_path / "huge.tif"
     with rasterio.open(path, "w", driver="GTiff", width=20000, height=20000, count=3, dtype="uint8", tiled=True,
                        blockxsize=256, blockysize=256, compress="deflate", sparse_ok=True, nodata=0,
-                       crs="EPSG:32633", transform=from_origin(*UTM_ORIGIN, 0.5, 0.5)) as dst:
+                       crs="EPSG:32633", transform=UTM_TRANSFORM) as dst:
         dst.write(np.full((3, 512, 512), 100, np.uint8), window=rasterio.windows.Window(1000, 1000, 512, 512))
     script = f"""
 import json

@@ -194,9 +194,10 @@ class SceneReader:
                 self._stretch = self._stretch_from(data, valid, stretch_percentiles)
 
     # -- raw reads ------------------------------------------------------------------------------------------------
-    def _read_raw(self, window: Optional[Window],
-                  out_shape: Optional[tuple[int, int]] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        """(bands ``[k, h, w]`` of ``self._indexes`` in the file's dtype, validity ``[h, w]`` bool or None = all)."""
+    def _read_raw(self, window: Optional[Window], out_shape: Optional[tuple[int, int]] = None,
+                  with_bands: bool = True) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+        """(bands ``[k, h, w]`` of ``self._indexes`` in the file's dtype or None without ``with_bands``,
+        dataset mask ``[h, w]`` bool or None = all valid)."""
         from rasterio.enums import Resampling
         from rasterio.windows import Window as RioWindow
 
@@ -205,7 +206,7 @@ class SceneReader:
         kwargs = {} if out_shape is None else {"out_shape": (len(self._indexes),) + out_shape,
                                                "resampling": Resampling.nearest}
         try:
-            data = self._ds.read(self._indexes, window=rio_window, **kwargs)
+            data = self._ds.read(self._indexes, window=rio_window, **kwargs) if with_bands else None
             mask = None
             if not self._all_valid:
                 mask_kwargs = {} if out_shape is None else {"out_shape": out_shape,
@@ -306,6 +307,8 @@ class SceneReader:
             c0, c1 = math.ceil(window.left / cell_w) + 1, math.floor(window.right / cell_w) - 1
             if r1 > r0 and c1 > c0 and self._coarse_valid[r0:r1, c0:c1].any():
                 return False
+        if self._memory is None and self._lut is None:  # the mask alone decides: no band data to convert
+            return not self._read_raw(window, with_bands=False)[1].any()
         return not self.read(window)[1].any()
 
     def read_preview(self, max_side: int) -> tuple[np.ndarray, float]:
