@@ -173,6 +173,24 @@ def test_profile_error_names_engine_batch_and_range():
                                                    (8, 3, 64, 64))
 
 
+def test_benchmark_picks_the_engine_of_the_asked_precision(tmp_path):
+    """Bookkeeping only: which --engine a benchmark precision maps to, read from the sidecars (no engine runs)."""
+    from sdconet.deploy.tensorrt_build import write_engine_metadata
+    from sdconet.runtime.tensorrt_runner import pick_engine
+
+    engines = []
+    for name, precision in (("a.plan", "fp16"), ("b.plan", "int8"), ("c.plan", None)):
+        (tmp_path / name).write_bytes(b"")
+        if precision:
+            write_engine_metadata(tmp_path / name, {"precision": precision})
+        engines.append(tmp_path / name)
+    assert pick_engine(engines, "int8") == tmp_path / "b.plan"
+    assert pick_engine(engines, "fp16") == tmp_path / "a.plan"
+    assert pick_engine(engines, "fp32") == tmp_path / "a.plan"  # none is fp32: the first, labelled by its sidecar
+    with pytest.raises(RunnerUnavailable, match="no engine given"):
+        pick_engine([], "fp16")
+
+
 def test_tensorrt_runner_on_the_exported_model(export, padded_batch, tmp_path):
     from sdconet.deploy.tensorrt_build import EngineBuildOptions, build_engine, tensorrt_unavailable_reason
 

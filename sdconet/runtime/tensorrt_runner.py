@@ -40,6 +40,18 @@ def profile_error(engine: str | Path, name: str, shape: Sequence[int], low: Sequ
             f"split the batch or rebuild the engine with a larger --max-batch")
 
 
+def pick_engine(engines: Sequence[str | Path], precision: str) -> Path:
+    """The first of ``engines`` whose ``.plan.json`` records ``precision``, else the first one (its record then
+    carries the engine's own precision). RunnerUnavailable when there is none."""
+    from sdconet.deploy.tensorrt_build import read_engine_metadata
+
+    if not engines:
+        raise RunnerUnavailable("no engine given: build one with `python export/build_engine.py --fp16` and pass "
+                                "--engine engines/<name>.plan")
+    matching = [e for e in engines if Path(e).is_file() and read_engine_metadata(e).get("precision") == precision]
+    return Path((matching or list(engines))[0])
+
+
 def _torch_cuda_available() -> bool:
     import torch
 
@@ -268,7 +280,7 @@ class TensorRTRunner(Runner):
     def for_benchmark(cls, bench, precision: str, **options: Any) -> "TensorRTRunner":
         """The ``--engine`` whose sidecar precision is ``precision`` (else the first one: the record then carries
         the engine's own precision, and the benchmark times it once)."""
-        from sdconet.deploy.tensorrt_build import TensorRTUnavailable, import_tensorrt, read_engine_metadata
+        from sdconet.deploy.tensorrt_build import TensorRTUnavailable, import_tensorrt
 
         try:
             import_tensorrt()
@@ -276,12 +288,7 @@ class TensorRTRunner(Runner):
             raise RunnerUnavailable(str(err)) from err
         if not _torch_cuda_available():
             raise RunnerUnavailable("no CUDA device (torch.cuda.is_available() is False)")
-        engines = list(getattr(bench, "engine_paths", None) or [])
-        if not engines:
-            raise RunnerUnavailable("no engine given: build one with `python export/build_engine.py --fp16` and pass "
-                                    "--engine engines/<name>.plan")
-        matching = [e for e in engines if read_engine_metadata(e).get("precision") == precision]
-        return cls((matching or engines)[0], **options)
+        return cls(pick_engine(getattr(bench, "engine_paths", None) or [], precision), **options)
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"engine": str(self.path), "io": self.io,
