@@ -132,3 +132,113 @@ def test_merge_rejects_bad_arguments():
         merge_detections(boxes, np.ones(3), np.zeros(2))
     empty = merge_detections(np.zeros((0, 4)), np.zeros(0), np.zeros(0))
     assert [a.shape for a in empty] == [(0, 4), (0,), (0,)]
+
+
+# -- the inferencer ------------------------------------------------------------------------------------------------
+from sdconet.runtime.base import Runner  # noqa: E402
+from sdconet.scene.core import ArrayScene, SceneInferencer, SceneOptions  # noqa: E402
+
+
+class SquareFinder(Runner):
+    """A perfect detector of the white squares of a test scene: per tile, the box of every 4-connected run of
+    white pixels it sees (partial squares at a tile's edge included), and records every batch it was given."""
+
+    backend = "test"
+
+    def __init__(self, imgsz: int | None = 64, max_batch: int | None = None, saliency: bool = False) -> None:
+        super().__init__(imgsz=imgsz, class_names=["square"], precision="fp32", max_batch=max_batch,
+                         has_saliency=saliency)
+        self.batches: list[np.ndarray] = []
+
+    def _run(self, images):
+        from scipy import ndimage
+
+        self.batches.append(images.copy())
+        k = 8
+        boxes = np.zeros((len(images), k, 4), np.float32)
+        scores = np.zeros((len(images), k), np.float32)
+        for i, image in enumerate(images):
+            found = ndimage.find_objects(ndimage.label(image[0] > 0.99)[0])[:k]
+            for j, (rows, cols) in enumerate(found):
+                boxes[i, j] = [cols.start, rows.start, cols.stop, rows.stop]
+                scores[i, j] = 0.9
+        out = {"boxes": boxes, "scores": scores, "labels": np.zeros((len(images), k), np.int64)}
+        if self.has_saliency:
+            out["saliency"] = images[:, :1, ::8, ::8].copy()
+        return out
+
+
+def _square_scene(height: int, width: int, squares: list[tuple[int, int, int]]) -> np.ndarray:
+    image = np.full((height, width, 3), 60, np.uint8)
+    for top, left, side in squares:
+        image[top:top + side, left:left + side] = 255
+    return image
+
+
+def test_inferencer_finds_squares_across_seams_once_in_scene_pixels():
+    pytest.importorskip("scipy")
+    # 64 px tiles overlapping by 16: starts 0, 48, 96, 136 on a 200 px side; squares cut by seams and in overlaps
+    squares = [(40, 40, 20), (50, 100, 12), (120, 20, 30), (150, 130, 25), (5, 170, 10), (90, 60, 8)]
+    scene = ArrayScene(_square_scene(200, 190, squares))
+    runner = SquareFinder(max_batch=3, saliency=True)
+    result = SceneInferencer(runner, SceneOptions(overlap=16, progress=False)).run(scene)
+    expected = sorted([left, top, left + side, top + side] for top, left, side in squares)
+    assert sorted(result.boxes.tolist()) == expected
+    assert result.tiles == 16 and result.tiles_skipped == 0
+    assert [len(b) for b in runner.batches] == [3] * 5 + [1]  # max_batch respected, padded to 64 x 64
+    assert all(b.shape[1:] == (3, 64, 64) for b in runner.batches)
+    saliency, cell = result.saliency
+    assert cell == 8 and saliency.shape == (25, 24)
+
+
+def test_scene_smaller_than_a_tile_and_odd_sizes_are_padded_not_resized():
+    pytest.importorskip("scipy")
+    runner = SquareFinder()
+    scene = ArrayScene(_square_scene(37, 51, [(30, 44, 7)]))  # a square touching the bottom-right corner
+    result = SceneInferencer(runner, SceneOptions(progress=False)).run(scene)
+    assert result.boxes.tolist() == [[44, 30, 51, 37]] and result.tiles == 1
+    batch = runner.batches[0]
+    assert batch.shape == (1, 3, 64, 64) and (batch[0, :, 37:] == 0).all() and (batch[0, :, :, 51:] == 0).all()
+    np.testing.assert_allclose(batch[0, 0, :37, :51], scene.rgb[..., 0] / 255.0)
+    odd = SceneInferencer(runner, SceneOptions(overlap=10, progress=False)).run(
+        ArrayScene(_square_scene(77, 131, [(60, 120, 11), (10, 50, 9)])))
+    assert sorted(odd.boxes.tolist()) == [[50, 10, 59, 19], [120, 60, 131, 71]]
+
+
+def test_nodata_tiles_are_skipped_and_hr_windows_degrade_like_the_whole_image():
+    import torch
+
+    from sdconet.data import degrade
+
+    runner = SquareFinder(imgsz=32)
+    image = np.random.default_rng(0).integers(0, 255, (150, 222, 3), dtype=np.uint8)
+    valid = np.zeros(image.shape[:2], bool)
+    valid[:, 100:] = True  # the left of the scene is nodata
+    result = SceneInferencer(runner, SceneOptions(overlap=8, progress=False)).run(ArrayScene(image, valid))
+    ran = sum(len(b) for b in runner.batches)
+    grid = tile_grid(150, 222, 32, 8)
+    empty = int((grid[:, 1] + grid[:, 3] <= 100).sum())  # tiles lying wholly in the nodata part
+    assert empty > 0 and result.tiles_skipped == empty and result.tiles == ran == len(grid) - empty
+    runner.batches.clear()
+    hr = SceneInferencer(runner, SceneOptions(input="hr", overlap=8, batch=64, progress=False))
+    hr.run(ArrayScene(image))
+    whole = degrade(torch.from_numpy(image).permute(2, 0, 1).float() / 255, 2, "bicubic", seed=0).numpy()
+    tiles = tile_grid(75, 111, 32, 8)
+    assert len(runner.batches[0]) == len(tiles)
+    for tile, fed in zip(tiles.tolist(), runner.batches[0]):
+        top, left, h, w = tile
+        np.testing.assert_array_equal(fed[:, :h, :w], whole[:, top:top + h, left:left + w])
+
+
+def test_inferencer_refuses_bad_settings_naming_the_value():
+    runner = SquareFinder(imgsz=64, max_batch=4)
+    with pytest.raises(ValueError, match="--tile 96: .*must be 64"):
+        SceneInferencer(runner, SceneOptions(tile=96))
+    with pytest.raises(ValueError, match="--overlap 64"):
+        SceneInferencer(runner, SceneOptions(overlap=64))
+    with pytest.raises(ValueError, match="--batch 8"):
+        SceneInferencer(runner, SceneOptions(batch=8))
+    with pytest.raises(ValueError, match="give a tile size"):
+        SceneInferencer(SquareFinder(imgsz=None), SceneOptions())
+    with pytest.raises(ValueError, match="input must be"):
+        SceneInferencer(runner, SceneOptions(input="sr"))
