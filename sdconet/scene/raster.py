@@ -7,7 +7,10 @@ Contract (also in docs/scenes.md, "Scene files"):
 * **Windowed vs whole-file.** A GeoTIFF/TIFF whose blocks (tiles or strips) hold at most ``MAX_BLOCK_PIXELS`` pixels is
   read by window. Every other file (PNG, JPEG, BMP, a single-strip TIFF, ...) has to be decoded whole, so it is
   decoded once at open and refused when it has more than ``max_unwindowed_pixels`` pixels (checked from the header,
-  before any pixel is decoded), with the ``gdal_translate`` command that makes it tiled.
+  before any pixel is decoded), with the ``gdal_translate`` command that makes it tiled. PNG and JPEG go through
+  GDAL too, not through ``sdconet.data.image_io`` (Pillow, which stays the training-data reader), so that their
+  alpha, palettes and 16-bit samples follow the band rules below; the header check stands in for image_io's
+  decompression-bomb guard.
 * **Bands.** The band roles come from the file's colour interpretation: 1 band = grey, replicated to RGB (a palette
   band is expanded through its colour table, whose alpha counts as validity); a band marked *alpha* is the validity
   mask (alpha 0 = invalid), whatever the band count; bands marked red/green/blue are used as such, in any order;
