@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import torch
 
 from sdconet.config import ConfigError, load_config, save_config
 
@@ -60,3 +61,18 @@ def test_float_fields_accept_yaml11_exponent_strings():
     # YAML 1.1 parses "2e-4" (no dot) as a string; a float field takes it as the number it spells
     assert load_config("tiny", ["train.lr=2e-4"]).train.lr == 2e-4
     assert load_config("tiny", ["model.saliency.sigma=inf"]).model.saliency.sigma == math.inf
+
+
+def test_amp_auto_resolution(tmp_path):
+    from sdconet.engine.distributed import cpu_has_amx_bf16, resolve_amp
+    amx = tmp_path / "cpuinfo_amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile amx_int8\n")
+    plain = tmp_path / "cpuinfo_plain"
+    plain.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")  # bf16 instructions, no AMX
+    assert cpu_has_amx_bf16(amx) and not cpu_has_amx_bf16(plain) and not cpu_has_amx_bf16(tmp_path / "missing")
+    cpu = torch.device("cpu")
+    assert resolve_amp("auto", cpu, amx) == "bf16"
+    assert resolve_amp("auto", cpu, plain) is None
+    for explicit in (None, "bf16", "fp16"):  # only "auto" is resolved
+        assert resolve_amp(explicit, cpu, amx) == explicit
+    assert load_config("tiny", ["train.amp=auto"]).train.amp == "auto"

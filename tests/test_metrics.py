@@ -151,7 +151,8 @@ def test_odd_sized_image_boxes_map_back_exactly(tmp_path):
                            "iscrowd": 0} for i, b in enumerate(gt_boxes)]}
     ann_file = tmp_path / "gt.json"
     ann_file.write_text(json.dumps(gt))
-    target = CocoDetection(tmp_path / "images", ann_file, DataConfig(cache_dir=str(tmp_path / "c")), upscale=2)[0]["target"]
+    dataset = CocoDetection(tmp_path / "images", ann_file, DataConfig(cache_dir=str(tmp_path / "c")), upscale=2)
+    target = dataset[0]["target"]
     assert target["size"].tolist() == [46, 64] and target["orig_size"].tolist() == [47, 65]
     logits = torch.full((1, 2, 1), 9.0)
     dets = outputs_to_detections({"pred_logits": logits, "pred_boxes": target["boxes"][None]}, [target], [3])

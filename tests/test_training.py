@@ -159,3 +159,20 @@ def test_predict_default_tiling_fits_the_training_size(tmp_path, data_overrides)
         assert (predictor.tile_lr, predictor.overlap_lr) == (64, 32), mode
     with pytest.raises(ValueError, match="--tile 128 / --overlap 128"):
         Predictor(checkpoint, cpu, PredictOptions(tile=128, overlap=128))
+
+
+def test_bf16_cpu_training_step_keeps_float32_master_weights(tmp_path, data_overrides, monkeypatch):
+    # train.amp=auto resolves to bf16 on a CPU with AMX-BF16 (faked here: the test machine may lack it)
+    monkeypatch.setattr("sdconet.engine.distributed.cpu_has_amx_bf16", lambda *args: True)
+    cfg = load_config("tiny", [*data_overrides, "train.amp=auto", "train.schedule=joint", "train.epochs=1"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert trainer.amp == "bf16" and trainer.amp_dtype is torch.bfloat16 and not trainer.scaler.is_enabled()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer._apply_stage(0)
+    assert trainer.router.run_sr  # the SR decoder runs under bf16 autocast too
+    losses = trainer.train_one_epoch(0)
+    assert trainer.counters.skipped_steps == 0 and losses["loss_sr"] > 0
+    assert all(np.isfinite(v) for v in losses.values()), losses
+    for name, param in trainer.model.named_parameters():
+        assert param.dtype == torch.float32, name  # master weights stay float32; autocast casts per op
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())

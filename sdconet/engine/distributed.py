@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -45,6 +46,28 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
         if device.index is None:
             device = torch.device(f"cuda:{local_rank}")
     return device
+
+
+def cpu_has_amx_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
+    """Whether the CPU advertises AMX-BF16 (Linux ``/proc/cpuinfo`` flag ``amx_bf16``); False when unreadable."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in handle)
+    except OSError:
+        return False
+
+
+def resolve_amp(amp: str | None, device: torch.device, cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str | None:
+    """``train.amp`` for ``device``: ``"auto"`` -> ``"bf16"`` on a CPU with AMX-BF16 (its bf16 matmuls are several
+    times its fp32 ones; without AMX, bf16 autocast is emulated and slower, so None), on CUDA ``"bf16"`` where the
+    GPU supports it else ``"fp16"``; any other value is returned unchanged."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and cpu_has_amx_bf16(cpuinfo):
+        return "bf16"
+    return None
 
 
 def init_distributed(device_preference: str = "auto") -> tuple[DistributedInfo, torch.device]:
@@ -108,6 +131,57 @@ def average_over_ranks(values: dict[str, float]) -> dict[str, float]:
     dist.all_gather_object(gathered, values)
     keys = sorted(set().union(*gathered))
     return {k: sum(g[k] for g in gathered if k in g) / sum(k in g for g in gathered) for k in keys}
+
+
+class ShardSampler(torch.utils.data.Sampler[int]):
+    """Indices ``rank, rank + world_size, ...`` of a dataset of ``length`` items: every item on exactly one rank,
+    no padding (``DistributedSampler`` repeats items to even out the shards, which would count them twice in AP)."""
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"ShardSampler: rank {rank} outside 0..{world_size - 1}")
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def gather_lists(values: Sequence[list]) -> list[list]:
+    """Concatenate each list over the ranks (rank order), on every rank; identity when not distributed.
+
+    ``values``: a tuple of picklable lists of this rank -> the same number of lists holding every rank's items.
+    """
+    if not is_distributed():
+        return [list(v) for v in values]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, [list(v) for v in values])
+    return [[item for rank_values in gathered for item in rank_values[i]] for i in range(len(values))]
+
+
+def broadcast_from_main(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (identity when not distributed)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def needs_unused_parameter_search(model: torch.nn.Module, run_sr: bool) -> bool:
+    """Whether DDP needs ``find_unused_parameters=True``: some trainable parameter may get no gradient in a step.
+
+    A model that declares ``uses_all_parameters = True`` (SDCoNet: every trainable parameter is in each training
+    step's graph) needs the search only when its SR decoder is trainable but not executed (``run_sr`` False); any
+    other model is searched, as DDP cannot know.
+    """
+    module = unwrap_model(model)
+    if not getattr(module, "uses_all_parameters", False):
+        return True
+    sr_decoder = getattr(module, "sr_decoder", None)
+    return bool(sr_decoder is not None and not run_sr and any(p.requires_grad for p in sr_decoder.parameters()))
 
 
 def cleanup_distributed() -> None:

@@ -1,9 +1,14 @@
 """Evaluation: COCO box AP on HR coordinates (pycocotools) + PSNR/SSIM of the SR branch, and the epoch picture grid.
 
 Predictions are the model's normalised cxcywh boxes, mapped to the annotation file's pixels with each target's
-``size`` (the size the boxes were normalised to) by :func:`sdconet.engine.metrics.outputs_to_detections`, then scored against the dataset's ``ann_file``
+``size`` (the size the boxes were normalised to) by :func:`sdconet.engine.metrics.outputs_to_detections`, then
+scored against the dataset's ``ann_file``
 (top-100 per image, maxDets 100). PSNR/SSIM compare the de-normalised SR output, clipped to [0, 1], with the HR image
 on each image's unpadded region, averaged over images.
+
+Under DDP every rank evaluates its own shard of the validation set (:class:`sdconet.engine.distributed.ShardSampler`),
+the detections and per-image PSNR/SSIM are gathered, and rank 0 alone runs COCOeval; the metrics are then broadcast,
+so no rank waits in a barrier for the whole validation pass (the NCCL watchdog would kill a long one).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from sdconet.engine.distributed import unwrap_model
+from sdconet.engine.distributed import broadcast_from_main, gather_lists, is_distributed, unwrap_model
 from sdconet.engine.metrics import coco_evaluate, outputs_to_detections, psnr, ssim
 from sdconet.engine.routing import STAGE_JOINT
 from sdconet.engine.visualize import grid_row, stack_rows
@@ -46,10 +51,13 @@ def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, dataset: Dataset, device: torch.device, run_sr: bool = False,
-             amp_dtype: Optional[torch.dtype] = None, progress: bool = True) -> dict[str, float]:
+             amp_dtype: Optional[torch.dtype] = None, progress: bool = True,
+             sharded: bool = False) -> dict[str, float]:
     """AP, AP50, AP75, APs, APm, APl (+ PSNR, SSIM when ``run_sr`` and the model has an SR decoder).
 
     ``dataset`` provides ``ann_file`` and ``label_to_category_id``; ``loader`` iterates it (collated batches).
+    ``sharded``: every rank calls this with ``loader`` over its own shard (disjoint, together the whole set);
+    results are gathered, rank 0 scores them and every rank returns the same metrics.
     """
     module = unwrap_model(model)
     was_training = module.training
@@ -76,6 +84,26 @@ def evaluate(model: nn.Module, loader: DataLoader, dataset: Dataset, device: tor
                     ssim_values.append(float(ssim(sr, hr)))
     finally:
         module.train(was_training)
+    if sharded and is_distributed():
+        detections, image_ids, psnr_values, ssim_values = gather_lists(
+            (detections, image_ids, psnr_values, ssim_values))
+        result = None
+        if torch.distributed.get_rank() == 0:
+            try:
+                result = ("ok", _score(dataset, detections, image_ids, psnr_values, ssim_values))
+            except Exception as err:  # tell the other ranks instead of leaving them in the broadcast
+                broadcast_from_main(("error", f"{type(err).__name__}: {err}"))
+                raise
+        status, value = broadcast_from_main(result)
+        if status != "ok":
+            raise RuntimeError(f"rank 0 could not score the sharded evaluation: {value}")
+        return value
+    return _score(dataset, detections, image_ids, psnr_values, ssim_values)
+
+
+def _score(dataset: Dataset, detections: list[dict], image_ids: list[int], psnr_values: list[float],
+           ssim_values: list[float]) -> dict[str, float]:
+    """COCO metrics of ``detections`` on ``image_ids`` (+ mean PSNR/SSIM when there are values)."""
     metrics = coco_evaluate(dataset.ann_file, detections, image_ids=image_ids)
     if psnr_values:
         metrics["PSNR"] = float(np.mean(psnr_values))

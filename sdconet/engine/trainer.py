@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from sdconet.config import Config, ConfigError, save_config
 from sdconet.engine import checkpoint as ckpt
-from sdconet.engine.distributed import DistributedInfo, all_ranks_true, average_over_ranks, barrier
+from sdconet.engine.distributed import (DistributedInfo, ShardSampler, all_ranks_true, average_over_ranks, barrier,
+                                        needs_unused_parameter_search, resolve_amp)
 from sdconet.engine.evaluate import autocast_context, evaluate, move_batch, render_grid
 from sdconet.engine.optim import build_lr_scheduler, build_optimizer, group_lrs
 from sdconet.engine.routing import GradientRouter, apply_schedule, describe_stage
@@ -143,9 +144,11 @@ class Trainer:
         self.device = device or torch.device("cpu")
         self.paths = RunPaths(Path(out_dir))
         cfg = apply_schedule(cfg)
-        if cfg.train.amp is not None and cfg.train.amp not in AMP_DTYPES:
-            raise ConfigError(f"train.amp must be null, 'bf16' or 'fp16', got {cfg.train.amp!r}")
-        if cfg.train.amp == "fp16" and self.device.type != "cuda":
+        if cfg.train.amp is not None and cfg.train.amp not in (*AMP_DTYPES, "auto"):
+            raise ConfigError(f"train.amp must be null, 'bf16', 'fp16' or 'auto', got {cfg.train.amp!r}")
+        # "auto" stays in the saved config (a resumed run re-resolves it on its machine); self.amp is what runs
+        self.amp = resolve_amp(cfg.train.amp, self.device)
+        if self.amp == "fp16" and self.device.type != "cuda":
             raise ConfigError("train.amp='fp16' needs a CUDA device; use train.amp=bf16 on CPU")
         if cfg.train.grad_accum_steps < 1:
             raise ConfigError(f"train.grad_accum_steps must be >= 1, got {cfg.train.grad_accum_steps}")
@@ -179,8 +182,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, train)
         self.scheduler = build_lr_scheduler(self.optimizer, train)
         self.router = GradientRouter(self.model, self.optimizer, train)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.amp == "fp16")
-        self.amp_dtype = AMP_DTYPES.get(train.amp) if train.amp else None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+        self.amp_dtype = AMP_DTYPES.get(self.amp) if self.amp else None
         self.train_model: nn.Module = self.model  # the DDP wrapper when distributed (rebuilt at a stage switch)
         self.start_epoch = 0
         self.counters = StepCounters()
@@ -190,7 +193,10 @@ class Trainer:
         self.train_loader = DataLoader(self.train_set, batch_size=train.batch_size, sampler=self.sampler,
                                        collate_fn=self.collate_fn, num_workers=cfg.data.num_workers,
                                        pin_memory=self.device.type == "cuda")
-        self.val_loader = DataLoader(self.val_set, batch_size=train.batch_size, shuffle=False,
+        # each rank evaluates its own shard (sdconet.engine.evaluate gathers the detections)
+        val_sampler = (ShardSampler(len(self.val_set), self.dist.rank, self.dist.world_size)
+                       if self.dist.enabled else None)
+        self.val_loader = DataLoader(self.val_set, batch_size=train.batch_size, shuffle=False, sampler=val_sampler,
                                      collate_fn=self.collate_fn, num_workers=cfg.data.num_workers)
         self.writer = None  # TensorBoard, open only during fit() (rank 0), so a failed resume leaks nothing
         if self.dist.is_main:
@@ -229,10 +235,11 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            # DDP registers only the parameters that require grad when it is built, hence the rebuild; a batch
-            # without boxes skips contrastive denoising and leaves its label embedding unused, hence the search
-            self.train_model = DistributedDataParallel(self.model, device_ids=device_ids,
-                                                       find_unused_parameters=True)
+            # DDP registers only the parameters that require grad when it is built, hence the rebuild; the
+            # unused-parameter search (an extra graph traversal per step) only where a parameter may go unused
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=device_ids,
+                find_unused_parameters=needs_unused_parameter_search(self.model, self.router.run_sr))
         return stage
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -401,10 +408,11 @@ class Trainer:
         return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
 
     def evaluate(self) -> dict[str, float]:
-        """COCO metrics (+ PSNR/SSIM when the SR branch runs) on the validation set, rank 0."""
+        """COCO metrics (+ PSNR/SSIM when the SR branch runs) on the validation set; under DDP every rank must call
+        it (each evaluates its shard; all return the same metrics)."""
         with self._forked_rng():
             return evaluate(self.model, self.val_loader, self.val_set, self.device, run_sr=self.router.run_sr,
-                            amp_dtype=self.amp_dtype)
+                            amp_dtype=self.amp_dtype, sharded=self.dist.enabled)
 
     def save_pictures(self, epoch: int, num_images: int = 2) -> Path:
         """The epoch's picture grid (``pictures/epoch_NNN.png``, also sent to TensorBoard), rank 0."""
@@ -459,9 +467,9 @@ class Trainer:
                 losses = self.train_one_epoch(epoch)
                 self.scheduler.step()
                 train_time = time.perf_counter() - started
+                evaluate_now = (epoch + 1) % train.eval_interval == 0 or epoch + 1 == train.epochs
+                metrics = self.evaluate() if evaluate_now else None  # every rank: sharded under DDP
                 if self.dist.is_main:
-                    evaluate_now = (epoch + 1) % train.eval_interval == 0 or epoch + 1 == train.epochs
-                    metrics = self.evaluate() if evaluate_now else None
                     last_metrics = metrics or last_metrics
                     self._finish_epoch(epoch, stage, losses, train_time, metrics)
                 barrier()

@@ -184,7 +184,12 @@ class SaliencyDINO(nn.Module):
             if len(targets) != features[0].shape[0]:
                 raise ValueError(f"got {len(targets)} target dicts for a batch of {features[0].shape[0]}")
             denoising = self.denoising(targets, self.num_queries)
-        return self._run(features, masks, denoising)
+        out = self._run(features, masks, denoising)
+        if self.training and targets is not None and denoising is None:
+            # a batch without boxes has no denoising queries: keep the label embedding in the graph with a zero
+            # term, so every parameter gets a (zero) gradient and DDP needs no unused-parameter search
+            out["pred_logits"] = out["pred_logits"] + 0.0 * self.denoising.label_embed.weight.sum()
+        return out
 
     def infer(self, features: Sequence[torch.Tensor], masks: Sequence[torch.Tensor] | None = None) -> dict:
         """Inference outputs: ``pred_logits [B, Q, C]``, ``pred_boxes [B, Q, 4]`` (normalised cxcywh) and

@@ -38,6 +38,10 @@ class SDCoNet(nn.Module):
     (:class:`SaliencyDINO`), ``sr_decoder`` (:class:`SRDecoder`, None when ``cfg.sr`` is False).
     """
 
+    # every trainable parameter is in the graph of each training step (the SR decoder when run_sr is True), so DDP
+    # needs no unused-parameter search (sdconet.engine.distributed.needs_unused_parameter_search)
+    uses_all_parameters = True
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
