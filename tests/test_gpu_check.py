@@ -1,0 +1,148 @@
+"""benchmarks/gpu_check.py: the plan on a machine without CUDA, the budget stop, the partial JSON, the report, and the
+import chain a bare GPU machine (torch, triton, numpy, timm; no onnx/onnxruntime/pycocotools/scipy) can satisfy."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "benchmarks" / "gpu_check.py"
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(),
+                             reason="a CUDA device is present: the script would run the full check, not the plan")
+
+
+def _run(*args: str, timeout: int = 170) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@no_cuda
+def test_without_cuda_prints_and_writes_the_plan(tmp_path):
+    out = tmp_path / "plan" / "gpu_check.json"
+    result = _run("--json", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "no CUDA device here, so nothing is measured" in result.stdout
+    assert "variant=compile_amp_fp16, batch=8" in result.stdout
+    document = json.loads(out.read_text())
+    assert document["ran"] is False and document["budget_s"] == 240.0
+    steps = [row["step"] for row in document["plan"]]
+    # 2 modes x 2 query counts x 3 dtypes x 3 forms; 5 variants x 2 batches; 2 training batches
+    assert steps.count("msda") == 36 and steps.count("model") == 10 and steps.count("train") == 2
+    assert {row["dtype"] for row in document["plan"] if row["step"] == "msda"} == {"fp32", "fp16", "bf16"}
+
+
+def test_budget_stop_leaves_a_partial_report(tmp_path):
+    out = tmp_path / "check.json"
+    started = time.monotonic()
+    result = _run("--device", "cpu", "--steps", "msda", "--budget-s", "3", "--iters", "3", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["complete"] is False
+    # either a measurement was interrupted, or the rows that no longer fitted were skipped
+    measured = [row for row in data["msda"] if row["status"] == "ok"]
+    assert data["stopped_by_budget"] or any(row["status"].startswith("skipped: budget") for row in data["msda"])
+    assert len(measured) < 24  # 36 rows, 12 of them Triton (CUDA only): not all measured in 3 s
+    assert all(row["form"] != "triton" or row["status"].startswith("skipped") for row in data["msda"])
+    assert "INCOMPLETE" in out.with_suffix(".md").read_text()
+    # the 3 s budget bounds the measuring; the rest is interpreter start and imports on a shared CPU
+    assert time.monotonic() - started < 120
+
+
+def test_hard_stop_interrupts_a_measurement_that_overruns():
+    gpu_check = _load()
+    budget = gpu_check.Budget(0.3)
+    started = time.monotonic()
+    with pytest.raises(gpu_check.BudgetSpent, match="budget spent during a measurement"):
+        with budget.hard_stop():
+            time.sleep(10)
+    assert time.monotonic() - started < 5
+    assert budget.shortfall(1.0).startswith("skipped: budget")
+    assert gpu_check.Budget(60).shortfall(1.0) is None
+
+
+def test_report_is_rewritten_after_every_row_and_renders(tmp_path):
+    gpu_check = _load()
+    args = gpu_check.parse_args(["--json", str(tmp_path / "r.json")])
+    report = gpu_check.Report(args.json, args)
+    report.add("msda", {"form": "triton", "dtype": "fp16", "queries": 898, "mode": "fwd", "p50_ms": 0.05,
+                        "speedup_vs_grid_sample": 6.2, "max_abs_err": 1e-3, "status": "ok"})
+    on_disk = json.loads(args.json.read_text())
+    assert on_disk["complete"] is False and on_disk["msda"][0]["speedup_vs_grid_sample"] == 6.2
+    report.add("train", {"batch": 8, "amp": "bf16", "loss": "SetCriterion", "p50_ms": 410.0, "images_per_s": 19.5,
+                         "peak_mem_mb": 30000.0, "status": "ok"})
+    text = gpu_check.markdown(json.loads(args.json.read_text()))
+    assert "| triton | fp16 | 898 | fwd | 0.0500 | 6.20 | 1.00e-03 | - | ok |" in text
+    assert "| 8 | bf16 | SetCriterion | 410.0 | 19.50 | 30000 | ok |" in text
+
+
+def test_bad_arguments_are_refused():
+    result = _run("--budget-s", "0")
+    assert result.returncode == 2 and "--budget-s must be positive" in result.stderr
+
+
+def test_missing_timm_is_reported(monkeypatch):
+    gpu_check = _load()
+    monkeypatch.setitem(sys.modules, "timm", None)  # makes `import timm` fail like an absent package
+    status = gpu_check.timm_status()
+    assert status == {"version": None, "usable": False,
+                      "error": "timm is not installed: the model rows need it (pip install timm)"}
+
+
+_IMPORT_CHAIN = r"""
+import sys
+from importlib.machinery import PathFinder
+# absent on the GPU machine (PIL and tqdm stay: torchvision and huggingface_hub, timm's own dependencies, need them)
+BLOCKED = ("onnx", "onnxruntime", "onnxsim", "pycocotools", "scipy", "tensorrt", "tritonclient", "openvino",
+           "rasterio", "cv2")
+
+class Hiding(PathFinder):
+    # the blocked packages look uninstalled: find_spec says None, import raises ModuleNotFoundError
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            return None
+        return PathFinder.find_spec(name, path, target)
+
+sys.meta_path[:] = [Hiding if finder is PathFinder else finder for finder in sys.meta_path]
+import importlib.util
+spec = importlib.util.spec_from_file_location("gpu_check", sys.argv[1])
+gpu_check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_check)
+assert gpu_check.timm_status()["usable"], gpu_check.timm_status()
+import sdconet.kernels.msda_triton, sdconet.deploy.inference_graph, sdconet.benchmark.timing  # noqa
+gpu_check._load_msda_op()
+gpu_check.environment_facts()
+try:
+    from sdconet.losses import SetCriterion  # noqa: F401
+    print("criterion importable")
+except ImportError as err:
+    print("criterion unavailable:", err)
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+print("LEAKED", leaked)
+"""
+
+
+def test_the_check_imports_only_torch_triton_numpy_timm(tmp_path):
+    pytest.importorskip("timm")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", _IMPORT_CHAIN, str(SCRIPT)], capture_output=True, text=True,
+                            cwd=REPO_ROOT, env=env, timeout=170)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LEAKED []" in result.stdout
+    # without scipy the training rows fall back to the surrogate loss (ImportError is what run_train catches)
+    assert "criterion unavailable" in result.stdout
