@@ -52,6 +52,11 @@ INFER_BATCHES = (1, 8)
 TRAIN_BATCHES = (2, 8)
 # rough minimum seconds a step needs on a data-center GPU; a step starts only when at least this much is left
 STEPS = ("msda", "model", "train", "compile")
+# what runs, in order: eager rows, then training, then the CUDA graph (a failed capture can leave the device unusable
+# for what follows) and torch.compile (the slowest to prepare, the one a short budget can best do without)
+RUN_ORDER: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("msda", ()), ("model", ("eager_fp32", "eager_amp_fp16", "eager_amp_bf16")), ("train", ()),
+    ("model", ("cuda_graph_amp_fp16",)), ("compile", ("compile_amp_fp16",)))
 STEP_MIN_S = {"msda": 5.0, "model": 8.0, "train": 10.0, "cuda_graph": 10.0, "compile": 60.0}
 
 
@@ -97,11 +102,10 @@ def build_plan(args: argparse.Namespace) -> list[dict[str, Any]]:
                 for dtype in MSDA_DTYPES:
                     plan += [{"step": "msda", "form": form, "dtype": dtype, "queries": queries, "mode": mode}
                              for form in MSDA_FORMS]
-    for step, variants in (("model", [v for v in MODEL_VARIANTS if not v.startswith("compile")]),
-                           ("train", None), ("compile", [v for v in MODEL_VARIANTS if v.startswith("compile")])):
+    for step, variants in RUN_ORDER[1:]:
         if step not in args.steps:
             continue
-        if variants is None:
+        if step == "train":
             plan += [{"step": "train", "batch": batch, "config": args.config, "imgsz": args.imgsz}
                      for batch in TRAIN_BATCHES]
         else:
@@ -166,6 +170,8 @@ def markdown(data: dict[str, Any]) -> str:
                      f"{_fmt(r.get('images_per_s'), '.2f')} | {_fmt(r.get('peak_mem_mb'), '.0f')} | {r['status']} |")
     if data.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(data["skipped"])]
+    if data.get("errors"):
+        lines += ["", "Errors: " + "; ".join(data["errors"])]
     return "\n".join(lines)
 
 
@@ -253,14 +259,17 @@ def timed(fn: Callable[[], object], args: argparse.Namespace, budget: Budget, cu
     left."""
     from sdconet.benchmark.timing import time_calls
 
-    started = time.perf_counter()
-    fn()  # first call: compilation, autotuning, allocator growth
-    first_s = time.perf_counter() - started
-    if cuda:
-        import torch
+    def once() -> float:
+        started = time.perf_counter()
+        fn()
+        if cuda:
+            import torch
 
-        torch.cuda.synchronize()
-    per_call = max(first_s, 1e-4)
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    first_s = once()  # compilation, autotuning, allocator growth
+    per_call = max(once(), 1e-5)  # what a warm call costs: sizes the iteration count
     iters = max(3, min(args.iters, int(budget.left() * share / per_call)))
     warmup = min(args.warmup, iters)
     stats = time_calls(fn, warmup=warmup, iters=iters, cuda=cuda).summary(1)
@@ -273,6 +282,11 @@ def _load_msda_op():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _error_status(err: BaseException) -> str:
+    first_line = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+    return f"error: {type(err).__name__}: {first_line}"
 
 
 def _peak_mb(cuda: bool) -> float | None:
@@ -358,8 +372,8 @@ def run_msda(report: Report, args: argparse.Namespace, budget: Budget, cuda: boo
                         row["status"] = "ok"
                     except BudgetSpent:
                         raise
-                    except (RuntimeError, TypeError, NotImplementedError) as err:  # e.g. no half kernel here
-                        row["status"] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                    except Exception as err:  # noqa: BLE001 - e.g. no half kernel here, a Triton compile error
+                        row["status"] = _error_status(err)
                     rows[form] = row
                     base = rows.get("grid_sample")
                     if row["status"] == "ok" and base and base["status"] == "ok" and row.get("p50_ms"):
@@ -415,7 +429,7 @@ def run_model(report: Report, args: argparse.Namespace, budget: Budget, cuda: bo
             except BudgetSpent:
                 raise
             except Exception as err:  # noqa: BLE001 - one failing variant (capture, compile) must not end the check
-                row["status"] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+                row["status"] = _error_status(err)
             report.add("model", row)
             del images
 
@@ -427,7 +441,8 @@ def _inference_call(kind: str, graph, images, amp_dtype) -> Callable[[], object]
     def autocast():
         if amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=amp_dtype)
+        # no autocast weight cache under graph capture: cached casts would be freed under the graph (torch docs)
+        return torch.autocast("cuda", dtype=amp_dtype, cache_enabled=kind != "cuda")
 
     if kind == "eager":
         def eager():
@@ -551,7 +566,7 @@ def run_train(report: Report, args: argparse.Namespace, budget: Budget, cuda: bo
         except BudgetSpent:
             raise
         except Exception as err:  # noqa: BLE001 - e.g. out of memory at batch 8 is a finding, not a crash
-            row["status"] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            row["status"] = _error_status(err)
         report.add("train", row)
         del images, images_hr, targets
         if cuda:
@@ -585,13 +600,12 @@ def main(argv: list[str] | None = None) -> int:
     report.data["environment"] = environment_facts()
     report.data["timm"] = timm_status()
     report.save()
-    # torch.compile last: it is the slowest row to prepare and the one a short budget can best do without
-    eager = tuple(v for v in MODEL_VARIANTS if not v.startswith("compile"))
-    compiled = tuple(v for v in MODEL_VARIANTS if v.startswith("compile"))
-    runners: dict[str, Callable[..., None]] = {
-        "msda": run_msda, "model": lambda *a: run_model(*a, variants=eager), "train": run_train,
-        "compile": lambda *a: run_model(*a, variants=compiled)}
-    steps = [(name, runners[name]) for name in STEPS if name in args.steps]
+    def runner(name: str, variants: tuple[str, ...]) -> Callable[..., None]:
+        if name in ("model", "compile"):
+            return lambda *a: run_model(*a, variants=variants)
+        return {"msda": run_msda, "train": run_train}[name]
+
+    steps = [(name, runner(name, variants)) for name, variants in RUN_ORDER if name in args.steps]
     if not report.data["timm"]["usable"]:
         needs_model = [name for name, _ in steps if name != "msda"]
         if needs_model:
@@ -604,12 +618,16 @@ def main(argv: list[str] | None = None) -> int:
             report.data["stopped_by_budget"] = True
             report.data["skipped"].append(f"{name} and later steps: {err}")
             break
+        except Exception as err:  # noqa: BLE001 - a step that cannot even start (model build, OOM) is recorded
+            report.data.setdefault("errors", []).append(f"{name}: {_error_status(err)}")
+            report.save()
     budget_skips = sum(str(row.get("status", "")).startswith("skipped: budget")
                        for section in ("msda", "model", "train") for row in report.data[section])
     if budget_skips:
         report.data["skipped"].append(f"{budget_skips} rows: not enough budget left")
     # complete = every planned row was measured or is impossible here (no GPU, no timm), none lost to the budget
-    report.data["complete"] = not report.data["stopped_by_budget"] and not budget_skips
+    report.data["complete"] = (not report.data["stopped_by_budget"] and not budget_skips
+                               and not report.data.get("errors"))
     report.save()
     text = markdown(report.data)
     args.json.with_suffix(".md").write_text(text + "\n")
