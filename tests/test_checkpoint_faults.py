@@ -73,8 +73,8 @@ def test_crash_between_renames_leaves_a_complete_pair(tmp_path, monkeypatch, cra
     real_replace, calls = os.replace, []
 
     def crashing_replace(src, dst):
-        # the staged files are written with their own atomic renames (_write_atomically); count only the pair's
-        if str(src).endswith(".tmp"):
+        # the staged files are written with their own atomic renames (hidden temporary names); count only the pair's
+        if Path(src).name.startswith("."):
             return real_replace(src, dst)
         if len(calls) == crash_at:
             raise KeyboardInterrupt("simulated kill")
@@ -108,7 +108,7 @@ def test_full_disk_keeps_the_previous_pair(tmp_path, monkeypatch, failing):
         _save(tmp_path, 2)
     monkeypatch.undo()
     _assert_pair(tmp_path, 1)
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith((".tmp", ".new"))]
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".") or p.name.endswith(".new")]
     assert leftovers == [], f"{target} failure left {leftovers}"
 
 

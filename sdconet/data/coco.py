@@ -9,7 +9,6 @@ through :func:`write_coco`, so every file this package produces has the same fie
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -17,6 +16,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from sdconet.data.validation import BoxRepairs, DataError
+from sdconet.utils.io import write_text_atomically
 
 
 @dataclass
@@ -86,14 +86,9 @@ def make_annotation(ann_id: int, image_id: int, category_id: int, box_xyxy: Sequ
 def write_coco(path: str | Path, images: list[dict], annotations: list[dict], categories: list[dict],
                description: str = "") -> Path:
     """Write a COCO JSON atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {"info": {"description": description}, "images": images, "annotations": annotations,
             "categories": categories}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomically(path, json.dumps(data))
 
 
 class CocoBuilder:

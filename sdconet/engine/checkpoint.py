@@ -30,6 +30,7 @@ from safetensors import safe_open
 
 from sdconet.config import Config, config_from_dict, config_to_dict
 from sdconet.engine.distributed import unwrap_model
+from sdconet.utils.io import write_atomically
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_NAME = "best.safetensors"
@@ -55,27 +56,12 @@ def tensor_checksum(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _write_atomically(path: Path, write) -> Path:
-    """``write(tmp)`` then rename over ``path``; a failed write removes its temporary file and re-raises."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:  # the data is on disk before the rename makes it visible
-            os.fsync(handle.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-    return path
-
-
 def save_model_weights(model: torch.nn.Module, cfg: Config, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
     """Write ``model``'s state dict + config (+ JSON-serialisable ``meta``) atomically to ``path``."""
     state = {k: v.detach().contiguous().cpu() for k, v in unwrap_model(model).state_dict().items()}
     metadata = {"config": json.dumps(config_to_dict(cfg)), "meta": json.dumps(meta or {}),
                 CHECKSUM_KEY: tensor_checksum(state)}
-    return _write_atomically(Path(path), lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    return write_atomically(Path(path), lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
 def _read_metadata(path: Path) -> dict[str, str]:
@@ -144,7 +130,7 @@ def resolve_checkpoint(path: str | Path | None, runs_dir: str | Path = "runs", p
 
 def save_train_state(state: dict[str, Any], path: str | Path) -> Path:
     """Write the trainer state (tensors, numbers, strings and containers only) atomically to ``path``."""
-    return _write_atomically(Path(path), lambda tmp: torch.save(state, tmp))
+    return write_atomically(Path(path), lambda tmp: torch.save(state, tmp))
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from sdconet.engine.evaluate import autocast_context, evaluate, move_batch, rend
 from sdconet.engine.optim import build_lr_scheduler, build_optimizer, group_lrs
 from sdconet.engine.routing import GradientRouter, apply_schedule, describe_stage
 from sdconet.data.image_io import save_image
+from sdconet.utils.io import write_text_atomically
 from sdconet.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -425,9 +426,7 @@ class Trainer:
         return path
 
     def _write_metrics(self) -> None:
-        tmp = self.paths.metrics.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.counters.history, indent=2))
-        os.replace(tmp, self.paths.metrics)
+        write_text_atomically(self.paths.metrics, json.dumps(self.counters.history, indent=2))
 
     def _finish_epoch(self, epoch: int, stage: int, losses: dict[str, float], train_time: float,
                       metrics: Optional[dict[str, float]]) -> None:

@@ -29,35 +29,17 @@ half-written output.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from sdconet.scene.raster import SceneReader
+from sdconet.utils.io import write_atomically  # noqa: F401  (re-exported: callers import it from here)
 
 GEOJSON_CRS_CHOICES = ("wgs84", "native")
 RING_POINTS_PER_EDGE = 4  # vertices per box edge before the closing point: 16-vertex ring
 DEFAULT_PREVIEW_MAX_SIDE = 2048
-
-
-def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
-    """``write(tmp)`` to a hidden temporary file next to ``path`` (same suffix, so writers that pick the format from
-    it still work), flush it to disk, then rename it over ``path``; a failed write removes the temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _check_detections(detections: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

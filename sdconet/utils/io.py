@@ -1,0 +1,32 @@
+"""Atomic file writes: the one helper every writer of checkpoints, metrics, datasets and scene outputs uses."""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` to a hidden temporary file next to ``path`` (same suffix, so writers that pick the format from
+    it still work), flush it to disk, then rename it over ``path``; a failed write removes the temporary file.
+
+    A reader therefore sees the old file or the new one, never a half-written one, even if the process is killed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    """``write_atomically`` for a text file."""
+    return write_atomically(path, lambda tmp: tmp.write_text(text))
