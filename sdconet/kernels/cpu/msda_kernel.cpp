@@ -53,19 +53,25 @@ void gather_corners(const MsdaProblem& pb, int64_t item, Corners& c) {
             const int64_t x0 = static_cast<int64_t>(x0f), y0 = static_cast<int64_t>(y0f);
             const float fx = x - x0f, fy = y - y0f;
             const float a = *attn;
-            for (int dy = 0; dy < 2; ++dy) {
-                const int64_t cy = y0 + dy;
-                if (cy < 0 || cy >= h) continue;
-                const float wy = dy ? fy : 1.0f - fy;
-                for (int dx = 0; dx < 2; ++dx) {
-                    const int64_t cx = x0 + dx;
-                    if (cx < 0 || cx >= w) continue;
-                    const float wx = dx ? fx : 1.0f - fx;
-                    c.offset[c.count] = level_base + (cy * w + cx) * token_stride;
-                    c.weight[c.count] = (wx * wy) * a;
-                    ++c.count;
-                }
-            }
+            // branch-free: all four corners are kept, an outside one with weight 0 and a clamped (valid) offset;
+            // the data-dependent inside tests would otherwise mispredict on every other point
+            const float in_x0 = x0 >= 0 ? 1.0f : 0.0f, in_x1 = x0 + 1 < w ? 1.0f : 0.0f;
+            const float in_y0 = y0 >= 0 ? 1.0f : 0.0f, in_y1 = y0 + 1 < h ? 1.0f : 0.0f;
+            const int64_t cx0 = std::max<int64_t>(x0, 0), cx1 = std::min<int64_t>(x0 + 1, w - 1);
+            const int64_t cy0 = std::max<int64_t>(y0, 0), cy1 = std::min<int64_t>(y0 + 1, h - 1);
+            const float wx0 = (1.0f - fx) * in_x0, wx1 = fx * in_x1;
+            const float wy0 = (1.0f - fy) * in_y0, wy1 = fy * in_y1;
+            int64_t* offset = c.offset.data() + c.count;
+            float* weight = c.weight.data() + c.count;
+            offset[0] = level_base + (cy0 * w + cx0) * token_stride;
+            offset[1] = level_base + (cy0 * w + cx1) * token_stride;
+            offset[2] = level_base + (cy1 * w + cx0) * token_stride;
+            offset[3] = level_base + (cy1 * w + cx1) * token_stride;
+            weight[0] = (wx0 * wy0) * a;
+            weight[1] = (wx1 * wy0) * a;
+            weight[2] = (wx0 * wy1) * a;
+            weight[3] = (wx1 * wy1) * a;
+            c.count += 4;
         }
     }
 }
