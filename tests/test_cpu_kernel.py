@@ -182,3 +182,23 @@ def test_missing_build_tools_are_named(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no cmake, no compiler
     with pytest.raises(cpu.KernelBuildError, match="cmake not found on PATH"):
         build.build_extension()
+
+
+def test_op_benchmark_times_the_cpu_forms_and_checks_them():
+    """benchmarks/msda_op.py at a tiny size: gather ONNX graph on ONNX Runtime and the fused op, both exact."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "msda_op.py"
+    spec = importlib.util.spec_from_file_location("msda_op_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.level_shapes_for(256) == PAPER_LEVELS and bench.level_shapes_for(512)[-1] == (8, 8)
+    assert bench.encoder_queries(PAPER_LEVELS) == 898  # DESIGN §2: 898 tokens at 256² LR
+    report = bench.run(bench.parse_args(["--lr", "64", "--queries", "20", "--iters", "2", "--warmup", "0",
+                                         "--threads", "2", "--forms", "grid_sample", "onnx_gather", "fused"]))
+    rows = {r["form"]: r for r in report["rows"]}
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    assert rows["fused"]["max_abs_err"] <= TOL and rows["onnx_gather"]["max_abs_err"] <= TOL
+    assert rows["fused"]["speedup_vs_onnx_gather"] > 0 and report["target_cpu"]["met"] is not None
+    assert "speedup vs onnx_gather" in bench.markdown(report)
