@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="timing cache file (default <out>/timing_trt<version>_<gpu>.cache; a cache from another "
                           "TensorRT or GPU is replaced by a fresh one)")
     trt.add_argument("--require-engine", action="store_true", help="exit 1 when no engine could be built")
+    trt.add_argument("--require-accuracy", action="store_true",
+                     help="exit 1 when an FP16/INT8 engine fails the accuracy gate against FP32 (else it is reported)")
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="engines", help="artifact folder (default engines/)")
     out.add_argument("--name", default=None, help="artifact file stem (default sdconet_<config>_<imgsz>)")
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                             eval_images=args.eval_images, modelopt_python=args.modelopt_python,
                             plugin_libs=tuple(args.plugin_lib), workspace_gib=args.workspace,
                             timing_cache=args.timing_cache, require_engine=args.require_engine,
+                            require_accuracy=args.require_accuracy,
                             triton_repo=args.triton_repo, triton_backend=args.triton_backend,
                             triton_python_env=args.triton_python_env, int8_high_precision=args.int8_high_precision,
                             seed=args.seed)

@@ -64,6 +64,7 @@ class ExportOptions:
     workspace_gib: float = 4.0
     timing_cache: str | None = None  # default <out>/timing.cache
     require_engine: bool = False
+    require_accuracy: bool = False  # exit 1 when an accuracy gate (e.g. of an FP16/INT8 engine) fails
     triton_repo: str | None = None
     triton_backend: str = "auto"  # auto = trt when an engine was built, else cpu (python backend + ONNX Runtime)
     # EXECUTION_ENV_PATH of the repository's python models: "current" = this Python's environment (checked here),
@@ -165,7 +166,7 @@ class Exporter:
         fp16_paths = self.step_fp16(pure_path, plugin_model) if opts.fp16 and not opts.int8 else None
         engine_path = self.step_engine(pure_path, plugin_path, int8_paths, fp16_paths)
         if engine_path is not None:
-            self.check_engine(engine_path, images, reference)
+            self.check_engine(engine_path, images, reference, pure_path)
         if opts.triton_repo:
             self.step_triton(pure_path, engine_path)
 
@@ -181,6 +182,15 @@ class Exporter:
             LOG.error("--require-engine: no engine was built (%s)",
                       "; ".join(s["reason"] for s in self.report.skipped if s["step"] == "engine"))
             exit_code = 1
+        failed_gates = [k for k, v in self.report.accuracy.items() if v.get("passed") is False]
+        if failed_gates:
+            if opts.require_accuracy:
+                LOG.error("--require-accuracy: the accuracy gate failed for %s (see %s)", ", ".join(failed_gates),
+                          report_path)
+                exit_code = 1
+            else:
+                LOG.warning("the accuracy gate failed for %s (see %s); an error only with --require-accuracy",
+                            ", ".join(failed_gates), report_path)
         LOG.info("report: %s (summary %s)", report_path, summary_path)
         return ExportResult(report_path, summary_path, data, exit_code)
 
@@ -352,11 +362,14 @@ class Exporter:
         self.report.engine = metadata
         return engine_path
 
-    def check_engine(self, engine_path: Path, images: torch.Tensor, reference: Sequence[np.ndarray]) -> dict | None:
+    def check_engine(self, engine_path: Path, images: torch.Tensor, reference: Sequence[np.ndarray],
+                     pure_path: Path) -> dict | None:
         """Run the engine on the parity images and record ``report.parity["engine"]``.
 
         An FP32 engine must match PyTorch like the ONNX graphs (a failure fails the export); FP16/INT8 engines are
-        not expected to, so their figures are recorded with ``passed: None`` and the accuracy gate judges them.
+        not expected to, so their figures are recorded with ``passed: None`` and the accuracy gate against the FP32
+        ONNX on the validation set judges them (``report.accuracy["tensorrt_<precision>"]``; failing the export
+        only with ``--require-accuracy``).
         """
         precision = self.report.engine["precision"]
         try:
@@ -366,6 +379,8 @@ class Exporter:
             return None
         with TensorRTRunner(engine_path, plugin_libs=tuple(self.options.plugin_libs)) as runner:
             outputs = runner.run(images.numpy())
+            if precision != "fp32":
+                self.engine_accuracy(runner, pure_path)
         figures = parity_figures(reference, [outputs[name] for name in self.output_names], self.options.imgsz)
         figures["precision"] = precision
         if precision != "fp32":
@@ -377,6 +392,26 @@ class Exporter:
                  figures["max_box_error_px"], figures["max_score_error"], figures["top_labels_match"],
                  {True: "ok", False: "FAILED", None: "recorded (reduced precision)"}[figures["passed"]])
         return figures
+
+    def engine_accuracy(self, engine_runner, pure_path: Path) -> dict | None:
+        """The accuracy gate of a reduced-precision engine against the FP32 pure ONNX (ONNX Runtime CPU)."""
+        from sdconet.deploy.accuracy import accuracy_gate
+        from sdconet.runtime.onnxruntime_runner import OnnxRuntimeRunner
+
+        key = f"tensorrt_{engine_runner.precision}"
+        try:
+            _, val_set = self._datasets()
+        except Exception as err:  # noqa: BLE001 - no validation data on this machine: the gate cannot run
+            self.report.skip("engine_accuracy", f"no validation set for the accuracy gate ({err})")
+            return None
+        with OnnxRuntimeRunner(pure_path, providers=["CPUExecutionProvider"],
+                               class_names=self.class_names()) as fp32:
+            gate = accuracy_gate(fp32, engine_runner, val_set, limit=self.options.eval_images,
+                                 imgsz=self.options.imgsz)
+        self.report.accuracy[key] = gate
+        LOG.info("accuracy gate %s: AP50 %.4f vs FP32 %.4f, agreement %s -> %s", key, gate["AP50"],
+                 gate["AP50_fp32"], gate["agreement"], "ok" if gate["passed"] else "FAILED")
+        return gate
 
     def step_triton(self, pure_path: Path, engine_path: Path | None) -> None:
         """Populate the Triton model repository with the serving teammate's builder."""

@@ -83,6 +83,8 @@ class ExportReport:
     parity: dict[str, dict] = field(default_factory=dict)
     int8: dict | None = None
     engine: dict | None = None
+    # accuracy gate results (sdconet.deploy.accuracy.accuracy_gate) by artifact, e.g. "tensorrt_fp16"
+    accuracy: dict[str, dict] = field(default_factory=dict)
     triton: dict | None = None
     skipped: list[dict] = field(default_factory=list)
 
@@ -100,7 +102,7 @@ class ExportReport:
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "checkpoint": self.checkpoint, "options": self.options, "environment": environment(),
                 "artifacts": self.artifacts, "graphs": self.graphs, "parity": self.parity, "int8": self.int8,
-                "engine": self.engine, "triton": self.triton, "skipped": self.skipped}
+                "engine": self.engine, "accuracy": self.accuracy, "triton": self.triton, "skipped": self.skipped}
 
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
         out_dir = Path(out_dir)
