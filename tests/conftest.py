@@ -13,6 +13,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# one served model and one real Triton server for the whole run, shared by the serving test modules
+from serving_fixtures import cpu_repo, detector_onnx, server  # noqa: E402,F401
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     random.seed(0)

@@ -1,18 +1,16 @@
 """Serving: Triton repository builder, the bundled tritonserver on CPU, HTTP/gRPC clients, load generator.
 
-The server tests start the python-only ``tritonserver`` bundled in nvidia-pytriton on free loopback ports with the
-``cpu`` deployment, and always stop it (fixture teardown). The detector is the ONNX from the ``detector_onnx``
-fixture (the single place to swap the model).
+The server tests use the one python-only ``tritonserver`` (bundled in nvidia-pytriton) of the test run, on free
+loopback ports with the ``cpu`` deployment, always stopped at the end; it and the served ONNX (``detector_onnx``, the
+single place to swap the model) are the session fixtures of ``serving_fixtures.py``.
 """
 from __future__ import annotations
 
-import io
 import json
 import signal
 import subprocess
 import sys
 import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,54 +32,9 @@ from sdconet.serve.python_env import PythonEnvError, inspect_python_env  # noqa:
 from sdconet.serve.server import (  # noqa: E402
     ServerError, ServerUnavailable, TritonServer, process_group_members, find_tritonserver, free_port)
 
-CLASS_NAMES = ["airplane", "ship", "storage tank", "vehicle", "bridge", "harbor"]  # tiny: 6 classes
-IMGSZ = 128  # LR engine size of the served tiny model
-MAX_BATCH = 8
-SCORE_THRESHOLD = 0.02  # the random-init tiny model scores ~0.01-0.05
-MAX_IMAGE_PIXELS = 500 * 500  # small, so the over-limit request is cheap to send
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The detector under test (the ONE fixture to swap the served model)
-# ---------------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def detector_onnx(tmp_path_factory) -> Path:
-    """The real tiny SDCoNet inference graph (random init, seeded), exported as the deploy pipeline does: pure-ONNX
-    MSDA, dynamic batch, onnxsim, saliency output included."""
-    from sdconet.config import load_config
-    from sdconet.deploy.inference_graph import build_inference_graph
-    from sdconet.deploy.onnx_export import check_model, export_module, save_model, simplify
-
-    torch.manual_seed(0)
-    with warnings.catch_warnings():  # tracer notes about the model's static shapes belong to the export tests
-        warnings.simplefilter("ignore")
-        graph = build_inference_graph(load_config("tiny"), None, msda_impl="gather", with_saliency=True)
-        model = export_module(graph, torch.rand(1, 3, IMGSZ, IMGSZ), input_name="images",
-                              output_names=graph.output_names)
-        path = save_model(simplify(model), tmp_path_factory.mktemp("onnx") / "sdconet_tiny.onnx")
-    check_model(path)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Helpers
-# ---------------------------------------------------------------------------------------------------------------------
-def scene(height: int, width: int, seed: int) -> np.ndarray:
-    """[H, W, 3] uint8: smooth background + bright rectangles."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    image = 80 + 50 * np.sin(xx / 9.0 + seed)[..., None] * np.cos(yy / 13.0)[..., None] + rng.normal(0, 8, (
-        height, width, 3))
-    for _ in range(6):
-        y, x = rng.integers(0, height - 12), rng.integers(0, width - 12)
-        image[y:y + rng.integers(4, 12), x:x + rng.integers(4, 12)] = rng.integers(160, 256, 3)
-    return np.clip(image, 0, 255).astype(np.uint8)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
+from serving_fixtures import (  # noqa: E402  (shared with the other serving tests through conftest.py)
+    CLASS_NAMES, IMGSZ, MAX_BATCH, MAX_IMAGE_PIXELS, SCORE_THRESHOLD, png_bytes, require_server as _require_server,
+    scene)
 
 
 def reference_detections(session, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -169,7 +122,7 @@ def _build(tmp_path: Path, detector_onnx: Path, backend: str, **kwargs) -> Path:
 def test_cpu_repository_holds_exactly_the_cpu_deployment(tmp_path, detector_onnx):
     repo = _build(tmp_path, detector_onnx, "cpu", max_image_pixels=MAX_IMAGE_PIXELS)
     assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == ["detector_cpu", "postprocess", "preprocess",
-                                                                    "sdconet"]
+                                                                    "sdconet", "sdconet_scene"]
     manifest = json.loads((repo / MANIFEST_NAME).read_text())
     assert manifest["backend"] == "cpu" and manifest["class_names"] == CLASS_NAMES
     assert (repo / "detector_cpu/1/model.onnx").read_bytes() == detector_onnx.read_bytes()
@@ -212,7 +165,7 @@ def test_gpu_detector_configs_match_the_exported_model(tmp_path, detector_onnx, 
     repo = _build(tmp_path, detector_onnx, backend, **kwargs)
     model = DETECTOR_MODELS[backend]
     assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == sorted([model, "postprocess", "preprocess",
-                                                                           "sdconet"])
+                                                                           "sdconet", "sdconet_scene"])
     config = parse_model_config(repo / model / "config.pbtxt")
     assert config.platform == {"trt": "tensorrt_plan", "onnx": "onnxruntime_onnx"}[backend]
     assert (repo / model / "1" / ("model.plan" if backend == "trt" else "model.onnx")).is_file()
@@ -296,31 +249,6 @@ def test_bundled_server_refuses_gpu_backends_before_starting(tmp_path, detector_
 # ---------------------------------------------------------------------------------------------------------------------
 # The real server (bundled tritonserver, cpu deployment)
 # ---------------------------------------------------------------------------------------------------------------------
-def _require_server(repo: Path) -> None:
-    """Skip (with the reason) where no tritonserver can run; a broken repository or environment still fails."""
-    try:
-        TritonServer(repo).preflight()
-    except ServerUnavailable as err:
-        pytest.skip(f"no runnable tritonserver here: {err}")
-
-
-@pytest.fixture(scope="module")
-def cpu_repo(tmp_path_factory, detector_onnx) -> Path:
-    return _build(tmp_path_factory.mktemp("serving"), detector_onnx, "cpu", max_image_pixels=MAX_IMAGE_PIXELS,
-                  cpu_threads=1)
-
-
-@pytest.fixture(scope="module")
-def server(cpu_repo, tmp_path_factory):
-    _require_server(cpu_repo)
-    log_file = tmp_path_factory.mktemp("server_log") / "tritonserver.log"
-    instance = TritonServer(cpu_repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                            log_file=log_file)
-    with instance:
-        yield instance
-    assert not process_group_members(instance.process.pid), "server processes left behind"
-
-
 @pytest.fixture(scope="module")
 def session(detector_onnx):
     return ort.InferenceSession(str(detector_onnx), providers=["CPUExecutionProvider"])

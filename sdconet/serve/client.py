@@ -67,8 +67,15 @@ def is_retryable(err: BaseException) -> bool:
         status = str(err.status() or "")
         # the HTTP client reports a dropped connection as an exception without a status
         return status in _RETRYABLE_STATUS or (not status and "connect" in str(err).lower())
-    return isinstance(err, (ConnectionError, TimeoutError, asyncio.TimeoutError)) or (
-        type(err).__module__.startswith(("aiohttp", "geventhttpclient", "gevent")) and isinstance(err, OSError))
+    if isinstance(err, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
+        return True
+    try:  # the asyncio HTTP client: refused, reset, "Server disconnected" mid-request
+        import aiohttp
+    except ImportError:
+        aiohttp = None
+    if aiohttp is not None and isinstance(err, aiohttp.ClientConnectionError):
+        return True
+    return type(err).__module__.startswith(("geventhttpclient", "gevent")) and isinstance(err, OSError)
 
 
 def call_with_retries(call: Callable[[], object], policy: RetryPolicy, what: str = "request"):

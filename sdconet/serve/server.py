@@ -103,7 +103,10 @@ def find_tritonserver() -> tuple[Path, bool]:
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """Nothing listens on ``host:port``. Connections of a server that just died linger in TIME_WAIT; Triton binds
+    with SO_REUSEADDR and so does this probe, or a restart on the same ports would be refused for a minute."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

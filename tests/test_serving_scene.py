@@ -1,0 +1,147 @@
+"""The served scene model ``sdconet_scene`` on the real bundled server (the shared one of ``serving_fixtures``).
+
+A multi-tile scene sent to the server (as encoded bytes and as a raw array) must come back with the detections the
+scene core computes with ONNX Runtime on the same ONNX and the same tiles; scenes over the pixel or tile limit get an
+error response and the server goes on serving; tiles of one scene are batched by the detector's dynamic batcher.
+"""
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("tritonclient.http")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from sdconet.serve.client import SDCoNetClient, is_retryable  # noqa: E402
+from sdconet.serve.scene_client import SCENE_MODEL, TritonSceneClient  # noqa: E402
+from serving_fixtures import (  # noqa: E402
+    CLASS_NAMES, IMGSZ, MAX_BATCH, MAX_SCENE_PIXELS, SCENE_MAX_TILES, SCORE_THRESHOLD, png_bytes, scene)
+
+
+@pytest.fixture(scope="module")
+def scene_file(tmp_path_factory):
+    """A 300x420 scene: 4 x 6 = 24 tiles of 128 px at the default overlap of 64."""
+    path = tmp_path_factory.mktemp("scenes") / "scene.png"
+    path.write_bytes(png_bytes(scene(300, 420, seed=5)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(detector_onnx, scene_file, server):
+    """The scene core with ONNX Runtime on the same ONNX, with the tiling options the server reports."""
+    from sdconet.runtime.onnxruntime_runner import OnnxRuntimeRunner
+    from sdconet.scene.core import SceneInferencer, SceneOptions
+    from sdconet.scene.raster import open_scene
+
+    with TritonSceneClient(server.endpoints.http) as client:
+        served = client.server_options()
+    assert served["imgsz"] == IMGSZ and served["score_threshold"] == SCORE_THRESHOLD
+    options = SceneOptions(overlap=served["overlap"], merge=served["merge_rule"], score_threshold=SCORE_THRESHOLD,
+                           progress=False)
+    with OnnxRuntimeRunner(detector_onnx, threads=1, class_names=CLASS_NAMES) as runner, \
+            open_scene(scene_file) as reader:
+        return SceneInferencer(runner, options).run(reader)
+
+
+def assert_same_scene_detections(served: dict, reference) -> None:
+    """Same detections in the same (score) order: labels equal, boxes <= 1e-3 px, scores <= 1e-5."""
+    assert len(reference.scores) > 10, "the test scene should produce detections in several tiles"
+    assert len(served["scores"]) == len(reference.scores)
+    np.testing.assert_array_equal(served["labels"], reference.labels)
+    np.testing.assert_allclose(served["boxes"], reference.boxes, atol=1e-3, rtol=0)
+    np.testing.assert_allclose(served["scores"], reference.scores, atol=1e-5, rtol=0)
+    assert served["class_names"] == [CLASS_NAMES[int(label)] for label in served["labels"]]
+
+
+def test_multi_tile_scene_matches_the_scene_core_on_onnxruntime(server, scene_file, reference):
+    pixels = scene(300, 420, seed=5)
+    for protocol, url in (("http", server.endpoints.http), ("grpc", server.endpoints.grpc)):
+        with TritonSceneClient(url, protocol=protocol) as client:
+            from_file = client.detect_scene(scene_file)  # the encoded bytes, decoded on the server
+            assert from_file["tiles"] == reference.tiles == 24
+            assert_same_scene_detections(from_file, reference)
+            assert_same_scene_detections(client.detect_scene(pixels), reference)  # a raw [H, W, 3] array
+    # boxes are in scene pixels: some lie beyond the first tile, none outside the scene
+    assert from_file["boxes"][:, 2].max() > IMGSZ and from_file["boxes"][:, 3].max() > IMGSZ
+    assert from_file["boxes"][:, 2].max() <= 420 and from_file["boxes"][:, 3].max() <= 300
+
+
+def test_scenes_over_the_limits_get_errors_and_the_server_keeps_serving(server, scene_file, reference):
+    side = int(MAX_SCENE_PIXELS ** 0.5) + 10
+    with TritonSceneClient(server.endpoints.http, retries=3, backoff_s=0.01) as client:
+        cases = {
+            "pixel limit, encoded": (png_bytes(np.zeros((side, side, 3), np.uint8)), "exceeds the server limit"),
+            "pixel limit, raw array": (np.zeros((side, side, 3), np.uint8), "exceeds the server limit"),
+            "tile limit": (png_bytes(scene(480, 480, seed=6)), f"needs 49 tiles .* limit is {SCENE_MAX_TILES} tiles"),
+            "garbage bytes": (b"\x89PNG not really", "not a decodable image"),
+        }
+        for what, (payload, message) in cases.items():
+            with pytest.raises(InferenceServerException, match=message) as error:
+                client.detect_scene(payload)
+            assert error.value.status() == "400", what
+            assert not is_retryable(error.value) and error.value.attempts == 1, f"{what} must not be retried"
+            assert_same_scene_detections(client.detect_scene(scene_file), reference)  # still serving
+    import tritonclient.http as httpclient
+
+    raw = httpclient.InferenceServerClient(server.endpoints.http)
+    try:
+        both = [httpclient.InferInput("IMAGE_BYTES", [1, 1], "BYTES"), httpclient.InferInput("IMAGE", [1, 8, 8, 3],
+                                                                                             "UINT8")]
+        both[0].set_data_from_numpy(np.array([[scene_file.read_bytes()]], dtype=object))
+        both[1].set_data_from_numpy(np.zeros((1, 8, 8, 3), np.uint8))
+        with pytest.raises(InferenceServerException, match="exactly one of"):
+            raw.infer(SCENE_MODEL, both)
+    finally:
+        raw.close()
+
+
+def test_concurrent_scenes_have_their_tiles_batched(server, scene_file, reference):
+    with SDCoNetClient(server.endpoints.http) as client:
+        before = client.statistics("detector_cpu")["detector_cpu"]
+        tiles_per_request = int(client.model_config(SCENE_MODEL)["parameters"]["tiles_per_request"]["string_value"])
+    results, failures = [], []
+
+    def one_scene() -> None:
+        try:
+            with TritonSceneClient(server.endpoints.grpc, protocol="grpc") as client:
+                results.append(client.detect_scene(scene_file))
+        except Exception as err:  # collected and asserted below
+            failures.append(err)
+
+    threads = [threading.Thread(target=one_scene) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert failures == [] and len(results) == 3
+    for result in results:
+        assert_same_scene_detections(result, reference)
+    with SDCoNetClient(server.endpoints.http) as client:
+        after = client.statistics("detector_cpu")["detector_cpu"]
+    assert after["inference_count"] - before["inference_count"] == 3 * reference.tiles
+    # an execution larger than one BLS request's tiles means the batcher merged requests
+    new_batches = {entry["batch_size"]: entry["compute_infer"]["count"] for entry in after["batch_stats"]}
+    old_batches = {entry["batch_size"]: entry["compute_infer"]["count"] for entry in before["batch_stats"]}
+    grown = [size for size, count in new_batches.items() if count > old_batches.get(size, 0)]
+    assert max(grown) > tiles_per_request and max(grown) <= MAX_BATCH, new_batches
+
+
+def test_client_cli_scene_mode_writes_scene_detections(server, scene_file, reference, tmp_path):
+    from sdconet.serve.client import main
+
+    out = tmp_path / "out"
+    assert main([str(scene_file), "--scene", "--url", server.endpoints.http, "--out", str(out)]) == 0
+    record = json.loads((out / "scene.json").read_text())
+    assert record["num_detections"] == len(reference.scores)
+    np.testing.assert_allclose([d["box_xyxy"] for d in record["detections"]], reference.boxes, atol=2e-3)
+    assert json.loads((out / "failures.json").read_text()) == []
+    # the client-side threshold keeps only what is above it
+    cut = float(np.median(reference.scores))
+    assert main([str(scene_file), "--scene", "--url", server.endpoints.http, "--out", str(out),
+                 "--score-threshold", str(cut)]) == 0
+    record = json.loads((out / "scene.json").read_text())
+    assert record["num_detections"] == int((reference.scores >= cut).sum())

@@ -1,0 +1,145 @@
+"""Serving reliability on the real bundled server: a soak with malformed traffic and stub kills, and the launcher
+healing a crashed stub and restarting a dead server while a client with retries loses no image.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tritonclient.http")
+from sdconet.serve.client import RetryPolicy, SDCoNetClient, call_with_retries, is_retryable  # noqa: E402
+from sdconet.serve.server import free_port, process_group_members, stub_pids  # noqa: E402
+from sdconet.serve.soak import BAD_KINDS, _growth, is_bad, run_soak, write_report  # noqa: E402
+from serving_fixtures import png_bytes, require_server, scene  # noqa: E402
+
+
+def test_fixed_mix_and_growth_definition():
+    flags = [is_bad(i, 0.2) for i in range(1000)]
+    assert sum(flags) == 200 and not any(all(flags[i:i + 2]) for i in range(999))  # spread out, never in pairs
+    samples = [[0, 100.0], [5, 300.0], [10, 310.0], [20, 330.0], [29, 320.0], [30, 315.0]]
+    # base = the last sample of the warm-up (t <= 5); max over the second half of [5, 30] = t >= 17.5
+    assert _growth(samples, warmup_s=5, end_s=30) == 30.0
+
+
+def test_retry_policy_retries_only_what_is_safe():
+    from tritonclient.utils import InferenceServerException
+
+    calls = []
+
+    def flaky():
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return "ok"
+
+    assert call_with_retries(flaky, RetryPolicy(retries=3, backoff_s=0.05)) == "ok" and len(calls) == 3
+    assert calls[2] - calls[1] >= 2 * 0.05 * 0.9  # exponential: the second wait is twice the first
+    invalid = InferenceServerException("image exceeds the server limit", status="400")
+    assert not is_retryable(invalid)
+    assert is_retryable(InferenceServerException("connect failed", status="StatusCode.UNAVAILABLE"))
+    assert not is_retryable(InferenceServerException("bad", status="StatusCode.INVALID_ARGUMENT"))
+    import aiohttp
+
+    assert is_retryable(aiohttp.ServerDisconnectedError())  # the asyncio HTTP client when a server dies mid-request
+    assert not is_retryable(FileNotFoundError("scene.png")) and not is_retryable(ValueError("bad array"))
+    attempts = []
+
+    def always_invalid():
+        attempts.append(1)
+        raise invalid
+
+    with pytest.raises(InferenceServerException) as error:
+        call_with_retries(always_invalid, RetryPolicy(retries=5, backoff_s=0.01))
+    assert len(attempts) == 1 and error.value.attempts == 1
+
+
+def test_soak_with_malformed_traffic_and_stub_kills(server, tmp_path):
+    """30 s of mixed traffic at concurrency 8; the detector's stub is killed at 8 s and the preprocess stub at 18 s:
+    no good request is lost outside the faults, no malformed request is accepted, both models serve again."""
+    good = [png_bytes(scene(120, 160, seed=10)), png_bytes(scene(200, 90, seed=11))]
+    report = run_soak(server.endpoints.http, soak_seconds=30, warmup_seconds=4, concurrency=8, bad_fraction=0.2,
+                      good_images=good, server_pgid=server.process.pid,
+                      kill_stubs=[("detector_cpu", 4.0), ("preprocess", 14.0)], heal=server.heal)
+    png = write_report(report, tmp_path / "soak.json")
+    assert report.requests_lost == 0, report.lost_errors
+    assert report.bad_accepted == 0, report.accepted_bad_kinds
+    assert report.requests_ok > 50
+    assert set(report.bad_by_kind) == set(BAD_KINDS), report.bad_kinds_skipped  # every kind was sent
+    assert all(counts["rejected"] > 0 for counts in report.bad_by_kind.values())
+    assert [fault["model"] for fault in report.faults] == ["detector_cpu", "preprocess"]
+    for fault in report.faults:
+        assert fault["pids"] and fault["recovery_s"] is not None and fault["recovery_s"] < 30, fault
+    assert report.requests_failed_in_fault > 0  # the kills did hit in-flight requests
+    assert not server.missing_stubs()
+    assert len(report.rss_mb) >= 25 and all(mb > 0 for _, mb in report.rss_mb)
+    assert report.rss_growth_mb is not None and report.p50_ms <= report.p99_ms
+    saved = json.loads((tmp_path / "soak.json").read_text())
+    assert saved["requests_ok"] == report.requests_ok and png.is_file() and png.stat().st_size > 10_000
+
+
+def test_launcher_heals_a_stub_and_restarts_a_dead_server_while_a_client_retries(cpu_repo, tmp_path):
+    """`python -m sdconet.serve`: a killed detector stub is reloaded; a SIGKILLed tritonserver is restarted on the
+    same ports; a 200-image client run with --retries spanning the restart loses no image."""
+    require_server(cpu_repo)
+    ports = [free_port() for _ in range(3)]
+    stderr_path = tmp_path / "serve.log"
+    with open(stderr_path, "w") as stderr:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "sdconet.serve", "--repo", str(cpu_repo), "--http-port", str(ports[0]),
+             "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--json"],
+            stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=Path(__file__).resolve().parents[1])
+    pids = []
+    try:
+        info = json.loads(launcher.stdout.readline() or "{}")
+        assert info, stderr_path.read_text()
+        pids.append(info["pid"])
+        good = png_bytes(scene(48, 40, seed=12))
+        with SDCoNetClient(info["http"]) as client:
+            client.detect(good)
+            os.kill(stub_pids(info["pid"], "detector_cpu")[0], signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while "reloaded" not in stderr_path.read_text() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert "model 'detector_cpu' reloaded" in stderr_path.read_text()
+            client.detect(good)  # serving again
+
+        images = []
+        for i in range(200):
+            images.append(tmp_path / "images" / f"img{i:03d}.png")
+            images[-1].parent.mkdir(exist_ok=True)
+            images[-1].write_bytes(png_bytes(scene(48, 40, seed=100 + i)))
+        out = tmp_path / "out"
+        from sdconet.serve.client import main as client_main
+
+        codes = []
+        run = threading.Thread(target=lambda: codes.append(client_main(
+            [str(p) for p in images] + ["--url", info["http"], "--concurrency", "8", "--retries", "8",
+                                        "--retry-backoff", "0.5", "--out", str(out)])))
+        run.start()
+        time.sleep(2.0)  # some images done, others in flight
+        os.kill(info["pid"], signal.SIGKILL)
+        run.join(timeout=240)
+        assert not run.is_alive() and codes == [0], stderr_path.read_text()[-3000:]
+        assert sorted(p.name for p in out.glob("img*.json")) == [p.with_suffix(".json").name for p in images]
+        assert json.loads((out / "failures.json").read_text()) == []
+        log = stderr_path.read_text()
+        assert "tritonserver exited unexpectedly" in log and "restarting the server" in log
+        assert "server restarted and ready" in log
+        pids.append(int(re.search(r"restarted and ready in [0-9.]+ s \(pid (\d+)\)", log).group(1)))
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=60) == 0
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    for pid in pids:  # the first server and the restarted one: nothing of either outlives the launcher
+        assert not process_group_members(pid)
