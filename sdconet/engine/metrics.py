@@ -110,9 +110,23 @@ def coco_evaluate(ann_file_or_coco: Union[str, Path, COCO], detections: list[dic
     with _pycocotools_output_to_log(logging.DEBUG):
         evaluator.evaluate()
         evaluator.accumulate()
-    with _pycocotools_output_to_log(logging.INFO):
-        evaluator.summarize()
-    return {name: float(value) for name, value in zip(COCO_METRICS, evaluator.stats[:6])}
+    if max_detections == 100:
+        with _pycocotools_output_to_log(logging.INFO):
+            evaluator.summarize()
+        return {name: float(value) for name, value in zip(COCO_METRICS, evaluator.stats[:6])}
+    # summarize() reads its first figure at a literal maxDets of 100: read the six from the precision table instead
+    return {"AP": _average_precision(evaluator), "AP50": _average_precision(evaluator, iou=0.5),
+            "AP75": _average_precision(evaluator, iou=0.75), "APs": _average_precision(evaluator, area="small"),
+            "APm": _average_precision(evaluator, area="medium"), "APl": _average_precision(evaluator, area="large")}
+
+
+def _average_precision(evaluator: COCOeval, iou: Optional[float] = None, area: str = "all") -> float:
+    """pycocotools' AP at the largest maxDets (precision ``[T, R, K, A, M]``); -1 when no ground truth counts."""
+    precision = evaluator.eval["precision"][..., evaluator.params.areaRngLbl.index(area), -1]
+    if iou is not None:
+        precision = precision[[i for i, t in enumerate(evaluator.params.iouThrs) if abs(t - iou) < 1e-9]]
+    valid = precision[precision > -1]
+    return float(valid.mean()) if valid.size else -1.0
 
 
 @torch.no_grad()

@@ -1,0 +1,206 @@
+"""The scene CLI (python -m sdconet.predict): torch and ONNX Runtime agree on whole scenes, a wrong --tile for a
+fixed-size model is refused, a bad scene is an entry in errors, a job killed with SIGKILL resumes to the outputs of an
+uninterrupted run, whole-scene COCO metrics with maxDets above the ground-truth count."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdconet.config import load_config
+from sdconet.engine.checkpoint import save_model_weights
+from sdconet.models import build_model
+from sdconet.scene.cli import DONE_SUFFIX, SUMMARY_NAME, UsageError, collect_scenes, evaluate_scenes, main
+
+REPO = Path(__file__).resolve().parents[1]
+IMGSZ = 64
+NAMES = ["car", "ship", "plane", "tank", "house", "bridge"]  # the tiny config has 6 classes
+# a score threshold the random-init tiny model crosses a few times per tile (0.3 is never reached)
+COMMON = ["--tile", str(IMGSZ), "--overlap", "16", "--score-threshold", "0.02", "--no-progress"]
+TIMING = ("seconds", "tiles_per_s", "megapixels_per_s", "peak_rss_mb")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scene_ckpt")
+    cfg = load_config("tiny", ["data.synthetic.num_images=8", f"data.cache_dir={root / 'cache'}"])
+    torch.manual_seed(0)
+    return save_model_weights(build_model(cfg.model), cfg, root / "run" / "checkpoints" / "best.safetensors",
+                              {"category_names": NAMES})
+
+
+@pytest.fixture(scope="module")
+def onnx_model(checkpoint, tmp_path_factory):
+    """The pure-ONNX graph of the checkpoint at 64 px, with its metadata (no parity or simplification: fast)."""
+    from sdconet.deploy.inference_graph import load_inference_graph
+    from sdconet.deploy.onnx_export import export_module, save_model
+    from sdconet.runtime.metadata import write_onnx_metadata
+
+    pytest.importorskip("onnxruntime")
+    graph, _, meta = load_inference_graph(checkpoint, msda_impl="gather", with_saliency=True)
+    model = export_module(graph, torch.rand(1, 3, IMGSZ, IMGSZ), input_name="images",
+                          output_names=graph.output_names)
+    write_onnx_metadata(model, class_names=meta["category_names"], imgsz=IMGSZ, msda="onnx",
+                        outputs=graph.output_names, precision="fp32")
+    return save_model(model, tmp_path_factory.mktemp("scene_onnx") / "tiny.onnx")
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scenes")
+    rng = np.random.default_rng(0)
+    (root / "sub").mkdir()
+    Image.fromarray(rng.integers(0, 255, (100, 90, 3), dtype=np.uint8)).save(root / "a.png")  # 2 x 2 tiles
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    Image.fromarray(rng.integers(0, 255, (101, 137, 3), dtype=np.uint8)).save(root / "c.png")  # 2 x 3 tiles, odd
+    Image.fromarray(rng.integers(0, 255, (40, 51, 3), dtype=np.uint8)).save(root / "sub" / "b.png")  # < a tile
+    return root
+
+
+def _torch_command(checkpoint: Path, scenes: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "sdconet.predict", str(scenes), "--backend", "torch", "--checkpoint",
+            str(checkpoint), "--device", "cpu", "--out", str(out), *COMMON]
+
+
+# one intra-op thread in every torch run compared byte for byte (float sums depend on the thread split)
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def torch_run(checkpoint, scenes, tmp_path_factory):
+    """An uninterrupted job, as a subprocess like the interrupted one it is compared with."""
+    out = tmp_path_factory.mktemp("out_torch")
+    result = subprocess.run(_torch_command(checkpoint, scenes, out), cwd=REPO, env=ENV, capture_output=True,
+                            text=True, timeout=300)
+    return result.returncode, out
+
+
+def _detections(out: Path, stem: str) -> dict[str, np.ndarray]:
+    record = json.loads((out / f"{stem}.json").read_text())
+    dets = sorted(record["detections"], key=lambda d: (-d["score"], d["bbox_xyxy"][0]))
+    return {"boxes": np.array([d["bbox_xyxy"] for d in dets]).reshape(-1, 4),
+            "scores": np.array([d["score"] for d in dets]), "labels": np.array([d["label"] for d in dets])}
+
+
+def test_torch_and_onnxruntime_agree_on_whole_scenes(torch_run, onnx_model, scenes, tmp_path):
+    code, torch_out = torch_run
+    assert code == 1  # broken.png failed, the others ran
+    summary = json.loads((torch_out / SUMMARY_NAME).read_text())
+    assert [e["file"] for e in summary["errors"]] == ["broken.png"] and "broken.png" in summary["errors"][0]["error"]
+    by_file = {e["file"]: e for e in summary["scenes"]}
+    assert set(by_file) == {"a.png", "c.png", "sub/b.png"} and summary["metrics"] is None
+    assert [by_file[f]["tiles"] for f in ("a.png", "c.png", "sub/b.png")] == [4, 6, 1]
+    for entry in summary["scenes"]:
+        assert set(TIMING) <= set(entry) and entry["peak_rss_mb"] > 0
+        for name in entry["outputs"].values():
+            assert (torch_out / name).is_file(), name
+    assert sum(e["detections"] for e in summary["scenes"]) > 10
+
+    ort_out = tmp_path / "ort"
+    assert main([str(scenes), "--backend", "onnxruntime", "--model", str(onnx_model), "--threads", "1",
+                 "--out", str(ort_out), *COMMON]) == 1
+    for stem in ("a", "c", "sub/b"):
+        ours, theirs = _detections(torch_out, stem), _detections(ort_out, stem)
+        assert len(ours["boxes"]) == len(theirs["boxes"]) > 0, stem
+        np.testing.assert_allclose(theirs["boxes"], ours["boxes"], atol=1e-2, err_msg=stem)
+        np.testing.assert_allclose(theirs["scores"], ours["scores"], atol=1e-3, err_msg=stem)
+        np.testing.assert_array_equal(theirs["labels"], ours["labels"], err_msg=stem)
+        c = json.loads((ort_out / "c.json").read_text())
+        assert (c["width"], c["height"]) == (137, 101)
+        boxes = ours["boxes"]
+        assert (boxes[:, [0, 2]] <= 137).all() and (boxes[:, [1, 3]] <= 101).all() and (boxes >= 0).all()
+
+
+def test_a_wrong_tile_for_a_fixed_size_model_is_refused(onnx_model, scenes, tmp_path, capsys):
+    code = main([str(scenes / "a.png"), "--backend", "onnxruntime", "--model", str(onnx_model),
+                 "--out", str(tmp_path), "--tile", "96"])
+    assert code == 2 and "--tile 96" in capsys.readouterr().err
+    assert main([str(scenes / "a.png"), "--backend", "onnxruntime", "--checkpoint", "x", "--out", str(tmp_path)]) == 2
+    assert "takes --model" in capsys.readouterr().err
+    assert not (tmp_path / SUMMARY_NAME).exists()
+
+
+def test_colliding_and_reserved_output_names_are_refused(tmp_path):
+    for name in ("x.png", "x.tif", "summary.png"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(UsageError, match="both write OUT/x"):
+        collect_scenes([tmp_path / "x.png", tmp_path / "x.tif"])
+    with pytest.raises(UsageError, match="named 'summary'"):
+        collect_scenes([tmp_path / "summary.png"])
+    with pytest.raises(UsageError, match="not found"):
+        collect_scenes([tmp_path / "missing.tif"])
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    """Every output file except the summary and the done-markers (they hold timing fields)."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != SUMMARY_NAME and not p.name.endswith(DONE_SUFFIX)}
+
+
+def _without_timing(summary: dict) -> list[dict]:
+    return [{k: v for k, v in entry.items() if k not in TIMING} for entry in summary["scenes"]]
+
+
+def test_a_job_killed_with_sigkill_resumes_to_the_uninterrupted_outputs(torch_run, checkpoint, scenes, tmp_path):
+    _, reference = torch_run
+    out = tmp_path / "job"
+    command = _torch_command(checkpoint, scenes, out)
+    job = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / f"a{DONE_SUFFIX}").exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    job.send_signal(signal.SIGKILL)  # a.png done; c.png (6 tiles) in the middle of its run
+    job.wait(timeout=30)
+    assert job.returncode == -signal.SIGKILL
+    assert (out / f"a{DONE_SUFFIX}").exists() and not (out / f"c{DONE_SUFFIX}").exists()
+    marker_time = (out / f"a{DONE_SUFFIX}").stat().st_mtime_ns
+
+    rerun = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 1, rerun.stderr  # broken.png still fails
+    assert "a.png: done already" in rerun.stderr and "c.png: done already" not in rerun.stderr
+    assert (out / f"a{DONE_SUFFIX}").stat().st_mtime_ns == marker_time  # skipped, not redone
+    assert _outputs(out) == _outputs(reference)
+    summary, expected = (json.loads((d / SUMMARY_NAME).read_text()) for d in (out, reference))
+    assert _without_timing(summary) == _without_timing(expected) and summary["errors"] == expected["errors"]
+
+
+def test_whole_scene_metrics_use_maxdets_above_the_ground_truth_count(torch_run, tmp_path):
+    from sdconet.engine.metrics import coco_evaluate
+
+    _, out = torch_run
+    summary = json.loads((out / SUMMARY_NAME).read_text())
+    # ground truth = the scenes' own detections (> 100 per scene): AP 1 only when maxDets is raised above 100
+    images, annotations = [], []
+    for image_id, (stem, file_name) in enumerate((("a", "a.png"), ("c", "scenes/c.png")), start=1):
+        found = _detections(out, stem)
+        images.append({"id": image_id, "file_name": file_name, "width": 200, "height": 200})
+        for (x1, y1, x2, y2), label in zip(found["boxes"].tolist(), found["labels"].tolist()):
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 0,
+                                "category_id": int(label) + 10,  # ids differ from labels: matched by name
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)})
+    counts = [sum(a["image_id"] == i for a in annotations) for i in (1, 2)]  # all classes of a scene
+    assert min(counts) > 100
+    coco = {"images": images, "annotations": annotations,
+            "categories": [{"id": i + 10, "name": name} for i, name in enumerate(NAMES)]}
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(coco))
+    metrics = evaluate_scenes(ann, out, summary["scenes"])  # c.png matched by its base name; sub/b.png left out
+    assert metrics["images"] == 2 and metrics["max_dets"] == max(counts)
+    assert set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert metrics["AP50"] == pytest.approx(1.0) and metrics["AP"] == pytest.approx(1.0)
+    # pycocotools caps detections per image and category: one category of > 100 objects shows the cap's effect
+    single = tmp_path / "single.json"
+    single.write_text(json.dumps(dict(coco, annotations=[dict(a, category_id=10) for a in annotations])))
+    detections = [{"image_id": a["image_id"], "category_id": 10, "bbox": a["bbox"], "score": 0.5}
+                  for a in annotations]
+    assert coco_evaluate(single, detections, max_detections=max(counts))["AP50"] == pytest.approx(1.0)
+    assert coco_evaluate(single, detections, max_detections=100)["AP50"] < 0.99  # the training cap cuts it
