@@ -146,3 +146,213 @@ def seam_study_markdown(study: dict[str, Any]) -> str:
         lines.append(f"| {rule} | {f['detections_per_object']:.3f} | {f['recall_iou50']:.3f} | {f['extra_boxes']} | "
                      f"{f['mean_iou']:.3f} |")
     return "\n".join(lines)
+
+
+# -- scene throughput ----------------------------------------------------------------------------------------------
+def _open_local_runner(backend: str, args: argparse.Namespace):
+    from sdconet.runtime import open_runner
+
+    if backend == "torch":
+        return open_runner("torch", checkpoint=args.checkpoint, device=args.device, imgsz=args.tile)
+    flag, model = {"onnxruntime": ("--onnx", args.onnx), "openvino": ("--openvino", args.openvino),
+                   "tensorrt": ("--engine", args.engine)}[backend]
+    if model is None:
+        raise ValueError(f"backend {backend} needs {flag} FILE")
+    if backend == "onnxruntime":
+        return open_runner("onnxruntime", model=model, threads=args.threads)
+    if backend == "openvino":
+        return open_runner("openvino", model=model, threads=args.threads)
+    return open_runner("tensorrt", engine_path=model)
+
+
+def scene_throughput(runner, scene_path: Path, batch: int, overlap: int | None, repeats: int = 1) -> dict[str, Any]:
+    """Best of ``repeats`` whole-scene runs of ``scene_path`` through ``runner`` in tile batches of ``batch``."""
+    from sdconet.scene.core import SceneInferencer, SceneOptions
+    from sdconet.scene.raster import open_scene
+
+    inferencer = SceneInferencer(runner, SceneOptions(batch=batch, overlap=overlap, progress=False))
+    runner.run(np.zeros((batch, 3, inferencer.tile, inferencer.tile), np.float32))  # warm-up: first-call setup
+    best = None
+    with open_scene(scene_path) as reader:
+        megapixels = reader.width * reader.height / 1e6
+        for _ in range(repeats):
+            result = inferencer.run(reader)
+            if best is None or result.seconds < best.seconds:
+                best = result
+    return {"megapixels": round(megapixels, 3), "tiles": best.tiles, "detections": len(best.scores),
+            "seconds": round(best.seconds, 3), "megapixels_per_s": round(megapixels / best.seconds, 4),
+            "tiles_per_s": round(best.tiles / best.seconds, 2)}
+
+
+def triton_concurrency(url: str, scene_path: Path, concurrency: int, scenes_per_client: int) -> dict[str, Any]:
+    """``concurrency`` clients each sending ``scenes_per_client`` copies of the scene to ``sdconet_scene``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sdconet.scene.raster import Window, open_scene
+    from sdconet.serve.scene_client import TritonSceneClient
+
+    with open_scene(scene_path) as reader:
+        rgb, _ = reader.read(Window(0, 0, reader.height, reader.width))
+        megapixels = reader.width * reader.height / 1e6
+
+    def client_loop(_: int) -> int:
+        tiles = 0
+        with TritonSceneClient(url) as client:
+            for _ in range(scenes_per_client):
+                tiles += client.detect_scene(rgb)["tiles"]
+        return tiles
+
+    with TritonSceneClient(url) as client:
+        client.detect_scene(rgb)  # warm-up
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        tiles = sum(pool.map(client_loop, range(concurrency)))
+    seconds = time.perf_counter() - started
+    scenes = concurrency * scenes_per_client
+    return {"megapixels": round(megapixels, 3), "scenes": scenes, "tiles": tiles, "seconds": round(seconds, 3),
+            "megapixels_per_s": round(scenes * megapixels / seconds, 4), "tiles_per_s": round(tiles / seconds, 2)}
+
+
+def cli_peak_rss(args: argparse.Namespace, scene_path: Path, out_dir: Path) -> dict[str, Any]:
+    """Run the scene CLI on ``scene_path`` in a fresh process and report what its summary records (peak RSS of
+    the whole process: reader, runner, merge and writers)."""
+    import subprocess
+
+    command = [sys.executable, "-m", "sdconet.predict", str(scene_path), "--backend", args.rss_backend,
+               "--out", str(out_dir), "--force", "--no-progress"]
+    if args.rss_backend == "torch":
+        command += ["--checkpoint", str(args.checkpoint), "--device", args.device or "cpu"]
+    else:
+        command += ["--model", str({"onnxruntime": args.onnx, "openvino": args.openvino}[args.rss_backend])]
+    if args.overlap is not None:
+        command += ["--overlap", str(args.overlap)]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        return {"status": "failed", "reason": result.stderr.strip().splitlines()[-1:] or ["?"]}
+    entry = json.loads((out_dir / "summary.json").read_text())["scenes"][0]
+    return {"status": "ok", "backend": args.rss_backend, "file": str(scene_path), "width": entry["width"],
+            "height": entry["height"], "tiles": entry["tiles"], "detections": entry["detections"],
+            "seconds": entry["seconds"], "wall_s": round(wall, 1), "megapixels_per_s": entry["megapixels_per_s"],
+            "peak_rss_mb": entry["peak_rss_mb"]}
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    lines = [f"# Scene throughput ({report['device']})", "", f"Command: `{report['command']}`", ""]
+    if report["throughput"]:
+        lines += [f"Scene: {report['scene']} ({report['throughput'][0].get('megapixels', '?')} Mpx), "
+                  f"tile {report['tile']}, overlap {report['overlap']}", "",
+                  "| backend | tile batch | tiles | seconds | Mpx/s | tiles/s | detections | status |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in report["throughput"]:
+            lines.append(f"| {r['backend']} | {r['batch']} | {r.get('tiles', '-')} | {r.get('seconds', '-')} | "
+                         f"{r.get('megapixels_per_s', '-')} | {r.get('tiles_per_s', '-')} | "
+                         f"{r.get('detections', '-')} | {r['status']} |")
+    if report["triton"]:
+        lines += ["", "Triton `sdconet_scene` (tiling on the server), concurrent scenes:", "",
+                  "| concurrent scenes | scenes | seconds | Mpx/s | tiles/s | status |", "|---|---|---|---|---|---|"]
+        for r in report["triton"]:
+            lines.append(f"| {r['concurrency']} | {r.get('scenes', '-')} | {r.get('seconds', '-')} | "
+                         f"{r.get('megapixels_per_s', '-')} | {r.get('tiles_per_s', '-')} | {r['status']} |")
+    if report["rss"]:
+        r = report["rss"]
+        lines += ["", "Peak RSS of the CLI on a large scene:", ""]
+        if r["status"] == "ok":
+            lines.append(f"- {r['file']} ({r['width']}x{r['height']}, {r['tiles']} tiles, {r['backend']}): "
+                         f"peak RSS **{r['peak_rss_mb']} MB**, {r['seconds']} s ({r['megapixels_per_s']} Mpx/s)")
+        else:
+            lines.append(f"- failed: {r['reason']}")
+    for name, study in (report["seam_study"] or {}).items():
+        lines += ["", f"Seam-merge study, {name} ({study['setup']['scenes']} scenes of {study['setup']['size']}² px, "
+                  f"tile {study['setup']['tile']}, simulated detector):", "", seam_study_markdown(study)]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="benchmarks/scene.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scene", type=Path, help="scene for the throughput table (e.g. a synth-scene PNG)")
+    parser.add_argument("--backends", default="torch,onnxruntime", help="comma list: torch,onnxruntime,openvino,"
+                        "tensorrt (default torch,onnxruntime)")
+    parser.add_argument("--batches", default="1,4,8", help="tile batch sizes (default 1,4,8)")
+    parser.add_argument("--checkpoint", help="torch: weights file or run directory")
+    parser.add_argument("--onnx", help="onnxruntime: ONNX file (its batch must allow the largest --batches)")
+    parser.add_argument("--openvino", help="openvino: ONNX or IR file")
+    parser.add_argument("--engine", help="tensorrt: engine file")
+    parser.add_argument("--tile", type=int, help="torch: tile (LR px); default the run's training size")
+    parser.add_argument("--overlap", type=int, help="LR px (default: the core's)")
+    parser.add_argument("--threads", type=int, help="onnxruntime/openvino intra-op threads")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per configuration, best kept")
+    parser.add_argument("--triton-url", help="HOST:PORT of a server with sdconet_scene")
+    parser.add_argument("--triton-repo", type=Path, help="start the bundled server on this repository instead")
+    parser.add_argument("--concurrency", default="1,4,8", help="concurrent Triton scenes (default 1,4,8)")
+    parser.add_argument("--scenes-per-client", type=int, default=2)
+    parser.add_argument("--rss-scene", type=Path, help="large scene for the CLI's peak RSS (the 20000^2 GeoTIFF)")
+    parser.add_argument("--rss-backend", default="onnxruntime", choices=("torch", "onnxruntime", "openvino"))
+    parser.add_argument("--seam-study", action="store_true", help="also run the merge-rule study")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "scene_cpu",
+                        help="result stem: writes STEM.json and STEM.md (default benchmarks/results/scene_cpu)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import tempfile
+
+    from sdconet.benchmark.device import describe, device_facts
+    from sdconet.runtime import RunnerError
+
+    args = build_parser().parse_args(argv)
+    facts = device_facts()
+    report: dict[str, Any] = {"device": describe(facts), "facts": facts,
+                              "command": " ".join(["python benchmarks/scene.py", *(argv or sys.argv[1:])]),
+                              "scene": str(args.scene) if args.scene else None, "tile": args.tile,
+                              "overlap": args.overlap, "throughput": [], "triton": [], "rss": None,
+                              "seam_study": None}
+    if args.scene is not None:
+        for backend in [b for b in args.backends.split(",") if b]:
+            for batch in [int(b) for b in args.batches.split(",") if b]:
+                record: dict[str, Any] = {"backend": backend, "batch": batch}
+                try:
+                    with _open_local_runner(backend, args) as runner:
+                        report["tile"] = runner.imgsz
+                        record |= scene_throughput(runner, args.scene, batch, args.overlap, args.repeats)
+                        record["status"] = "ok"
+                except (RunnerError, ValueError, OSError) as err:
+                    record |= {"status": "skipped", "reason": str(err)}
+                print(json.dumps(record), flush=True)
+                report["throughput"].append(record)
+    if args.scene is not None and (args.triton_url or args.triton_repo):
+        levels = [int(c) for c in args.concurrency.split(",") if c]
+        if args.triton_repo is not None:
+            from sdconet.serve.server import TritonServer, free_port
+
+            with TritonServer(args.triton_repo, http_port=free_port(), grpc_port=free_port(),
+                              metrics_port=free_port()) as server:
+                report["triton"] = [_triton_level(server.endpoints.http, args, c) for c in levels]
+        else:
+            report["triton"] = [_triton_level(args.triton_url, args, c) for c in levels]
+    if args.rss_scene is not None:
+        with tempfile.TemporaryDirectory(prefix="scene_rss_") as tmp:
+            report["rss"] = cli_peak_rss(args, args.rss_scene, Path(tmp))
+        print(json.dumps(report["rss"]), flush=True)
+    if args.seam_study:
+        report["seam_study"] = {f"overlap_{overlap}_objects_{lo}-{hi}": seam_study(overlap=overlap,
+                                                                                  object_size=(lo, hi))
+                                for overlap, (lo, hi) in ((64, (8, 48)), (32, (30, 90)))}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    args.out.with_suffix(".md").write_text(markdown_report(report))
+    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
+    return 0
+
+
+def _triton_level(url: str, args: argparse.Namespace, concurrency: int) -> dict[str, Any]:
+    record: dict[str, Any] = {"concurrency": concurrency}
+    try:
+        record |= triton_concurrency(url, args.scene, concurrency, args.scenes_per_client) | {"status": "ok"}
+    except Exception as err:  # a server error is a row of the table, not a crash of the benchmark
+        record |= {"status": "failed", "reason": f"{type(err).__name__}: {err}"}
+    print(json.dumps(record), flush=True)
+    return record
