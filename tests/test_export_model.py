@@ -22,7 +22,7 @@ from sdconet.models import build_model
 REPO = Path(__file__).resolve().parents[1]
 IMGSZ = 256
 REPORT_KEYS = {"schema_version", "name", "created", "checkpoint", "options", "environment", "artifacts", "graphs",
-               "parity", "int8", "engine", "triton", "skipped"}
+               "parity", "int8", "engine", "accuracy", "triton", "skipped"}
 
 
 @pytest.fixture(scope="module")
