@@ -158,6 +158,10 @@ def run_runner(ctx: BenchContext, backend: str, precision: str, batch: int, **op
     except RunnerError as err:  # e.g. an --engine that does not deserialize here
         record["status"] = f"error: {err}"
         return record
+    except Exception as err:  # noqa: BLE001 - e.g. the on-the-fly export failed: say so in the record, go on
+        log.exception("%s/%s: could not open the runner", backend, precision)
+        record["status"] = f"error: {type(err).__name__}: {err}"
+        return record
     if runner.precision != precision:  # the artifact decides (e.g. one TensorRT engine asked for as fp32 and fp16)
         record["precision"], record["requested_precision"] = runner.precision, precision
     notes = {k: v for k, v in runner.describe().items() if k not in _BASE_DESCRIBE and k not in record}
@@ -192,8 +196,9 @@ def _int8_onnx(ctx: BenchContext) -> Path | str:
     except ImportError as err:
         ctx._cache["int8"] = f"INT8 quantization unavailable ({err})"
         return ctx._cache["int8"]
+    fp32 = ctx.fp32_onnx()  # an export failure is an error of its own, not a quantization one
     try:
-        ctx._cache["int8"] = quantize_int8_random_calibration(ctx.fp32_onnx(), ctx.work_dir / "bench_int8.onnx",
+        ctx._cache["int8"] = quantize_int8_random_calibration(fp32, ctx.work_dir / "bench_int8.onnx",
                                                               imgsz=ctx.imgsz, num_images=ctx.calib_images)
     except Exception as err:  # ModelOpt missing/failed: report, keep benchmarking the rest
         ctx._cache["int8"] = f"INT8 quantization failed: {err}"
