@@ -59,6 +59,10 @@ class SRDecoderConfig:
     depths: tuple[int, ...] = (2, 2, 2, 2)
     num_heads: tuple[int, ...] = (6, 6, 6, 6)
     window_size: int = 7
+    # widths of the 4 Swin stages, deepest first; None = (embed_dim, /2, /4, /4). The official SRNet halves every
+    # stage: (768, 384, 192, 96)
+    stage_widths: Optional[tuple[int, ...]] = None
+    mlp_ratio: float = 4.0  # Swin block MLP width / stage width (the official SRNet: 2)
 
 
 @dataclass

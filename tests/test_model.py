@@ -495,3 +495,44 @@ def test_switch_encoder_out_norm_adds_only_stage_norms(tiny):
     for stage, (a, b) in enumerate(zip(raw.features, out.features)):
         expected = torch.nn.functional.layer_norm(a.permute(0, 2, 3, 1), a.shape[1:2]).permute(0, 3, 1, 2)
         assert torch.allclose(b, expected, atol=1e-5), stage
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The `official` preset
+# ----------------------------------------------------------------------------------------------------------------
+OFFICIAL_AT_TINY_WIDTHS = [  # tiny widths/depths; every official choice (switches, SR layout, window 8) kept
+    "model.encoder.embed_dim=32", "model.encoder.depths=[1,1,2,1]", "model.encoder.num_heads=[1,2,4,8]",
+    "model.neck.channels=64", "model.neck.num_groups=8",
+    "model.sr_decoder.stage_widths=[32,16,8,4]", "model.sr_decoder.depths=[1,2,1,1]",
+    "model.sr_decoder.num_heads=[2,2,2,1]",
+    "model.saliency.layer_ratio=[1.0,0.6]", "model.saliency.foreground_topk=20", "model.saliency.hidden_dim=64",
+    "model.detector.num_classes=6", "model.detector.d_model=64", "model.detector.num_encoder_layers=2",
+    "model.detector.num_decoder_layers=2", "model.detector.ffn_dim=128", "model.detector.num_heads=4",
+    "model.detector.num_points=2", "model.detector.num_queries=50", "model.detector.num_dn_queries=20",
+    "model.detector.num_detections=50", "model.detector.pos_num_feats=32"]
+
+
+def test_official_preset_choices_and_tiny_forward_backward():
+    cfg = load_config("official", OFFICIAL_AT_TINY_WIDTHS)
+    assert (cfg.model.saliency.modulation, cfg.model.saliency.background, cfg.loss.dn_padding,
+            cfg.model.saliency.target_mode) == ("official", "row_col", "background", "linear")
+    assert cfg.model.encoder.out_norm and cfg.model.sr_decoder.window_size == 8
+    assert (cfg.data.hflip, cfg.data.vflip, cfg.data.rot90) == (True, False, False)
+    model = build_model(cfg.model).train()
+    assert model.sr_decoder.long_skip_in is not None and model.encoder.out_norms is not None
+    targets = _reference_targets()
+    targets[0]["labels"] = torch.tensor([1, 3, 5])
+    out = model(torch.rand(2, 3, 64, 64), None, targets)
+    losses = SetCriterion.from_config(cfg)(out, targets, torch.rand(2, 3, 128, 128))
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"]) and losses["loss_sr"] > 0
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+
+
+def test_official_summary_sr_decoder_size(tmp_path):
+    from sdconet.models.summary import model_cost
+    cost = model_cost(load_config("official").model, (128, 128), ablations=False, serial_baseline=False)
+    assert 20.0 <= cost["params_m"]["sr_decoder"] <= 30.0  # official SRNet: ~24 M
+    paper = model_cost(load_config("paper").model, (128, 128), ablations=False, serial_baseline=False)
+    assert paper["params_m"]["sr_decoder"] < 5.0  # ours stays the light decoder

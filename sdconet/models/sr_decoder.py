@@ -1,6 +1,7 @@
 """U-Net super-resolution decoder over the shared encoder (training only; never part of the inference graph).
 
-Stages, deepest first (widths ``embed_dim``, ``embed_dim/2``, ``embed_dim/4``, ``embed_dim/4``)::
+Stages, deepest first (widths ``embed_dim``, ``embed_dim/2``, ``embed_dim/4``, ``embed_dim/4`` unless
+``model.sr_decoder.stage_widths`` names them)::
 
     s32 encoder map --up--> s16 (+ s16 skip) -> Swin stage
                     --up--> s8  (+ s8 skip)  -> Swin stage
@@ -59,10 +60,18 @@ class SRDecoder(nn.Module):
         if len(encoder_channels) != NUM_STAGES or len(cfg.depths) != NUM_STAGES or len(cfg.num_heads) != NUM_STAGES:
             raise ValueError(f"SR decoder needs {NUM_STAGES} encoder maps, model.sr_decoder.depths and num_heads "
                              f"entries; got {list(encoder_channels)}, {list(cfg.depths)}, {list(cfg.num_heads)}")
-        if cfg.embed_dim % 4:
+        if cfg.stage_widths is not None:
+            if len(cfg.stage_widths) != NUM_STAGES or min(cfg.stage_widths) < 1:
+                raise ValueError(f"model.sr_decoder.stage_widths needs {NUM_STAGES} positive widths, got "
+                                 f"{list(cfg.stage_widths)}")
+            widths = list(cfg.stage_widths)
+        elif cfg.embed_dim % 4:
             raise ValueError(f"model.sr_decoder.embed_dim={cfg.embed_dim} must be divisible by 4 (stage widths "
                              "embed_dim, /2, /4, /4)")
-        widths = [cfg.embed_dim, cfg.embed_dim // 2, cfg.embed_dim // 4, cfg.embed_dim // 4]
+        else:
+            widths = [cfg.embed_dim, cfg.embed_dim // 2, cfg.embed_dim // 4, cfg.embed_dim // 4]
+        if cfg.mlp_ratio <= 0:
+            raise ValueError(f"model.sr_decoder.mlp_ratio must be > 0, got {cfg.mlp_ratio}")
         for index, (width, heads) in enumerate(zip(widths, cfg.num_heads)):
             if width % heads:
                 raise ValueError(f"model.sr_decoder.num_heads[{index}]={heads} does not divide stage width {width}")
@@ -73,11 +82,14 @@ class SRDecoder(nn.Module):
 
         self.upsamples = nn.ModuleList(Upsample(c_in, c_out, 2) for c_in, c_out in zip(in_widths[:3], widths[:3]))
         self.skip_projs = nn.ModuleList(nn.Linear(c_skip, width) for c_skip, width in zip(skip_channels, widths))
+        # the long-skip stage has no up-sampling to change the width: a linear map when its width differs (only
+        # built then, so the default decoder's parameters are unchanged)
+        self.long_skip_in = nn.Linear(widths[2], widths[3]) if widths[2] != widths[3] else None
         # window/shift are fixed (always_partition) and masks built per input, so the nominal resolution is unused
         self.stages = nn.ModuleList(
             SwinTransformerStage(dim=width, out_dim=width, input_resolution=(cfg.window_size, cfg.window_size),
                                  depth=depth, downsample=False, num_heads=heads, window_size=cfg.window_size,
-                                 always_partition=True, dynamic_mask=True)
+                                 mlp_ratio=cfg.mlp_ratio, always_partition=True, dynamic_mask=True)
             for width, depth, heads in zip(widths, cfg.depths, cfg.num_heads))
         use_padded_shift_blocks(self.stages, cfg.window_size)
         self.to_lr = Upsample(widths[-1], widths[-1], patch_size)
@@ -104,6 +116,8 @@ class SRDecoder(nn.Module):
             skip = skip.permute(0, 2, 3, 1)
             if index < len(self.upsamples):
                 x = self.upsamples[index](x, skip.shape[1:3])
+            elif self.long_skip_in is not None:
+                x = self.long_skip_in(x)
             x = stage(x + skip_proj(skip))
         x = self.to_lr(x, lr_size).permute(0, 3, 1, 2)  # [B, C, h, w]
         return self.head(x)
