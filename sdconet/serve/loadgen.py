@@ -263,7 +263,7 @@ def _soak_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     if args.images:
         images = [p.read_bytes() for p in args.images]
     else:
-        images = [synthetic_image(1024 if args.model == "sdconet_scene" else 512)]
+        images = [synthetic_image()]  # for sdconet_scene a 512x512 scene: 9 tiles at 256 px, 49 at 128
 
     from contextlib import ExitStack
 
