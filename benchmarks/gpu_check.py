@@ -284,6 +284,25 @@ def _load_msda_op():
     return module
 
 
+def measure_row(row: dict[str, Any], make_call: Callable[[], Callable[[], object]], args: argparse.Namespace,
+                budget: Budget, cuda: bool, batch: int, share: float) -> None:
+    """Prepare (``make_call()``: capture, compile) and time one call into ``row``: latency, images/s, peak memory,
+    ``status``. Any failure (capture, compile, out of memory) becomes the row's error status; only the budget's hard
+    stop propagates."""
+    try:
+        with budget.hard_stop():
+            _reset_peak(cuda)
+            call = make_call()
+            row.update(timed(call, args, budget, cuda, share=share))
+            row["peak_mem_mb"] = _peak_mb(cuda)
+            row["images_per_s"] = batch * 1000.0 / row["p50_ms"]
+        row["status"] = "ok"
+    except BudgetSpent:
+        raise
+    except Exception as err:  # noqa: BLE001 - one failing row is a finding, not the end of the check
+        row["status"] = _error_status(err)
+
+
 def _error_status(err: BaseException) -> str:
     first_line = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
     return f"error: {type(err).__name__}: {first_line}"
@@ -418,18 +437,8 @@ def run_model(report: Report, args: argparse.Namespace, budget: Budget, cuda: bo
                 report.add("model", row | {"status": skip})
                 continue
             images = _model_inputs(args, batch, device)
-            try:
-                with budget.hard_stop():
-                    _reset_peak(cuda)
-                    call = _inference_call(kind, graph, images, amp.get(precision))
-                    row.update(timed(call, args, budget, cuda, share=0.1))
-                    row["peak_mem_mb"] = _peak_mb(cuda)
-                    row["images_per_s"] = batch * 1000.0 / row["p50_ms"]
-                row["status"] = "ok"
-            except BudgetSpent:
-                raise
-            except Exception as err:  # noqa: BLE001 - one failing variant (capture, compile) must not end the check
-                row["status"] = _error_status(err)
+            measure_row(row, lambda: _inference_call(kind, graph, images, amp.get(precision)), args, budget, cuda,
+                        batch, share=0.1)
             report.add("model", row)
             del images
 
@@ -556,17 +565,7 @@ def run_train(report: Report, args: argparse.Namespace, budget: Budget, cuda: bo
             scaler.step(optimizer)
             scaler.update()
 
-        try:
-            with budget.hard_stop():
-                _reset_peak(cuda)
-                row.update(timed(step, args, budget, cuda, share=0.15))
-                row["peak_mem_mb"] = _peak_mb(cuda)
-                row["images_per_s"] = batch * 1000.0 / row["p50_ms"]
-            row["status"] = "ok"
-        except BudgetSpent:
-            raise
-        except Exception as err:  # noqa: BLE001 - e.g. out of memory at batch 8 is a finding, not a crash
-            row["status"] = _error_status(err)
+        measure_row(row, lambda: step, args, budget, cuda, batch, share=0.15)
         report.add("train", row)
         del images, images_hr, targets
         if cuda:
