@@ -362,6 +362,7 @@ def run_msda(report: Report, args: argparse.Namespace, budget: Budget, cuda: boo
                                         reference_out = msda_op.form_call("grid_sample", reference_inputs)()
                                 call = msda_op.form_call(form, inputs)
                                 with torch.no_grad():
+                                    _reset_peak(cuda)
                                     out = call()
                                     row["max_abs_err"] = float((out.float() - reference_out).abs().max())
                                     row.update(timed(lambda: call(), args, budget, cuda))
@@ -384,10 +385,12 @@ def run_msda(report: Report, args: argparse.Namespace, budget: Budget, cuda: boo
                                         leaf[key].grad = None
                                     call().backward(grad)
 
+                                _reset_peak(cuda)
                                 step()
                                 row["max_abs_grad_err"] = max(float((leaf[k].grad.float() - reference_grads[k])
                                                                     .abs().max()) for k in floats)
                                 row.update(timed(step, args, budget, cuda))
+                        row["peak_mem_mb"] = _peak_mb(cuda)
                         row["status"] = "ok"
                     except BudgetSpent:
                         raise
