@@ -51,6 +51,8 @@ def device_facts() -> dict[str, Any]:
     """CPU model/threads, GPU name/driver, CUDA/cuDNN, torch/ORT/TensorRT versions, Jetson details."""
     import torch
 
+    from sdconet.deploy.tensorrt_build import tensorrt_version  # the one TensorRT import guard
+
     facts: dict[str, Any] = {
         "cpu": _cpu_model(),
         "cpu_threads": os.cpu_count(),
@@ -58,7 +60,7 @@ def device_facts() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "onnxruntime": _version("onnxruntime"),
-        "tensorrt": _version("tensorrt"),
+        "tensorrt": tensorrt_version(),
         "cuda_available": torch.cuda.is_available(),
     }
     if torch.cuda.is_available():
