@@ -9,8 +9,10 @@ One program computes ``BLOCK_Q`` queries of one (batch, head) pair for all ``D``
 gathers the four bilinear corners as ``[BLOCK_Q, D]`` rows (``D`` contiguous channels per token, so the loads are
 coalesced) and accumulates in fp32. Heads, channels, levels and points are compile-time constants; the level and
 point loops stay loops (fully unrolled, ptxas spilled ~1 KB per thread at the paper's shapes; as loops the forward
-kernel needs 64 registers on sm_90 at BLOCK_Q 16). Batch, value length and query count are runtime scalars, so one compiled kernel
-serves every batch size. The forward kernel's argument order (input pointers, int32 scalars, output pointer) is the
+kernel needs 64 registers on sm_90 at BLOCK_Q 16, docs/kernels.md). Batch, value length and query count are runtime
+scalars, so one compiled kernel serves every batch size. The PTX is Triton's: triton 3.8 writes ``.version 8.8`` and
+``.target sm_90a`` for Hopper (an arch-specific target: that PTX runs on sm_90 only), and a driver loads PTX only up
+to the ISA version it knows, hence the ``.plan.json`` records both for engines that embed the kernel. The forward kernel's argument order (input pointers, int32 scalars, output pointer) is the
 calling convention of TensorRT's ahead-of-time Python plugins, so :mod:`sdconet.kernels.trt_plugin` compiles this
 very kernel into engines.
 
