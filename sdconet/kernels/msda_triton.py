@@ -12,9 +12,9 @@ point loops stay loops (fully unrolled, ptxas spilled ~1 KB per thread at the pa
 kernel needs 64 registers on sm_90 at BLOCK_Q 16, docs/kernels.md). Batch, value length and query count are runtime
 scalars, so one compiled kernel serves every batch size. The PTX is Triton's: triton 3.8 writes ``.version 8.8`` and
 ``.target sm_90a`` for Hopper (an arch-specific target: that PTX runs on sm_90 only), and a driver loads PTX only up
-to the ISA version it knows, hence the ``.plan.json`` records both for engines that embed the kernel. The forward kernel's argument order (input pointers, int32 scalars, output pointer) is the
-calling convention of TensorRT's ahead-of-time Python plugins, so :mod:`sdconet.kernels.trt_plugin` compiles this
-very kernel into engines.
+to the ISA version it knows, hence the ``.plan.json`` records both for engines that embed the kernel. The forward
+kernel's argument order (input pointers, int32 scalars, output pointer) is the calling convention of TensorRT's
+ahead-of-time Python plugins, so :mod:`sdconet.kernels.trt_plugin` compiles this very kernel into engines.
 
 Importing this module registers the ``triton`` implementation with :func:`sdconet.ops.msda.register_msda_impl`
 (``model.detector.msda_impl: auto`` picks it on CUDA). It imports without a GPU; running the kernels needs CUDA
