@@ -204,3 +204,41 @@ def test_whole_scene_metrics_use_maxdets_above_the_ground_truth_count(torch_run,
                   for a in annotations]
     assert coco_evaluate(single, detections, max_detections=max(counts))["AP50"] == pytest.approx(1.0)
     assert coco_evaluate(single, detections, max_detections=100)["AP50"] < 0.99  # the training cap cuts it
+
+
+class _FakeSceneClient:
+    """Stands in for sdconet.serve.scene_client.TritonSceneClient: what the CLI's triton backend relies on."""
+
+    sent: list = []
+
+    def __init__(self, url, protocol="http", timeout_s=600.0, retries=0):
+        self.url = url
+
+    def server_options(self):
+        return {"imgsz": 64, "overlap": 16, "score_threshold": 0.1, "max_scene_pixels": 100 * 100}
+
+    def detect_scene(self, scene):
+        self.sent.append(scene)
+        return {"boxes": np.array([[1, 2, 30, 40], [5, 5, 9, 9]], np.float32),
+                "scores": np.array([0.9, 0.2], np.float32), "labels": np.array([1, 0]),
+                "class_names": NAMES, "tiles": 4}
+
+    def close(self):
+        pass
+
+
+def test_triton_backend_sends_scene_pixels_and_checks_the_served_options(scenes, tmp_path, monkeypatch, capsys):
+    import sdconet.serve.scene_client as scene_client
+
+    monkeypatch.setattr(scene_client, "TritonSceneClient", _FakeSceneClient)
+    base = [str(scenes / "a.png"), str(scenes / "c.png"), "--backend", "triton", "--url", "h:1", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "x"), "--tile", "128"]) == 2
+    assert "--tile 128: the served sdconet_scene model uses imgsz 64" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "x"), "--input", "hr"]) == 2
+    assert main([*base, "--out", str(tmp_path / "out"), "--score-threshold", "0.5"]) == 1  # c.png: too many px
+    sent = _FakeSceneClient.sent
+    assert len(sent) == 1 and sent[0].shape == (100, 90, 3) and sent[0].dtype == np.uint8
+    summary = json.loads((tmp_path / "out" / SUMMARY_NAME).read_text())
+    assert "max_scene_pixels" in summary["errors"][0]["error"] and summary["scenes"][0]["tiles"] == 4
+    record = json.loads((tmp_path / "out" / "a.json").read_text())
+    assert [(d["bbox_xyxy"], d["class_name"]) for d in record["detections"]] == [([1, 2, 30, 40], "ship")]
