@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,39 @@ from sdconet.serve.client import SDCoNetClient, is_retryable  # noqa: E402
 from sdconet.serve.scene_client import SCENE_MODEL, TritonSceneClient  # noqa: E402
 from serving_fixtures import (  # noqa: E402
     CLASS_NAMES, IMGSZ, MAX_BATCH, MAX_SCENE_PIXELS, SCENE_MAX_TILES, SCORE_THRESHOLD, png_bytes, scene)
+
+
+def test_builder_writes_the_scene_model_with_the_project_defaults(tmp_path, detector_onnx):
+    from sdconet.deploy.triton_repo import RepositoryError, RepositoryOptions, build_repository, parse_model_config
+    from sdconet.runtime import DEFAULT_SCORE_THRESHOLD
+    from sdconet.scene import merge, tiling
+    from sdconet.scene.core import DEFAULT_OVERLAP
+    from sdconet.serve import processing
+
+    repo = build_repository(tmp_path / "repo", onnx_path=detector_onnx, backend="cpu", imgsz=IMGSZ,
+                            max_batch=MAX_BATCH, class_names=CLASS_NAMES)
+    version = repo / SCENE_MODEL / "1"
+    for name, source in (("sdconet_tiling.py", tiling), ("sdconet_merge.py", merge),
+                         ("sdconet_processing.py", processing)):
+        assert (version / name).read_text() == Path(source.__file__).read_text(), name
+    config = parse_model_config(repo / SCENE_MODEL / "config.pbtxt")
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    assert config.backend == "python" and config.max_batch_size == 1 and config.instance_group[0].count == 2
+    assert parameters["detector"] == "detector_cpu" and int(parameters["imgsz"]) == IMGSZ
+    assert int(parameters["overlap"]) == min(DEFAULT_OVERLAP, IMGSZ // 2)
+    assert int(parameters["tiles_per_request"]) == MAX_BATCH // 2 and parameters["merge_rule"] == merge.DEFAULT_MERGE_RULE
+    assert int(parameters["max_detections"]) == 0  # no cap per scene
+    # one default score threshold, in the scene model and in the ensemble's postprocess
+    post = parse_model_config(repo / "postprocess" / "config.pbtxt").parameters["score_threshold"].string_value
+    assert float(parameters["score_threshold"]) == float(post) == DEFAULT_SCORE_THRESHOLD
+    assert json.loads(parameters["class_names"]) == CLASS_NAMES
+    for options, message in ((RepositoryOptions(scene_overlap=IMGSZ), "scene_overlap must be in"),
+                             (RepositoryOptions(scene_tiles_per_request=MAX_BATCH + 1), "scene_tiles_per_request"),
+                             (RepositoryOptions(scene_merge_rule="vote"), "scene_merge_rule must be one of"),
+                             (RepositoryOptions(scene_max_tiles=0), "scene_max_tiles must be positive")):
+        with pytest.raises(RepositoryError, match=message):
+            build_repository(tmp_path / "bad", onnx_path=detector_onnx, backend="cpu", imgsz=IMGSZ,
+                             max_batch=MAX_BATCH, class_names=CLASS_NAMES, options=options)
 
 
 @pytest.fixture(scope="module")
