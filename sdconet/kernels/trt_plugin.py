@@ -294,7 +294,13 @@ def ptx_facts(ptx: str) -> dict:
     target = re.search(r"^\s*\.target\s+([\w, ]+?)\s*$", ptx, re.M)
     if version is None or target is None:
         raise ValueError("PTX without a .version or .target directive")
-    return {"ptx_version": version.group(1), "ptx_target": target.group(1).split(",")[0].strip()}
+    return {"ptx_version": version.group(1), "ptx_target": target.group(1).split(",")[0].strip(),
+            "min_driver_cuda": PTX_MIN_DRIVER_CUDA.get(version.group(1))}
+
+
+# PTX ISA version -> first CUDA (driver) release that loads it (PTX ISA release history; None = not in this table)
+PTX_MIN_DRIVER_CUDA = {"8.0": "12.0", "8.1": "12.1", "8.2": "12.2", "8.3": "12.3", "8.4": "12.4", "8.5": "12.5",
+                       "8.6": "12.7", "8.7": "12.8", "8.8": "12.9", "9.0": "13.0", "9.1": "13.1"}
 
 
 # (dtype, block_q) -> facts of each kernel compiled by the plugin in this process (kernel name, PTX version/target,
