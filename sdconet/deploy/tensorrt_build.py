@@ -307,6 +307,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: Engine
         from sdconet.kernels.trt_plugin import compiled_kernel_facts, register_msda_plugin
 
         register_msda_plugin()
+        compiled_kernel_facts.clear()  # an earlier build in this process compiled its own kernels
         plugin_facts = compiled_kernel_facts  # filled by the plugin's aot_impl while the builder runs
     major = version_major(trt.__version__)
     builder = trt.Builder(logger)
