@@ -121,7 +121,7 @@ class OnnxRuntimeRunner(Runner):
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"provider": self.provider, "msda": self.msda,
-                                     "model": str(self.path) if self.path else None}
+                                     "onnx": str(self.path) if self.path else None}
 
     def close(self) -> None:
         self.session = None
