@@ -62,7 +62,7 @@ class ExportOptions:
     modelopt_python: str | None = None
     plugin_libs: Sequence[str] = field(default_factory=tuple)
     workspace_gib: float = 4.0
-    timing_cache: str | None = None  # default <out>/timing.cache
+    timing_cache: str | None = None  # default <out>/timing_trt<version>_<gpu>.cache
     require_engine: bool = False
     require_accuracy: bool = False  # exit 1 when an accuracy gate (e.g. of an FP16/INT8 engine) fails
     triton_repo: str | None = None
