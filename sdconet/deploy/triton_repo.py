@@ -9,7 +9,8 @@ A built repository holds exactly the models the chosen deployment needs, so the 
     <repo>/sdconet_scene/{config.pbtxt, 1/model.py + sdconet_{tiling,merge,processing}.py}   whole scenes (BLS)
     <repo>/sdconet_repo.json                                                   manifest (read by the launcher)
 
-Backends: ``cpu`` (python backend running ONNX Runtime — works with the python-only server bundled in
+Backends: ``cpu`` (python backend running ONNX Runtime, or OpenVINO with the fused MSDA op whose library is copied
+into ``detector_cpu/1/`` -- ``RepositoryOptions.cpu_runtime``; works with the python-only server bundled in
 ``nvidia-pytriton``), ``onnx`` (Triton's ``onnxruntime_onnx``, GPU or CPU, optional TensorRT accelerator) and ``trt``
 (``tensorrt_plan``). The detector's tensor signature is read from the exported ONNX (for ``trt``: the ONNX the engine
 was built from) and every written config is parsed with Triton's own ``ModelConfig`` schema.
@@ -49,6 +50,13 @@ DETECTOR_INPUT = "images"
 DETECTOR_OUTPUTS = {"boxes": "TYPE_FP32", "scores": "TYPE_FP32", "labels": "TYPE_INT32"}
 # ONNX operator domains ONNX Runtime executes; anything else is a custom op (e.g. a TensorRT plugin node)
 ORT_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
+# detector_cpu: its runtimes (model.py), their precisions and what each needs in the python models' environment
+CPU_RUNTIMES = ("auto", "onnxruntime", "openvino")
+CPU_PRECISIONS = {"onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8")}
+CPU_RUNTIME_MODULES = {"onnxruntime": DETECTOR_CPU_MODULES, "openvino": ("numpy", "openvino")}
+EXTENSION_NAME = "libsdconet_msda_ov.so"  # the fused MSDA op's library, copied into detector_cpu/1/
+# the ONNX node kinds that library maps to its op (sdconet/kernels/cpu/openvino_extension.cpp)
+OPENVINO_MSDA_OPS = ("trt.plugins::MultiscaleDeformableAttnPlugin_TRT", "sdconet::MultiscaleDeformableAttn")
 
 _ONNX_TO_TRITON = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 5: "TYPE_INT16", 6: "TYPE_INT32",
                    7: "TYPE_INT64", 9: "TYPE_BOOL", 10: "TYPE_FP16", 11: "TYPE_FP64", 16: "TYPE_BF16"}
@@ -78,7 +86,14 @@ class RepositoryOptions:
     detector_instances: int = 1  # instance_group count of the detector
     python_instances: int = 1  # instance_group count of preprocess / postprocess
     max_queue_delay_us: int = 1000  # dynamic batcher: how long a request may wait for others
-    cpu_threads: int = 0  # ONNX Runtime intra-op threads of detector_cpu (0 = ONNX Runtime's default)
+    cpu_threads: int = 0  # threads of detector_cpu's runtime (0 = the runtime's default)
+    # detector_cpu's runtime (docs/deployment.md): "onnxruntime", "openvino" (the cpu model: plugin-mode ONNX with the
+    # fused MSDA op, pure ONNX or IR) or "auto" = openvino when the cpu model needs it (MSDA plugin nodes, an IR) or
+    # bf16 is asked for, else onnxruntime
+    cpu_runtime: str = "auto"
+    cpu_precision: str = "fp32"  # "fp32" | "bf16" (openvino's hint; needs BF16 hardware) | "int8" (a quantized model)
+    # openvino: the static batch sizes compiled at load (a batch is padded to the next); None = 1, 2, 4, ... max_batch
+    cpu_batch_sizes: Optional[tuple[int, ...]] = None
     max_image_pixels: int = processing.DEFAULT_MAX_IMAGE_PIXELS  # preprocess refuses larger images
     onnx_device: str = "gpu"  # detector_onnx instance kind: "gpu" | "cpu"
     onnx_tensorrt: bool = False  # detector_onnx: TensorRT execution accelerator (GPU only)
@@ -285,6 +300,117 @@ def _detector_warmup(options: RepositoryOptions, inputs: Sequence[TensorSpec], m
     return "model_warmup [\n" + ",\n".join(entries) + "\n]"
 
 
+@dataclass(frozen=True)
+class CPUDetector:
+    """What ``detector_cpu`` runs, resolved when the repository is built (the manifest's ``cpu_runtime``)."""
+
+    runtime: str  # "onnxruntime" | "openvino"
+    precision: str
+    model: Path  # the source model: ONNX, or OpenVINO IR .xml (its .bin next to it)
+    model_file: str  # its name in detector_cpu/1/
+    extension: Optional[Path] = None  # the fused MSDA op's library (plugin-mode models), copied next to the model
+    openvino_version: str = ""  # the OpenVINO the extension was built against
+    batch_sizes: tuple[int, ...] = ()  # openvino: static batch sizes compiled at load
+
+    def manifest(self) -> dict:
+        return {"runtime": self.runtime, "precision": self.precision, "source_model": str(self.model.resolve()),
+                "model_file": self.model_file, "extension": EXTENSION_NAME if self.extension else None,
+                "openvino_version": self.openvino_version or None, "batch_sizes": list(self.batch_sizes)}
+
+
+def _is_quantized_onnx(path: Path) -> bool:
+    import onnx
+
+    from sdconet.runtime.metadata import read_onnx_metadata
+
+    if read_onnx_metadata(path).get("precision") == "int8":
+        return True
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in graph.node)
+
+
+def resolve_cpu_detector(onnx_path: Path, cpu_model: Optional[Path], max_batch: int,
+                         options: RepositoryOptions) -> CPUDetector:
+    """Pick and check ``detector_cpu``'s runtime for ``cpu_model`` (default: ``onnx_path``): see
+    ``RepositoryOptions.cpu_runtime``. Raises RepositoryError naming the model/option/value that cannot serve."""
+    from sdconet.runtime.openvino_runner import _IR_CUSTOM_OPSET
+
+    model = Path(cpu_model) if cpu_model is not None else onnx_path
+    if not model.is_file():
+        raise RepositoryError(f"cpu_model {model}: file not found")
+    if options.cpu_runtime not in CPU_RUNTIMES:
+        raise RepositoryError(f"cpu_runtime must be one of {CPU_RUNTIMES}, got {options.cpu_runtime!r}")
+    if model.suffix == ".xml":
+        if not model.with_suffix(".bin").is_file():
+            raise RepositoryError(f"cpu_model {model}: an OpenVINO IR needs its weights {model.with_suffix('.bin')}")
+        text = model.read_text(errors="ignore")
+        is_ir, custom, quantized, needs_extension = True, [], "FakeQuantize" in text, _IR_CUSTOM_OPSET in text
+    elif model.suffix == ".onnx":
+        custom = _custom_ops(model)
+        is_ir, quantized, needs_extension = False, _is_quantized_onnx(model), bool(custom)
+    else:
+        raise RepositoryError(f"cpu_model {model}: expected an ONNX (.onnx) or an OpenVINO IR (.xml)")
+    runtime = options.cpu_runtime
+    if runtime == "auto":
+        runtime = "openvino" if needs_extension or is_ir or options.cpu_precision == "bf16" else "onnxruntime"
+    precision = options.cpu_precision
+    if precision not in CPU_PRECISIONS[runtime]:
+        hint = "; ONNX Runtime's CPU provider has no bf16 path: use cpu_runtime 'openvino'" if precision == "bf16" \
+            else ""
+        raise RepositoryError(f"cpu_precision must be one of {CPU_PRECISIONS[runtime]} for cpu_runtime '{runtime}', "
+                              f"got {precision!r}{hint}")
+    if (precision == "int8") != quantized:
+        raise RepositoryError(f"cpu_precision {precision!r} but {model} is " + (
+            "quantized (INT8): use cpu_precision 'int8'" if quantized else
+            "not quantized: int8 needs the CPU quantizer's model (sdconet.deploy.cpu_quantize) as cpu_model"))
+    if runtime == "onnxruntime":
+        if is_ir:
+            raise RepositoryError(f"cpu_model {model} is an OpenVINO IR; ONNX Runtime cannot run it: use "
+                                  f"cpu_runtime 'openvino'")
+        if custom:
+            raise RepositoryError(f"{model} contains custom operator(s) {custom} that ONNX Runtime cannot run "
+                                  f"(TensorRT plugin nodes?); serve the pure-ONNX export with backend 'cpu', or use "
+                                  f"cpu_runtime 'openvino' (the fused MSDA op)")
+        return CPUDetector("onnxruntime", precision, model, "model.onnx")
+    unknown = [op for op in custom if op not in OPENVINO_MSDA_OPS]
+    if unknown:
+        raise RepositoryError(f"{model} contains custom operator(s) {unknown} that OpenVINO cannot run (the fused "
+                              f"MSDA extension maps {list(OPENVINO_MSDA_OPS)} only)")
+    try:
+        import openvino
+    except ImportError as err:
+        raise RepositoryError(f"cpu_runtime 'openvino' needs the openvino package where the repository is built "
+                              f"({err}); pip install 'sdconet[cpu]', or use cpu_runtime 'onnxruntime'") from err
+    extension = None
+    if needs_extension:
+        from sdconet.kernels.cpu import KernelBuildError, extension_path
+
+        try:
+            extension = extension_path()
+        except KernelBuildError as err:
+            raise RepositoryError(f"{model} has MSDA plugin nodes, which need the fused CPU kernel: {err}") from err
+    if options.cpu_batch_sizes:
+        sizes = tuple(sorted(set(int(s) for s in options.cpu_batch_sizes)))
+    else:
+        sizes = tuple(sorted({2 ** i for i in range(max_batch.bit_length()) if 2 ** i < max_batch} | {max_batch}))
+    if sizes[0] < 1 or sizes[-1] != max_batch:
+        raise RepositoryError(f"cpu_batch_sizes must be in [1, max_batch={max_batch}] and include max_batch, got "
+                              f"{list(options.cpu_batch_sizes or ())}")
+    return CPUDetector("openvino", precision, model, "model.xml" if is_ir else "model.onnx", extension,
+                       openvino.get_version(), sizes)
+
+
+def _copy_model(source: Path, target: Path) -> None:
+    """Copy an ONNX with its external-data files, or an OpenVINO IR ``.xml`` with its ``.bin``, to ``target``."""
+    shutil.copy2(source, target)
+    if source.suffix == ".xml":
+        shutil.copy2(source.with_suffix(".bin"), target.with_suffix(".bin"))
+        return
+    for name in _external_data_files(source):
+        (target.parent / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source.parent / name, target.parent / name)
+
+
 def _checked_plugin_libs(plugin_libs: Sequence[str]) -> list[str]:
     """Absolute plugin library paths; a comma would split Triton's ``--backend-config`` value, so it is refused."""
     paths = []
@@ -348,11 +474,13 @@ def _prepare_target(repo_dir: Path) -> None:
 def build_repository(repo_dir: str | Path, *, onnx_path: str | Path | None = None,
                      engine_path: str | Path | None = None, backend: str, imgsz: int, max_batch: int,
                      class_names: Sequence[str] | None = None, score_threshold: float = DEFAULT_SCORE_THRESHOLD,
-                     options: RepositoryOptions | None = None) -> Path:
+                     options: RepositoryOptions | None = None, cpu_model: str | Path | None = None) -> Path:
     """Write a Triton model repository for one deployment (``backend`` = ``cpu`` | ``onnx`` | ``trt``).
 
-    ``onnx_path`` is the exported detector (always needed: its tensor signature drives the detector config; copied
-    for ``cpu``/``onnx``), ``engine_path`` the TensorRT engine for ``trt``. A previous repository written by this
+    ``onnx_path`` is the exported pure-ONNX detector (always needed: its tensor signature drives the detector config;
+    copied for ``onnx``, and for ``cpu`` unless ``cpu_model`` is given), ``engine_path`` the TensorRT engine for
+    ``trt``. ``cpu_model`` is what ``detector_cpu`` runs instead (``cpu`` only): the plugin-mode ONNX for OpenVINO's
+    fused MSDA op, or a CPU INT8 model (``options.cpu_runtime`` / ``cpu_precision``). A previous repository written by this
     builder at ``repo_dir`` is replaced as a whole (so switching backend leaves no stale model behind).
     ``class_names`` default to the ONNX's ``sdconet.class_names`` metadata. Returns ``repo_dir``.
     """
@@ -372,6 +500,11 @@ def build_repository(repo_dir: str | Path, *, onnx_path: str | Path | None = Non
     plugin_libs = _checked_plugin_libs(options.plugin_libs)
 
     inputs, outputs = check_detector_signature(onnx_path, imgsz)
+    if cpu_model is not None and backend != "cpu":
+        raise RepositoryError(f"cpu_model {cpu_model} is the model of detector_cpu; backend '{backend}' serves "
+                              f"{'the engine' if backend == 'trt' else 'onnx_path'}")
+    cpu = resolve_cpu_detector(onnx_path, cpu_model and Path(cpu_model), max_batch, options) \
+        if backend == "cpu" else None
     if backend in ("cpu", "onnx"):
         custom = _custom_ops(onnx_path)
         if custom:
@@ -381,7 +514,7 @@ def build_repository(repo_dir: str | Path, *, onnx_path: str | Path | None = Non
     python_env_version = None
     if options.python_env is not None:
         if options.check_python_env:
-            modules = PREPROCESS_MODULES + (DETECTOR_CPU_MODULES if backend == "cpu" else ())
+            modules = PREPROCESS_MODULES + (CPU_RUNTIME_MODULES[cpu.runtime] if cpu is not None else ())
             python_env_version = inspect_python_env(options.python_env, modules).version
         execution_env = (f'parameters {{ key: "EXECUTION_ENV_PATH" value: {{ string_value: '
                          f'"{_pbtxt_string(str(options.python_env))}" }} }}')
@@ -405,6 +538,10 @@ def build_repository(repo_dir: str | Path, *, onnx_path: str | Path | None = Non
         "scene_requests_in_flight": options.scene_requests_in_flight, "max_scene_pixels": options.max_scene_pixels,
         "scene_max_tiles": options.scene_max_tiles, "scene_max_detections": options.scene_max_detections,
         "scene_merge_rule": options.scene_merge_rule,
+        "cpu_runtime": cpu.runtime if cpu else "", "cpu_model_file": cpu.model_file if cpu else "",
+        "cpu_precision": cpu.precision if cpu else "", "cpu_openvino_version": cpu.openvino_version if cpu else "",
+        "cpu_extension": EXTENSION_NAME if cpu and cpu.extension else "",
+        "cpu_batch_sizes": ",".join(str(s) for s in cpu.batch_sizes) if cpu else "",
     }
 
     repo_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -428,11 +565,14 @@ def build_repository(repo_dir: str | Path, *, onnx_path: str | Path | None = Non
         detector_dir = staging / detector / "1"
         if backend == "trt":
             shutil.copy2(engine_path, detector_dir / "model.plan")
+        elif cpu is not None:
+            _copy_model(cpu.model, detector_dir / cpu.model_file)
+            if cpu.model.suffix == ".onnx" and cpu.model != onnx_path:
+                check_config_against_onnx(staging / detector / "config.pbtxt", cpu.model)
         else:
-            shutil.copy2(onnx_path, detector_dir / "model.onnx")
-            for name in _external_data_files(onnx_path):
-                (detector_dir / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(onnx_path.parent / name, detector_dir / name)
+            _copy_model(onnx_path, detector_dir / "model.onnx")
+        if cpu is not None and cpu.extension is not None:
+            shutil.copy2(cpu.extension, detector_dir / EXTENSION_NAME)
         check_config_against_onnx(staging / detector / "config.pbtxt", onnx_path)
         manifest = {
             "backend": backend, "ensemble": ENSEMBLE_MODEL, "detector": detector, "scene_model": SCENE_MODEL,
@@ -442,6 +582,7 @@ def build_repository(repo_dir: str | Path, *, onnx_path: str | Path | None = Non
             "source_onnx": str(onnx_path.resolve()),
             "source_engine": str(engine_path.resolve()) if engine_path is not None else None,
             "python_env_version": python_env_version, "plugin_libs": plugin_libs, "options": asdict(options),
+            "cpu_runtime": cpu.manifest() if cpu is not None else None,
         }
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         if repo_dir.exists():
