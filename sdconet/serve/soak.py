@@ -322,15 +322,21 @@ def run_soak(url: str, *, protocol: str = "http", model: str = ENSEMBLE_MODEL, s
                 with lock:
                     faults.append(Fault(target, pids, now()))
                 log.warning("soak: killed the stub(s) %s of model '%s' at t=%.1f s", pids, target, now())
-            if heal is not None:
-                try:
-                    heal()
-                except Exception as err:  # recorded; the soak goes on and counts what fails
-                    log.error("soak: the server could not heal itself: %s", err)
             time.sleep(max(0.0, 1.0 - (now() - t)))
+
+    def healer() -> None:
+        # its own thread: a reload takes seconds, and the memory samples must go on meanwhile
+        while time.monotonic() < end:
+            try:
+                heal()
+            except Exception as err:  # logged; the soak goes on and counts what fails
+                log.error("soak: the server could not heal itself: %s", err)
+            time.sleep(1.0)
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     threads.append(threading.Thread(target=sampler, daemon=True))
+    if heal is not None:
+        threads.append(threading.Thread(target=healer, daemon=True))
     for thread in threads:
         thread.start()
     for thread in threads:
