@@ -141,5 +141,12 @@ def test_launcher_heals_a_stub_and_restarts_a_dead_server_while_a_client_retries
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
+            # a SIGKILLed launcher cannot stop its server (own session): stop every server it started
+            restarted = re.findall(r"restarted and ready in [0-9.]+ s \(pid (\d+)\)", stderr_path.read_text())
+            for pid in set(pids) | {int(p) for p in restarted}:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
     for pid in pids:  # the first server and the restarted one: nothing of either outlives the launcher
         assert not process_group_members(pid)
