@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdconet.deploy.exporter import (MSDA_MODES, TRITON_BACKENDS, ExportError, ExportOptions,  # noqa: E402
-                                      print_summary, run_export)
+from sdconet.deploy.exporter import (CPU_INT8_BACKENDS, MSDA_MODES, TRITON_BACKENDS, ExportError,  # noqa: E402
+                                      ExportOptions, print_summary, run_export)
 from sdconet.deploy.msda_plugin import sdconet_plugin_available  # noqa: E402
 from sdconet.deploy.op_support import UnsupportedOpError  # noqa: E402
 from sdconet.deploy.quantize import QuantizationError  # noqa: E402
@@ -53,6 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     prec = parser.add_argument_group("precision")
     prec.add_argument("--fp16", action="store_true", help="FP16 engine (TRT 11: from a ModelOpt AutoCast FP16 ONNX)")
     prec.add_argument("--int8", action="store_true", help="INT8 by explicit Q/DQ (ModelOpt PTQ) + CPU AP comparison")
+    prec.add_argument("--cpu-int8", action="append", choices=CPU_INT8_BACKENDS, default=[], metavar="BACKEND",
+                      help="INT8 for a CPU runtime by its own quantizer (onnxruntime: quantize_static QDQ -> "
+                           "<name>.cpu_int8.onnx; openvino: NNCF -> <name>.openvino_int8.xml), gated against FP32; "
+                           "repeatable")
     prec.add_argument("--calib-images", type=int, default=64, help="training images for INT8 calibration")
     prec.add_argument("--eval-images", type=int, default=None,
                       help="validation images for the FP32-vs-INT8 AP comparison (default: all)")
@@ -94,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     options = ExportOptions(checkpoint=args.checkpoint, runs_dir=args.runs, out=args.out, name=args.name,
                             imgsz=args.imgsz, max_batch=args.max_batch, opt_batch=args.opt_batch, msda=args.msda,
                             plugin_version=args.plugin_version, opset=args.opset, with_saliency=args.with_saliency,
-                            fp16=args.fp16, int8=args.int8, calib_images=args.calib_images,
+                            fp16=args.fp16, int8=args.int8, cpu_int8=tuple(args.cpu_int8),
+                            calib_images=args.calib_images,
                             eval_images=args.eval_images, modelopt_python=args.modelopt_python,
                             plugin_libs=tuple(args.plugin_lib), workspace_gib=args.workspace,
                             timing_cache=args.timing_cache, require_engine=args.require_engine,

@@ -34,6 +34,9 @@ MSDA_EXCLUDE_PATTERN = f"{msda_plugin.MSDA_SUBGRAPH_PREFIX}[0-9]+/.*"
 
 
 TRITON_BACKENDS = ("auto", "trt", "onnx", "cpu")
+TRITON_CPU_RUNTIMES = ("auto", "onnxruntime", "openvino")
+TRITON_CPU_PRECISIONS = ("fp32", "bf16", "int8")
+CPU_INT8_BACKENDS = ("onnxruntime", "openvino")
 
 
 class ExportError(RuntimeError):
@@ -65,8 +68,14 @@ class ExportOptions:
     timing_cache: str | None = None  # default <out>/timing_trt<version>_<gpu>.cache
     require_engine: bool = False
     require_accuracy: bool = False  # exit 1 when an accuracy gate (e.g. of an FP16/INT8 engine) fails
+    # CPU INT8 by the CPU runtime's own quantizer (sdconet.deploy.cpu_quantize): "onnxruntime" and/or "openvino"
+    cpu_int8: Sequence[str] = field(default_factory=tuple)
     triton_repo: str | None = None
     triton_backend: str = "auto"  # auto = trt when an engine was built, else cpu (python backend + ONNX Runtime)
+    # detector_cpu's runtime in a cpu repository: auto = openvino on the plugin-mode ONNX (fused MSDA op, the fastest
+    # CPU runtime measured) when openvino and the fused kernel are available here, else onnxruntime on the pure ONNX
+    triton_cpu_runtime: str = "auto"
+    triton_cpu_precision: str = "fp32"  # bf16: openvino's hint; int8: the --cpu-int8 model of the runtime
     # EXECUTION_ENV_PATH of the repository's python models: "current" = this Python's environment (checked here),
     # "none" = the server's own Python (NVIDIA's container), a path to an environment on the serving machine, or
     # "auto" = none for the trt/onnx backends (they need NVIDIA's container) and current for cpu
@@ -85,6 +94,11 @@ class ExportOptions:
                               "PLUGIN_VERSION (the kernel teammate's plugin); it is not available yet")
         if self.imgsz <= 0 or self.imgsz % 32:
             raise ExportError(f"--imgsz must be a positive multiple of 32 (the encoder's stride), got {self.imgsz}")
+        unknown = [b for b in self.cpu_int8 if b not in CPU_INT8_BACKENDS]
+        if unknown:
+            raise ExportError(f"--cpu-int8 must be among {', '.join(CPU_INT8_BACKENDS)}, got {', '.join(unknown)}")
+        if self.cpu_int8 and self.calib_images < 1:
+            raise ExportError(f"--calib-images must be >= 1, got {self.calib_images}")
         if not 1 <= self.opt_batch <= self.max_batch:
             raise ExportError(f"need 1 <= --opt-batch <= --max-batch, got {self.opt_batch} and {self.max_batch}")
         if self.opset < 17:
@@ -94,6 +108,17 @@ class ExportOptions:
         if self.triton_backend not in TRITON_BACKENDS:
             raise ExportError(f"--triton-backend must be one of {', '.join(TRITON_BACKENDS)}, "
                               f"got '{self.triton_backend}'")
+        if self.triton_cpu_runtime not in TRITON_CPU_RUNTIMES:
+            raise ExportError(f"--triton-cpu-runtime must be one of {', '.join(TRITON_CPU_RUNTIMES)}, "
+                              f"got '{self.triton_cpu_runtime}'")
+        if self.triton_cpu_precision not in TRITON_CPU_PRECISIONS:
+            raise ExportError(f"--triton-cpu-precision must be one of {', '.join(TRITON_CPU_PRECISIONS)}, "
+                              f"got '{self.triton_cpu_precision}'")
+        if self.triton_cpu_precision == "int8" and self.triton_repo and not (
+                set(self.cpu_int8) & ({"onnxruntime", "openvino"} if self.triton_cpu_runtime == "auto"
+                                      else {self.triton_cpu_runtime})):
+            raise ExportError(f"--triton-cpu-precision int8 serves the CPU quantizer's model: add --cpu-int8 "
+                              f"{'openvino' if self.triton_cpu_runtime == 'auto' else self.triton_cpu_runtime}")
         if self.int8_high_precision not in ("auto", "fp16", "fp32"):
             raise ExportError(f"--int8-high-precision must be auto, fp16 or fp32, got '{self.int8_high_precision}'")
         if self.parity_batch < 1:
@@ -164,6 +189,8 @@ class Exporter:
 
         int8_paths = self.step_int8(pure_path, plugin_model) if opts.int8 else None
         fp16_paths = self.step_fp16(pure_path, plugin_model) if opts.fp16 and not opts.int8 else None
+        for backend in dict.fromkeys(opts.cpu_int8):
+            self.step_cpu_int8(backend, pure_path)
         engine_path = self.step_engine(pure_path, plugin_path, int8_paths, fp16_paths)
         if engine_path is not None:
             self.check_engine(engine_path, images, reference, pure_path)
@@ -281,6 +308,12 @@ class Exporter:
         self.report.int8 = ap | {"calibration_images": int(calib.shape[0]), "quantization": summary}
         LOG.info("INT8 AP %.4f vs FP32 %.4f (drop %.2f points)", ap["int8"]["AP"], ap["fp32"]["AP"],
                  ap["ap_drop_points"])
+        if summary.get("high_precision_dtype", "fp32") == "fp32":  # an FP16-typed Q/DQ graph is TensorRT's alone
+            from sdconet.runtime.onnxruntime_runner import OnnxRuntimeRunner
+
+            with OnnxRuntimeRunner(int8_path, providers=["CPUExecutionProvider"],
+                                   class_names=self.class_names()) as runner:
+                self.engine_accuracy(runner, pure_path, key="onnxruntime_int8-qdq")
         return paths
 
     def int8_high_precision(self) -> str:
@@ -393,12 +426,49 @@ class Exporter:
                  {True: "ok", False: "FAILED", None: "recorded (reduced precision)"}[figures["passed"]])
         return figures
 
-    def engine_accuracy(self, engine_runner, pure_path: Path) -> dict | None:
-        """The accuracy gate of a reduced-precision engine against the FP32 pure ONNX (ONNX Runtime CPU)."""
+    def step_cpu_int8(self, backend: str, pure_path: Path) -> Path | None:
+        """INT8 by ``backend``'s own quantizer on training-split images, then the accuracy gate vs FP32
+        (``report.accuracy["<backend>_int8"]``). A missing quantizer is a recorded skip."""
+        from sdconet.deploy import cpu_quantize, quantize
+
+        opts = self.options
+        train_set, _ = self._datasets()
+        calib = quantize.calibration_images(train_set, opts.calib_images, opts.imgsz, opts.seed)
+        try:
+            if backend == "onnxruntime":
+                from sdconet.runtime.onnxruntime_runner import OnnxRuntimeRunner
+
+                path = self.out / f"{self.name}.cpu_int8.onnx"
+                summary = cpu_quantize.quantize_onnxruntime_int8(pure_path, path, calib, input_name=INPUT_NAME)
+                # not write_graph: a CPU graph (asymmetric activation zero-points) is not checked against TensorRT;
+                # the quantizer carried the sdconet.* metadata over
+                check_model(path)
+                self.report.add_artifact("onnx_cpu_int8", path, quantization=summary)
+                runner = OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"], class_names=self.class_names())
+            else:
+                from sdconet.runtime.openvino_runner import OpenVINORunner
+
+                path = self.out / f"{self.name}.openvino_int8.xml"
+                summary = cpu_quantize.quantize_openvino_int8(pure_path, path, calib)
+                self.report.add_artifact("openvino_int8", path, quantization=summary)
+                self.report.add_artifact("openvino_int8_weights", path.with_suffix(".bin"))
+                runner = OpenVINORunner(path, precision="int8", class_names=self.class_names())
+        except cpu_quantize.CPUQuantizationError as err:
+            self.report.skip(f"{backend}_int8", str(err))
+            LOG.warning("%s INT8 skipped: %s", backend, err)
+            return None
+        LOG.info("%s INT8 written to %s (%s s)", backend, path, summary["seconds"])
+        with runner:
+            self.engine_accuracy(runner, pure_path, key=f"{backend}_int8")
+        return path
+
+    def engine_accuracy(self, engine_runner, pure_path: Path, key: str | None = None) -> dict | None:
+        """The accuracy gate of a reduced-precision runner (default key ``tensorrt_<precision>``) against the FP32
+        pure ONNX (ONNX Runtime CPU), recorded as ``report.accuracy[key]``."""
         from sdconet.deploy.accuracy import accuracy_gate
         from sdconet.runtime.onnxruntime_runner import OnnxRuntimeRunner
 
-        key = f"tensorrt_{engine_runner.precision}"
+        key = key or f"tensorrt_{engine_runner.precision}"
         try:
             _, val_set = self._datasets()
         except Exception as err:  # noqa: BLE001 - no validation data on this machine: the gate cannot run
@@ -416,7 +486,7 @@ class Exporter:
     def step_triton(self, pure_path: Path, engine_path: Path | None) -> None:
         """Populate the Triton model repository with the serving teammate's builder."""
         try:
-            from sdconet.deploy.triton_repo import RepositoryOptions, build_repository
+            from sdconet.deploy.triton_repo import RepositoryOptions, build_repository, load_manifest
         except ImportError as err:
             raise ExportError(f"--triton-repo needs sdconet.deploy.triton_repo.build_repository ({err})") from err
         backend = self.options.triton_backend
@@ -427,16 +497,62 @@ class Exporter:
                               "steps); use --triton-backend onnx (NVIDIA's Triton container) or cpu")
         class_names = self.class_names()
         python_env, check_env = repository_python_env(self.options.triton_python_env, backend)
+        cpu_model, cpu_runtime = self.triton_cpu_model() if backend == "cpu" else (None, "auto")
         repo_options = RepositoryOptions(python_env=python_env, check_python_env=check_env,
-                                         plugin_libs=tuple(self.options.plugin_libs) if backend == "trt" else ())
+                                         plugin_libs=tuple(self.options.plugin_libs) if backend == "trt" else (),
+                                         cpu_runtime=cpu_runtime, cpu_precision=self.options.triton_cpu_precision)
         repo = build_repository(self.options.triton_repo, onnx_path=pure_path, engine_path=engine_path,
                                 backend=backend, imgsz=self.options.imgsz, max_batch=self.options.max_batch,
-                                class_names=class_names, options=repo_options)
+                                class_names=class_names, options=repo_options, cpu_model=cpu_model)
         self.report.triton = {"repo": str(repo), "backend": backend}
+        if backend == "cpu":
+            self.report.triton["cpu_runtime"] = load_manifest(repo)["cpu_runtime"]
         if engine_path is None:
             self.report.skip("triton_trt", f"no TensorRT engine: the repository serves the pure ONNX ({backend} "
                                            "deployment)")
         LOG.info("Triton repository written to %s (backend %s)", repo, backend)
+
+    def triton_cpu_model(self) -> tuple[Path | None, str]:
+        """(cpu_model, cpu_runtime) of a cpu repository for ``--triton-cpu-runtime`` / ``--triton-cpu-precision``.
+
+        int8: the ``--cpu-int8`` model of the runtime (auto: OpenVINO's NNCF IR, else ONNX Runtime's QDQ ONNX).
+        Otherwise auto means OpenVINO on the plugin-mode ONNX (the fused MSDA op; the fastest CPU runtime measured,
+        docs/cpu-runtime.md) when openvino and the fused kernel are available here, else ONNX Runtime on the pure
+        ONNX; openvino without a plugin-mode ONNX (``--msda onnx``) runs the pure ONNX.
+        """
+        opts = self.options
+        artifacts = {entry["kind"]: Path(entry["path"]) for entry in self.report.artifacts}
+        runtime = opts.triton_cpu_runtime
+        if opts.triton_cpu_precision == "int8":
+            kinds = {"openvino": "openvino_int8", "onnxruntime": "onnx_cpu_int8"}
+            found = [r for r in (kinds if runtime == "auto" else (runtime,)) if kinds[r] in artifacts]
+            if not found:
+                raise ExportError(f"--triton-cpu-precision int8: no {' or '.join(kinds if runtime == 'auto' else (runtime,))} "
+                                  f"INT8 model was written (see the skipped steps of --cpu-int8)")
+            return artifacts[kinds[found[0]]], found[0]
+        if runtime == "auto":
+            runtime = "openvino" if opts.triton_cpu_precision == "bf16" or (
+                "onnx_plugin" in artifacts and _fused_cpu_kernel_ready()) else "onnxruntime"
+        if runtime == "openvino":
+            return artifacts.get("onnx_plugin"), runtime
+        return None, runtime
+
+
+def _fused_cpu_kernel_ready() -> bool:
+    """openvino is installed and the fused MSDA CPU kernel builds here (logged when not)."""
+    try:
+        import openvino  # noqa: F401
+
+        from sdconet.kernels.cpu import KernelBuildError, extension_path
+    except ImportError as err:
+        LOG.info("Triton cpu runtime: onnxruntime (%s)", err)
+        return False
+    try:
+        extension_path()
+    except KernelBuildError as err:
+        LOG.warning("Triton cpu runtime: onnxruntime, the fused MSDA CPU kernel cannot be built (%s)", err)
+        return False
+    return True
 
 
 def repository_python_env(choice: str, backend: str) -> tuple[str | None, bool]:

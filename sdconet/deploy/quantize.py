@@ -151,35 +151,64 @@ def quantize_int8_random_calibration(onnx_path: str | Path, output_path: str | P
     return output_path
 
 
-def predict_dataset(model, dataset, imgsz: int, limit: int | None = None, batch_size: int = 4,
-                    desc: str = "ONNX Runtime eval") -> tuple[list[dict], list[int]]:
-    """COCO detections (HR pixels of the annotation file) of an ONNX model over the first ``limit`` images of
-    ``dataset`` with ONNX Runtime CPU; returns (detections, evaluated image ids)."""
-    from sdconet.deploy.msda_plugin import ort_session
+def coco_detections(item: dict, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, label_to_category_id,
+                    imgsz: int) -> list[dict]:
+    """One image's detector outputs (``boxes [K, 4]`` xyxy network-input pixels) as COCO detections in the HR
+    pixels of the annotation file."""
+    target = item["target"]
+    image_id = int(target["image_id"])
+    height, width = (float(s) for s in target["orig_size"])
+    xyxy = boxes.astype(np.float64) * (np.array([width, height, width, height]) / imgsz)
+    xyxy[:, 0::2] = xyxy[:, 0::2].clip(0, width)
+    xyxy[:, 1::2] = xyxy[:, 1::2].clip(0, height)
+    return [{"image_id": image_id, "category_id": int(label_to_category_id[int(label)]),
+             "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": float(score)}
+            for box, score, label in zip(xyxy, scores, labels)]
 
-    session = ort_session(model)
-    input_name = session.get_inputs()[0].name
+
+def run_dataset(model, dataset, imgsz: int, limit: int | None = None, batch_size: int = 4,
+                desc: str = "ONNX Runtime eval") -> tuple[list[dict[str, np.ndarray]], list[dict], list[int]]:
+    """Run ``model`` over the first ``limit`` images of ``dataset``: per-image outputs (``boxes`` ``[K, 4]`` xyxy
+    network-input pixels, ``scores``, ``labels``), COCO detections (HR pixels of the annotation file) and the
+    image ids. ``model``: an ONNX model (path or ModelProto, run on ONNX Runtime CPU) or any
+    ``sdconet.runtime.Runner``."""
+    from sdconet.runtime.base import Runner
+
+    if isinstance(model, Runner):
+        run = model.run
+        batch_size = min(batch_size, model.max_batch or batch_size)
+    else:
+        from sdconet.deploy.msda_plugin import ort_session
+
+        session = ort_session(model)
+        input_name = session.get_inputs()[0].name
+
+        def run(images):
+            return dict(zip(("boxes", "scores", "labels"),
+                            session.run(["boxes", "scores", "labels"], {input_name: images})))
     count = len(dataset) if limit is None else min(limit, len(dataset))
+    per_image: list[dict[str, np.ndarray]] = []
     detections: list[dict] = []
     image_ids: list[int] = []
     for start in tqdm(range(0, count, batch_size), desc=desc):
         items = [dataset[i] for i in range(start, min(start + batch_size, count))]
         if start == 0:
             _warn_on_resize(items[0]["image_lr"], imgsz, desc)
-        batch = torch.stack([fit_to_input(item["image_lr"], imgsz) for item in items]).numpy()
-        boxes, scores, labels = session.run(["boxes", "scores", "labels"], {input_name: batch})
-        for item, img_boxes, img_scores, img_labels in zip(items, boxes, scores, labels):
-            target = item["target"]
-            image_ids.append(int(target["image_id"]))
-            height, width = (float(s) for s in target["orig_size"])
-            xyxy = img_boxes.astype(np.float64) * (np.array([width, height, width, height]) / imgsz)
-            xyxy[:, 0::2] = xyxy[:, 0::2].clip(0, width)
-            xyxy[:, 1::2] = xyxy[:, 1::2].clip(0, height)
-            for box, score, label in zip(xyxy, img_scores, img_labels):
-                detections.append({"image_id": image_ids[-1],
-                                   "category_id": int(dataset.label_to_category_id[int(label)]),
-                                   "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
-                                   "score": float(score)})
+        outputs = run(torch.stack([fit_to_input(item["image_lr"], imgsz) for item in items]).numpy())
+        for i, item in enumerate(items):
+            image = {key: np.asarray(outputs[key][i]) for key in ("boxes", "scores", "labels")}
+            per_image.append(image)
+            image_ids.append(int(item["target"]["image_id"]))
+            detections += coco_detections(item, image["boxes"], image["scores"], image["labels"],
+                                          dataset.label_to_category_id, imgsz)
+    return per_image, detections, image_ids
+
+
+def predict_dataset(model, dataset, imgsz: int, limit: int | None = None, batch_size: int = 4,
+                    desc: str = "ONNX Runtime eval") -> tuple[list[dict], list[int]]:
+    """COCO detections (HR pixels of the annotation file) of ``model`` (ONNX model or Runner, as in
+    :func:`run_dataset`) over the first ``limit`` images of ``dataset``; returns (detections, image ids)."""
+    _, detections, image_ids = run_dataset(model, dataset, imgsz, limit, batch_size, desc)
     return detections, image_ids
 
 

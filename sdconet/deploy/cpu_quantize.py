@@ -1,0 +1,208 @@
+"""INT8 for CPU runtimes, made by each runtime's own quantizer (issue 13 item 3); one function per quantizer.
+
+``int8`` on a CPU backend means one of these models; the TensorRT-oriented ModelOpt Q/DQ graph
+(:mod:`sdconet.deploy.quantize`) is labelled ``int8-qdq`` in benchmarks and stays for TensorRT.
+
+* :func:`quantize_onnxruntime_int8` — ONNX Runtime ``quantize_static`` in QDQ format, the options its documentation
+  gives for x86: signed int8 activations and weights (S8S8, its recommended default for QDQ), per-channel weights,
+  ``reduce_range`` (7-bit weights) only on CPUs without VNNI (AVX2 / AVX-512 without VNNI can saturate the u8·s8
+  multiply-add), only the compute ops (Conv, MatMul with a constant weight, Gemm) quantized so that ONNX Runtime
+  fuses each Q/DQ pair into an integer kernel instead of running ~3000 extra Q/DQ nodes.
+* :func:`quantize_openvino_int8` — NNCF post-training quantization of the OpenVINO model (``nncf.quantize`` with a
+  calibration ``nncf.Dataset``, transformer model type), written as OpenVINO IR (``.xml`` + ``.bin``).
+
+Both calibrate on LR images of the training split (:func:`sdconet.deploy.quantize.calibration_images`), never on
+random tensors, and leave the MSDA subgraphs (``msda_onnx<i>/...``) in float: their location and index arithmetic
+must stay exact (see :mod:`sdconet.ops.msda`), and a sampled value is a 4-corner weighted sum that INT8 buys nothing
+for.
+"""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from sdconet.deploy.exporter import MSDA_EXCLUDE_PATTERN
+from sdconet.utils.logging import get_logger
+
+LOG = get_logger(__name__)
+
+ORT_INT8_OP_TYPES = ("Conv", "MatMul", "Gemm")
+ORT_CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+class CPUQuantizationError(RuntimeError):
+    """A CPU quantizer is missing or failed; the message names the tool and the artifact."""
+
+
+def cpu_has_vnni(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """True when the CPU has an int8 dot-product unit (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return any(flag in flags for flag in _VNNI_FLAGS)
+
+
+def msda_node_names(model) -> list[str]:
+    """Names of the nodes of the pure graph's MSDA subgraphs (excluded from every quantizer)."""
+    pattern = re.compile(MSDA_EXCLUDE_PATTERN)
+    return [node.name for node in model.graph.node if pattern.fullmatch(node.name)]
+
+
+def _check_calibration(images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] < 1:
+        raise ValueError(f"calibration images must be [N >= 1, 3, S, S], got shape {list(images.shape)}")
+    # bicubic LR images overshoot [0, 1] a little: only the type and finiteness are checked
+    if images.dtype != np.float32 or not np.isfinite(images).all():
+        raise ValueError(f"calibration images must be finite float32 (dataset LR images), got {images.dtype}")
+    return np.ascontiguousarray(images)
+
+
+def _batches(images: np.ndarray) -> Iterator[np.ndarray]:
+    for index in range(images.shape[0]):
+        yield images[index:index + 1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ONNX Runtime
+# ----------------------------------------------------------------------------------------------------------------
+def quantize_onnxruntime_int8(onnx_path: str | Path, output_path: str | Path, calibration: np.ndarray, *,
+                              input_name: str = "images", activation_type: str = "int8",
+                              per_channel: bool = True, reduce_range: bool | None = None,
+                              calibration_method: str = "minmax", preprocess: bool = True) -> dict:
+    """Static QDQ INT8 model of the pure graph ``onnx_path`` for ONNX Runtime CPU.
+
+    ``calibration`` ``[N, 3, S, S]`` float32 (about [0, 1]): training-split LR images, fed one by one.
+    ``activation_type`` ``int8`` (S8S8) or ``uint8`` (U8S8); weights are always int8. ``reduce_range=None`` picks
+    7-bit weights exactly when the CPU has no VNNI. ``preprocess`` runs ONNX Runtime's recommended
+    ``quant_pre_process`` (shape inference + graph optimisation) first. Returns a summary for the export report.
+    """
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    if calibration_method not in methods:
+        raise ValueError(f"calibration_method must be one of {', '.join(methods)}, got {calibration_method!r}")
+    activation_types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    if activation_type not in activation_types:
+        raise ValueError(f"activation_type must be int8 or uint8, got {activation_type!r}")
+    images = _check_calibration(calibration)
+    vnni = cpu_has_vnni()
+    reduce_range = (not vnni) if reduce_range is None else reduce_range
+    onnx_path, output_path = Path(onnx_path), Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._iter = _batches(images)
+
+        def get_next(self):
+            batch = next(self._iter, None)
+            return None if batch is None else {input_name: batch}
+
+    start = time.perf_counter()
+    source: Path | onnx.ModelProto = onnx_path
+    if preprocess:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        prepared = output_path.with_name(output_path.stem + ".prep.onnx")
+        try:
+            quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+            source = prepared
+        except Exception as err:  # the optimiser may reject a graph; quantizing the unprocessed one is still valid
+            LOG.warning("ONNX Runtime quant_pre_process failed on %s (%s): quantizing without it", onnx_path, err)
+            preprocess = False
+    excluded = msda_node_names(onnx.load(str(source)))  # names after pre-processing
+    try:
+        quantize_static(str(source), str(output_path), _Reader(), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(ORT_INT8_OP_TYPES), per_channel=per_channel,
+                        reduce_range=reduce_range, activation_type=activation_types[activation_type],
+                        weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+                        calibrate_method=methods[calibration_method],
+                        # attention's activation x activation MatMuls stay float: only weights are worth int8
+                        extra_options={"MatMulConstBOnly": True})
+    except Exception as err:
+        raise CPUQuantizationError(f"ONNX Runtime quantize_static failed on {onnx_path}: {err}") from err
+    finally:
+        if preprocess and isinstance(source, Path) and source != onnx_path:
+            source.unlink(missing_ok=True)
+    quantized = onnx.load(str(output_path))
+    # keep the source's sdconet.* metadata (class names, size, ...) so runners open the artifact like its source
+    metadata = {prop.key: prop.value for prop in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    if metadata:
+        metadata["sdconet.precision"] = "int8"
+        onnx.helper.set_model_props(quantized, metadata)
+        onnx.save(quantized, str(output_path))
+    dq_nodes = sum(node.op_type == "DequantizeLinear" for node in quantized.graph.node)
+    if not dq_nodes:
+        raise CPUQuantizationError(f"ONNX Runtime wrote {output_path} without any DequantizeLinear node")
+    quantized_msda = [n.name for n in quantized.graph.node if n.op_type == "QuantizeLinear"
+                      and re.fullmatch(MSDA_EXCLUDE_PATTERN, n.name)]
+    if quantized_msda:
+        raise CPUQuantizationError(f"{output_path}: MSDA nodes were quantized ({quantized_msda[:3]})")
+    return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+            "activation_type": activation_type, "weight_type": "int8", "per_channel": per_channel,
+            "reduce_range": reduce_range, "cpu_vnni": vnni, "op_types": list(ORT_INT8_OP_TYPES),
+            "calibration_method": calibration_method, "calibration_images": int(images.shape[0]),
+            "preprocessed": preprocess, "excluded_nodes": len(excluded), "dequantize_linear": dq_nodes,
+            "quantize_linear": sum(node.op_type == "QuantizeLinear" for node in quantized.graph.node),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# OpenVINO (NNCF)
+# ----------------------------------------------------------------------------------------------------------------
+def quantize_openvino_int8(onnx_path: str | Path, output_path: str | Path, calibration: np.ndarray, *,
+                           preset: str = "performance", fast_bias_correction: bool = True) -> dict:
+    """NNCF post-training INT8 of the pure graph for OpenVINO, written as IR ``output_path`` (``.xml`` + ``.bin``).
+
+    ``calibration`` as in :func:`quantize_onnxruntime_int8`. ``preset`` ``performance`` (symmetric) or ``mixed``
+    (asymmetric activations). The MSDA subgraphs are NNCF's ignored scope (by name pattern). The IR has a static
+    batch of 1 (see below): ``model.reshape`` it to the batch to run before compiling.
+    """
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError as err:
+        raise CPUQuantizationError(f"OpenVINO INT8 needs the openvino and nncf packages ({err}); "
+                                   f"pip install openvino nncf") from err
+    presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}
+    if preset not in presets:
+        raise ValueError(f"preset must be one of {', '.join(presets)}, got {preset!r}")
+    images = _check_calibration(calibration)
+    output_path = Path(output_path)
+    if output_path.suffix != ".xml":
+        raise ValueError(f"OpenVINO IR path must end in .xml, got {output_path}")
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    model = ov.Core().read_model(str(onnx_path))
+    # static batch 1: with the dynamic batch axis, OpenVINO 2026.4's low-precision ReshapeTransformation fails at
+    # compile time on the quantized Gemm -> Reshape of the token projections; runners reshape to their batch
+    model.reshape({model.inputs[0]: [1, *images.shape[1:]]})
+    dataset = nncf.Dataset(list(_batches(images)))
+    try:
+        quantized = nncf.quantize(model, dataset, preset=presets[preset], subset_size=int(images.shape[0]),
+                                  model_type=nncf.ModelType.TRANSFORMER, fast_bias_correction=fast_bias_correction,
+                                  ignored_scope=nncf.IgnoredScope(patterns=[MSDA_EXCLUDE_PATTERN], validate=False))
+    except Exception as err:
+        raise CPUQuantizationError(f"nncf.quantize failed on {onnx_path}: {err}") from err
+    ov.save_model(quantized, str(output_path), compress_to_fp16=False)  # float parts stay fp32
+    fake_quantize = sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops())
+    if not fake_quantize:
+        raise CPUQuantizationError(f"NNCF wrote {output_path} without any FakeQuantize node")
+    return {"tool": "nncf.quantize", "nncf_version": nncf.__version__, "openvino_version": ov.__version__,
+            "preset": preset, "model_type": "transformer", "calibration_images": int(images.shape[0]),
+            "static_batch": 1,
+            "ignored_scope": [MSDA_EXCLUDE_PATTERN], "fake_quantize": fake_quantize,
+            "seconds": round(time.perf_counter() - start, 1)}
