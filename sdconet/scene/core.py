@@ -24,7 +24,7 @@ import numpy as np
 
 from sdconet.runtime.base import DEFAULT_SCORE_THRESHOLD, Runner, pad_to_input
 from sdconet.scene.merge import DEFAULT_MERGE_RULE, MERGE_RULES, merge_detections
-from sdconet.scene.tiling import clip_boxes, inner_edges, shift_boxes, tile_grid, touches_inner_edge
+from sdconet.scene.tiling import inner_edges, place_tile_boxes, tile_grid
 
 DEFAULT_OVERLAP = 64  # LR pixels, capped at half the tile: larger than most small objects (DOTA vehicles < 40 px)
 DEFAULT_BATCH = 4  # tiles per runner call when the runner has no max batch
@@ -188,12 +188,10 @@ class SceneInferencer:
 
     def _tile_detections(self, outputs: dict[str, np.ndarray], row: int, index: int, tile: np.ndarray,
                          inner: np.ndarray) -> tuple[np.ndarray, ...]:
-        top, left, tile_h, tile_w = tile.tolist()
         keep = outputs["scores"][row] >= self.options.score_threshold
-        boxes = clip_boxes(outputs["boxes"][row][keep], tile_h, tile_w)
-        touches = touches_inner_edge(boxes, tile_h, tile_w, inner, EDGE_MARGIN)
-        return (shift_boxes(boxes, top, left, self.scale), outputs["scores"][row][keep],
-                outputs["labels"][row][keep], np.full(int(keep.sum()), index, np.int64), touches)
+        boxes, touches = place_tile_boxes(outputs["boxes"][row][keep], tile, inner, self.scale, EDGE_MARGIN)
+        return (boxes, outputs["scores"][row][keep], outputs["labels"][row][keep],
+                np.full(int(keep.sum()), index, np.int64), touches)
 
     def _merge(self, found: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not found:

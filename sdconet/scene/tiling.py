@@ -72,3 +72,13 @@ def clip_boxes(boxes: np.ndarray, tile_height: int, tile_width: int) -> np.ndarr
     boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, tile_width)
     boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, tile_height)
     return boxes
+
+
+def place_tile_boxes(boxes: np.ndarray, tile: np.ndarray | tuple[int, int, int, int], inner: np.ndarray,
+                     scale: float = 1.0, margin: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """One tile's boxes ([n, 4] xyxy, network-input pixels) -> (scene boxes [n, 4] float32, touches_edge [n] bool):
+    clipped to the tile's valid area, tested against its inner edges (``inner`` [4]), shifted by its origin and
+    multiplied by ``scale``. ``tile`` = (top, left, height, width); the inputs ``merge_detections`` needs per box."""
+    top, left, tile_h, tile_w = (int(v) for v in tile)
+    clipped = clip_boxes(boxes, tile_h, tile_w)
+    return shift_boxes(clipped, top, left, scale), touches_inner_edge(clipped, tile_h, tile_w, inner, margin)
