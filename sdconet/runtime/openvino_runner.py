@@ -75,8 +75,8 @@ class OpenVINORunner(Runner):
         precision: ``fp32`` | ``bf16`` (inference precision hint; needs BF16 hardware) | ``int8`` (the model must be
             quantized: Q/DQ ONNX or an NNCF IR).
         threads: ``INFERENCE_NUM_THREADS`` (default: OpenVINO's choice, all cores).
-        hint: ``latency`` (one stream using every thread: batch 1) or ``throughput`` (several streams; a batch is
-            split over them and run asynchronously).
+        hint: ``latency`` (one stream using every thread, the batch in one request) or ``throughput`` (several
+            streams; each image of a batch is one request, run asynchronously).
         class_names: override the names the model (or its export report) carries.
         config: extra OpenVINO CPU properties, passed to ``compile_model`` as they are.
     """
@@ -137,13 +137,17 @@ class OpenVINORunner(Runner):
         self.config.update(config or {})
         self.hint, self.threads = hint, threads
         batch_dim = self.model.inputs[0].get_partial_shape()[0]
+        static_batch = batch_dim.get_length() if batch_dim.is_static else None
+        if hint == "throughput" and static_batch == 1:
+            static_batch = None  # every image is its own batch-1 request (e.g. NNCF's static-batch IR)
         outputs = info["outputs"] or [o.get_any_name() for o in self.model.outputs]
         self.output_names = list(outputs)
         super().__init__(imgsz=info["imgsz"] or _static_side(self.model), class_names=info["class_names"],
-                         precision=precision, max_batch=batch_dim.get_length() if batch_dim.is_static else None,
+                         precision=precision, max_batch=static_batch,
                          has_saliency="saliency" in outputs)
         self.msda = "fused" if needs_extension else "onnx"
         self._compiled: dict[int, Any] = {}
+        self._queue = None  # AsyncInferQueue of the throughput hint, made at its first batch
 
     @classmethod
     def for_benchmark(cls, bench: Any, precision: str, **options: Any) -> "OpenVINORunner":
@@ -192,26 +196,22 @@ class OpenVINORunner(Runner):
         return next((n for n in self.output_names if n in names), output.get_any_name())
 
     def _run_streams(self, images: np.ndarray) -> Mapping[str, Any]:
-        """Split the batch over the throughput streams and run the parts asynchronously."""
+        """Throughput hint: one batch-1 request per image, run asynchronously on the streams OpenVINO chose."""
         import openvino as ov
 
-        streams = int(self.compiled(1)[0].get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-        parts = np.array_split(images, min(streams, images.shape[0]))
-        sizes = {len(p) for p in parts}
-        results: list[Any] = [None] * len(parts)
-        queues = {size: ov.AsyncInferQueue(self.compiled(size)[0], sum(len(p) == size for p in parts))
-                  for size in sizes}
+        if self._queue is None:
+            compiled = self.compiled(1)[0]
+            self._queue = ov.AsyncInferQueue(compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        results: list[Any] = [None] * images.shape[0]
 
         def done(request, index: int) -> None:
             results[index] = {self._output_name(out): np.array(request.get_tensor(out).data)
                               for out in request.model_outputs}
 
-        for queue in queues.values():
-            queue.set_callback(done)
-        for index, part in enumerate(parts):
-            queues[len(part)].start_async({0: np.ascontiguousarray(part)}, index)
-        for queue in queues.values():
-            queue.wait_all()
+        self._queue.set_callback(done)
+        for index in range(images.shape[0]):
+            self._queue.start_async({0: images[index:index + 1]}, index)
+        self._queue.wait_all()
         return {key: np.concatenate([r[key] for r in results]) for key in results[0]}
 
     def describe(self) -> dict[str, Any]:
@@ -220,6 +220,7 @@ class OpenVINORunner(Runner):
                                      else None}
 
     def close(self) -> None:
+        self._queue = None
         self._compiled.clear()
 
 
