@@ -18,8 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdconet.deploy.exporter import (CPU_INT8_BACKENDS, MSDA_MODES, TRITON_BACKENDS, ExportError,  # noqa: E402
-                                      ExportOptions, print_summary, run_export)
+from sdconet.deploy.exporter import (CPU_INT8_BACKENDS, MSDA_MODES, TRITON_BACKENDS,  # noqa: E402
+                                      TRITON_CPU_PRECISIONS, TRITON_CPU_RUNTIMES, ExportError, ExportOptions,
+                                      print_summary, run_export)
 from sdconet.deploy.msda_plugin import sdconet_plugin_available  # noqa: E402
 from sdconet.deploy.op_support import UnsupportedOpError  # noqa: E402
 from sdconet.deploy.quantize import QuantizationError  # noqa: E402
@@ -84,6 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="detector deployment in the repository: trt (tensorrt_plan), onnx (onnxruntime_onnx, "
                           "NVIDIA's Triton container) or cpu (python backend + ONNX Runtime, runs with the Triton "
                           "bundled in nvidia-pytriton); auto = trt when an engine was built, else cpu")
+    out.add_argument("--triton-cpu-runtime", choices=TRITON_CPU_RUNTIMES, default="auto",
+                     help="runtime of the cpu deployment's detector: openvino (the plugin-mode ONNX with the fused "
+                          "MSDA op, its library copied into the repository), onnxruntime (the pure ONNX); auto = "
+                          "openvino when openvino and the fused kernel are available here, else onnxruntime")
+    out.add_argument("--triton-cpu-precision", choices=TRITON_CPU_PRECISIONS, default="fp32",
+                     help="precision of the cpu deployment's detector: bf16 = OpenVINO's hint (needs BF16 "
+                          "hardware on the serving machine), int8 = the --cpu-int8 model of the runtime")
     out.add_argument("--triton-python-env", default="auto", metavar="auto|current|none|PATH",
                      help="environment of the repository's python models (EXECUTION_ENV_PATH): current = this "
                           "Python's (checked: numpy < 2), none = the server's own Python (NVIDIA's container), a "
@@ -105,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                             timing_cache=args.timing_cache, require_engine=args.require_engine,
                             require_accuracy=args.require_accuracy,
                             triton_repo=args.triton_repo, triton_backend=args.triton_backend,
+                            triton_cpu_runtime=args.triton_cpu_runtime,
+                            triton_cpu_precision=args.triton_cpu_precision,
                             triton_python_env=args.triton_python_env, int8_high_precision=args.int8_high_precision,
                             seed=args.seed)
     try:

@@ -280,3 +280,31 @@ def test_ensemble_serves_through_the_openvino_detector(cpu_server, models):
     assert len(scores) > 0 and len(detections) == len(scores)
     np.testing.assert_allclose(np.sort(detections.scores), np.sort(scores), atol=1e-5)
     assert sorted(detections.class_names) == sorted(CLASS_NAMES[int(label)] for label in labels)
+
+
+def test_exporter_picks_the_cpu_runtime_from_its_artifacts(models, tmp_path):
+    """export/build_engine.py --triton-cpu-runtime/--triton-cpu-precision: what the cpu repository is built from."""
+    from sdconet.deploy.exporter import ExportError, ExportOptions, Exporter
+    from sdconet.deploy.report import ExportReport
+
+    def pick(artifacts: dict[str, Path], **options) -> tuple:
+        exporter = Exporter(ExportOptions(out=str(tmp_path), triton_repo=str(tmp_path / "repo"), **options))
+        exporter.report = ExportReport("tiny")
+        for kind, path in artifacts.items():
+            exporter.report.add_artifact(kind, path)
+        return exporter.triton_cpu_model()
+
+    both = {"onnx": models["pure"], "onnx_plugin": models["plugin"]}
+    assert pick(both) == (models["plugin"], "openvino")  # auto: the fused op, where it builds (it does here)
+    assert pick({"onnx": models["pure"]}) == (None, "onnxruntime")  # --msda onnx: no plugin-mode ONNX
+    assert pick(both, triton_cpu_runtime="onnxruntime") == (None, "onnxruntime")
+    assert pick({"onnx": models["pure"]}, triton_cpu_runtime="openvino") == (None, "openvino")
+    # int8 serves the --cpu-int8 model of the runtime (OpenVINO's first under auto)
+    int8 = both | {"onnx_cpu_int8": models["pure"]}
+    assert pick(int8, triton_cpu_precision="int8", cpu_int8=("onnxruntime",)) == (models["pure"], "onnxruntime")
+    with pytest.raises(ExportError, match="no openvino INT8 model was written"):
+        pick(int8, triton_cpu_precision="int8", triton_cpu_runtime="openvino", cpu_int8=("openvino",))
+    with pytest.raises(ExportError, match="int8 serves the CPU quantizer's model: add --cpu-int8 openvino"):
+        ExportOptions(triton_repo="r", triton_cpu_precision="int8", triton_cpu_runtime="openvino").validate()
+    with pytest.raises(ExportError, match="--triton-cpu-runtime must be one of auto, onnxruntime, openvino"):
+        ExportOptions(triton_cpu_runtime="tvm").validate()

@@ -525,10 +525,11 @@ class Exporter:
         runtime = opts.triton_cpu_runtime
         if opts.triton_cpu_precision == "int8":
             kinds = {"openvino": "openvino_int8", "onnxruntime": "onnx_cpu_int8"}
-            found = [r for r in (kinds if runtime == "auto" else (runtime,)) if kinds[r] in artifacts]
+            wanted = tuple(kinds) if runtime == "auto" else (runtime,)
+            found = [r for r in wanted if kinds[r] in artifacts]
             if not found:
-                raise ExportError(f"--triton-cpu-precision int8: no {' or '.join(kinds if runtime == 'auto' else (runtime,))} "
-                                  f"INT8 model was written (see the skipped steps of --cpu-int8)")
+                raise ExportError(f"--triton-cpu-precision int8: no {' or '.join(wanted)} INT8 model was written "
+                                  f"(see the skipped steps of --cpu-int8)")
             return artifacts[kinds[found[0]]], found[0]
         if runtime == "auto":
             runtime = "openvino" if opts.triton_cpu_precision == "bf16" or (
