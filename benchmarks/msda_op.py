@@ -100,32 +100,6 @@ def make_inputs(batch: int, queries: int, dtype, device, seed: int,
             "starts_device": starts.to(device), "levels": level_hw}
 
 
-def _plugin_node_model(levels: list[tuple[int, int]], value_shape, loc_shape):
-    """One ``MultiscaleDeformableAttnPlugin_TRT`` node, as the plugin-mode export writes it (int32 constants)."""
-    import numpy as np
-    from onnx import TensorProto, helper
-
-    from sdconet.deploy import msda_plugin
-    from sdconet.ops.msda import level_start_index_for
-
-    names = ["value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights"]
-    node = helper.make_node(msda_plugin.TRT_PLUGIN_OP_TYPE, names, ["output"], domain=msda_plugin.PLUGIN_DOMAIN,
-                            plugin_version="1")
-    f32 = TensorProto.FLOAT
-    graph = helper.make_graph(
-        [node], "msda",
-        [helper.make_tensor_value_info("value", f32, ["batch", *value_shape[1:]]),
-         helper.make_tensor_value_info("sampling_locations", f32, ["batch", *loc_shape[1:]]),
-         helper.make_tensor_value_info("attention_weights", f32, ["batch", *loc_shape[1:-1]])],
-        [helper.make_tensor_value_info("output", f32, ["batch", loc_shape[1], *value_shape[2:]])],
-        initializer=[helper.make_tensor("spatial_shapes", TensorProto.INT32, [len(levels), 2],
-                                        np.ravel(levels).tolist()),
-                     helper.make_tensor("level_start_index", TensorProto.INT32, [len(levels)],
-                                        level_start_index_for(levels))])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                   helper.make_opsetid(msda_plugin.PLUGIN_DOMAIN, 1)])
-
-
 def cpu_form_call(form: str, inputs: dict[str, Any], threads: int | None):
     """A zero-argument callable running a CPU form (ONNX Runtime / OpenVINO) on NumPy copies of ``inputs``."""
     import numpy as np
@@ -136,7 +110,9 @@ def cpu_form_call(form: str, inputs: dict[str, Any], threads: int | None):
     feeds = {name: inputs[name].cpu().numpy() for name in ("value", "sampling_locations", "attention_weights")}
     n, _, m, d = feeds["value"].shape
     lq = feeds["sampling_locations"].shape[1]
-    model = _plugin_node_model(inputs["levels"], feeds["value"].shape, feeds["sampling_locations"].shape)
+    from sdconet.kernels.cpu import plugin_node_model
+
+    model = plugin_node_model(inputs["levels"], feeds["value"].shape, feeds["sampling_locations"].shape)
     if form in ("onnx_gather", "ov_gather"):  # the very splice the pure-ONNX export makes
         model = msda_plugin.plugin_nodes_to_onnx(model, [msda_plugin.TRT_PLUGIN_OP_TYPE])
     if form == "onnx_gather":

@@ -102,28 +102,6 @@ def test_errors_name_the_value(monkeypatch):
             cpu.msda_forward(value.numpy(), [(3, 3)], [0], loc.numpy(), attn.numpy())
 
 
-def _plugin_node_model(levels, value_shape, loc_shape, op_type="MultiscaleDeformableAttnPlugin_TRT",
-                       domain="trt.plugins", float_type=None):
-    """A one-node ONNX graph holding the plugin node exactly as the exporter writes it."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    float_type = TensorProto.FLOAT if float_type is None else float_type
-    shapes = helper.make_tensor("spatial_shapes", TensorProto.INT32, [len(levels), 2], np.ravel(levels).tolist())
-    starts = helper.make_tensor("level_start_index", TensorProto.INT32, [len(levels)], level_start_index_for(levels))
-    node = helper.make_node(op_type, ["value", "spatial_shapes", "level_start_index", "sampling_locations",
-                                      "attention_weights"], ["output"], domain=domain, plugin_version="1")
-    n, _, m, d = value_shape
-    graph = helper.make_graph(
-        [node], "msda",
-        [helper.make_tensor_value_info("value", float_type, ["batch", *value_shape[1:]]),
-         helper.make_tensor_value_info("sampling_locations", float_type, ["batch", *loc_shape[1:]]),
-         helper.make_tensor_value_info("attention_weights", float_type, ["batch", *loc_shape[1:-1]])],
-        [helper.make_tensor_value_info("output", float_type, ["batch", loc_shape[1], m, d])],
-        initializer=[shapes, starts])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)])
-
-
 @pytest.mark.parametrize("op_type,domain", [("MultiscaleDeformableAttnPlugin_TRT", "trt.plugins"),
                                             ("MultiscaleDeformableAttn", "sdconet")])
 def test_openvino_reads_the_plugin_node_as_the_fused_op(tmp_path, op_type, domain):
@@ -132,7 +110,7 @@ def test_openvino_reads_the_plugin_node_as_the_fused_op(tmp_path, op_type, domai
 
     value, loc, attn = _inputs(ODD_LEVELS, batch=3, queries=11, heads=2, channels=24, points=2)
     path = tmp_path / "msda.onnx"
-    onnx.save(_plugin_node_model(ODD_LEVELS, value.shape, loc.shape, op_type, domain), path)
+    onnx.save(cpu.plugin_node_model(ODD_LEVELS, value.shape, loc.shape, op_type=op_type, domain=domain), path)
     core = ov.Core()
     core.add_extension(str(cpu.extension_path()))
     model = core.read_model(str(path))
@@ -161,7 +139,8 @@ def test_half_precision_io_is_widened_at_the_op_boundary(tmp_path):
 
     value, loc, attn = (t.half() for t in _inputs(ODD_LEVELS, batch=2, queries=9, heads=2, channels=16, points=2))
     path = tmp_path / "msda16.onnx"
-    onnx.save(_plugin_node_model(ODD_LEVELS, value.shape, loc.shape, float_type=onnx.TensorProto.FLOAT16), path)
+    onnx.save(cpu.plugin_node_model(ODD_LEVELS, value.shape, loc.shape, float_type=onnx.TensorProto.FLOAT16),
+              path)
     core = ov.Core()
     core.add_extension(str(cpu.extension_path()))
     compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_NUM_THREADS": 2})

@@ -89,5 +89,35 @@ def msda_forward(value: np.ndarray, spatial_shapes: Sequence[Sequence[int]] | np
     return out
 
 
+def plugin_node_model(levels: Sequence[Sequence[int]], value_shape: Sequence[int], locations_shape: Sequence[int], *,
+                      op_type: str | None = None, domain: str | None = None, float_type: int | None = None):
+    """One MSDA plugin node as the plugin-mode export writes it (int32 shape constants, dynamic batch): the op alone,
+    for the op benchmark and the tests. ``value_shape [N,S,M,D]``, ``locations_shape [N,Lq,M,L,P,2]``; default node
+    = TensorRT's ``MultiscaleDeformableAttnPlugin_TRT`` in ``trt.plugins``; ``float_type`` an ``onnx.TensorProto``
+    float type (default FLOAT)."""
+    from onnx import TensorProto, helper
+
+    from sdconet.deploy import msda_plugin
+    from sdconet.ops.msda import level_start_index_for
+
+    levels = [tuple(int(v) for v in level) for level in levels]
+    op_type = op_type or msda_plugin.TRT_PLUGIN_OP_TYPE
+    domain = domain or msda_plugin.PLUGIN_DOMAIN
+    float_type = TensorProto.FLOAT if float_type is None else float_type
+    names = ["value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights"]
+    node = helper.make_node(op_type, names, ["output"], domain=domain, plugin_version="1")
+    graph = helper.make_graph(
+        [node], "msda",
+        [helper.make_tensor_value_info("value", float_type, ["batch", *value_shape[1:]]),
+         helper.make_tensor_value_info("sampling_locations", float_type, ["batch", *locations_shape[1:]]),
+         helper.make_tensor_value_info("attention_weights", float_type, ["batch", *locations_shape[1:-1]])],
+        [helper.make_tensor_value_info("output", float_type, ["batch", locations_shape[1], *value_shape[2:]])],
+        initializer=[helper.make_tensor("spatial_shapes", TensorProto.INT32, [len(levels), 2],
+                                        [v for level in levels for v in level]),
+                     helper.make_tensor("level_start_index", TensorProto.INT32, [len(levels)],
+                                        level_start_index_for(levels))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)])
+
+
 __all__ = ["ISAS", "KernelBuildError", "build_extension", "cpu_supports", "extension_path", "msda_forward",
-           "selected_isa"]
+           "plugin_node_model", "selected_isa"]
