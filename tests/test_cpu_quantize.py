@@ -101,6 +101,9 @@ def test_onnxruntime_int8_qdq(small_onnx, calibration, tmp_path):
     reference, quantized = _run(small_onnx, calibration), _run(out_path, calibration)
     error = np.abs(quantized - reference).max() / np.abs(reference).max()
     assert error < 0.1, f"INT8 relative error {error:.3f}"
+    timing = cq.time_against_fp32(small_onnx, out_path, calibration[:1], iters=2, threads=1)
+    assert timing["fp32_ms"] > 0 and timing["int8_ms"] > 0 and timing["batch"] == 1
+    assert timing["int8_over_fp32"] == pytest.approx(timing["int8_ms"] / timing["fp32_ms"], rel=0.05)
 
 
 def test_bad_calibration_is_refused(small_onnx, tmp_path):

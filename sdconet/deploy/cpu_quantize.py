@@ -206,3 +206,85 @@ def quantize_openvino_int8(onnx_path: str | Path, output_path: str | Path, calib
             "static_batch": 1,
             "ignored_scope": [MSDA_EXCLUDE_PATTERN], "fake_quantize": fake_quantize,
             "seconds": round(time.perf_counter() - start, 1)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI: quantize an exported fp32 ONNX (no re-export) and time it against fp32 in one process
+# ----------------------------------------------------------------------------------------------------------------
+def time_against_fp32(fp32_path: str | Path, int8_path: str | Path, images: np.ndarray, *, iters: int = 10,
+                      threads: int | None = None) -> dict:
+    """p50 latency (ms) of the fp32 and the INT8 ONNX on ONNX Runtime CPU, runs alternating so that a shared
+    machine's load hits both alike; ``images`` ``[B, 3, S, S]`` is the batch timed."""
+    from sdconet.runtime.onnxruntime_runner import ort_session
+
+    sessions = {"fp32": ort_session(fp32_path, threads), "int8": ort_session(int8_path, threads)}
+    feeds = {name: {s.get_inputs()[0].name: images} for name, s in sessions.items()}
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for name, session in sessions.items():
+        session.run(None, feeds[name])  # warm-up
+    for _ in range(iters):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feeds[name])
+            times[name].append(time.perf_counter() - start)
+    p50 = {name: float(np.median(values) * 1000.0) for name, values in times.items()}
+    return {"fp32_ms": round(p50["fp32"], 1), "int8_ms": round(p50["int8"], 1),
+            "int8_over_fp32": round(p50["int8"] / p50["fp32"], 3), "iters": iters, "threads": threads,
+            "batch": int(images.shape[0])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="CPU INT8 of an exported fp32 pure ONNX by the CPU runtimes' own "
+                                                 "quantizers, calibrated on training-split images")
+    parser.add_argument("--onnx", required=True, type=Path, help="fp32 pure ONNX (export/build_engine.py output)")
+    parser.add_argument("--backend", nargs="+", choices=("onnxruntime", "openvino"), default=["onnxruntime"])
+    parser.add_argument("--config", default="paper", help="preset whose data section gives the training split")
+    parser.add_argument("--checkpoint", help="take the config (and data) of this run instead of --config")
+    parser.add_argument("--calib-images", type=int, default=32, help="training images for calibration")
+    parser.add_argument("--out-dir", type=Path, default=None, help="default: next to --onnx")
+    parser.add_argument("--time", type=int, default=0, metavar="ITERS",
+                        help="ONNX Runtime: also time fp32 vs INT8 alternating, ITERS runs each (batch 1)")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads for --time")
+    args = parser.parse_args(argv)
+
+    import onnx
+
+    from sdconet.data import build_dataset
+    from sdconet.deploy.quantize import calibration_images
+
+    if not args.onnx.is_file():
+        parser.error(f"--onnx {args.onnx}: file not found")
+    if args.checkpoint:
+        from sdconet.engine.checkpoint import read_checkpoint_metadata, resolve_checkpoint
+
+        cfg, _ = read_checkpoint_metadata(resolve_checkpoint(args.checkpoint))
+    else:
+        from sdconet.config import load_config
+
+        cfg = load_config(args.config)
+    dims = onnx.load(str(args.onnx), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    imgsz = int(dims[-1].dim_value)
+    train_set = build_dataset(cfg.data, "train", cfg.model.upscale, train=False)
+    calib = calibration_images(train_set, args.calib_images, imgsz)
+    out_dir = args.out_dir or args.onnx.parent
+    stem = args.onnx.name.removesuffix(".onnx")
+    results: dict = {}
+    for backend in args.backend:
+        if backend == "onnxruntime":
+            path = out_dir / f"{stem}.cpu_int8.onnx"
+            results[backend] = quantize_onnxruntime_int8(args.onnx, path, calib) | {"path": str(path)}
+            if args.time:
+                results[backend]["timing"] = time_against_fp32(args.onnx, path, calib[:1], iters=args.time,
+                                                               threads=args.threads)
+        else:
+            path = out_dir / f"{stem}.openvino_int8.xml"
+            results[backend] = quantize_openvino_int8(args.onnx, path, calib) | {"path": str(path)}
+    print(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
