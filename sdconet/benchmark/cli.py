@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true", help="torch: also time torch.compile (GPU)")
     parser.add_argument("--cuda-graphs", action="store_true", help="torch: also time CUDA-graph replay (GPU)")
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http", help="triton client protocol")
+    parser.add_argument("--triton-cpu-runtime", nargs="+", choices=("auto", "onnxruntime", "openvino"),
+                        default=["auto"],
+                        help="triton: runtime(s) of the cpu deployment's detector, one server each (auto = openvino "
+                             "with the fused MSDA op where it builds, else onnxruntime)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch and ONNX Runtime (default: all)")
     parser.add_argument("--work-dir", type=Path, help="where on-the-fly exports go (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="write the records (a JSON list) here")
@@ -85,8 +89,9 @@ def _context(args: argparse.Namespace, work_dir: Path) -> BenchContext:
 def _plan(args: argparse.Namespace) -> list[tuple[str, str, int, dict]]:
     """(backend, precision, batch, runner options) for every configuration asked for: the plain ones, then the
     torch.compile / CUDA-graph variants."""
-    plan = [(b, p, n, {"protocol": args.protocol} if b == "triton" else {})
-            for b in args.backend for p in args.precision for n in args.batch]
+    triton = [{"protocol": args.protocol, "cpu_runtime": r} for r in dict.fromkeys(args.triton_cpu_runtime)]
+    plan = [(b, p, n, options) for b in args.backend for options in (triton if b == "triton" else [{}])
+            for p in args.precision for n in args.batch]
     if "torch" in args.backend:
         variants = [options for options, wanted in (({"compile_model": True}, args.compile),
                                                     ({"cuda_graphs": True}, args.cuda_graphs)) if wanted]

@@ -206,27 +206,49 @@ def _int8_onnx(ctx: BenchContext) -> Path | str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def run_triton(ctx: BenchContext, precision: str, batch: int, protocol: str = "http") -> dict[str, Any]:
-    """End-to-end through a real Triton server (cpu deployment of the fp32 ONNX) with the load generator.
+def run_triton(ctx: BenchContext, precision: str, batch: int, protocol: str = "http",
+               cpu_runtime: str = "auto") -> dict[str, Any]:
+    """End-to-end through a real Triton server (the cpu deployment) with the load generator.
 
-    ``batch`` is the number of requests in flight (one image each); the server's dynamic batcher forms the batches.
-    Images are sent as raw uint8 arrays already at the engine size, so preprocessing only converts them.
+    ``cpu_runtime`` is detector_cpu's runtime (``RepositoryOptions.cpu_runtime``): ``onnxruntime`` on the fp32 pure
+    ONNX, ``openvino`` on the plugin-mode ONNX with the fused MSDA op (fp32, bf16 where the CPU has it), ``auto`` =
+    openvino where openvino and the fused kernel are available, as the exporter decides. ``batch`` is the number of
+    requests in flight (one image each); the server's dynamic batcher forms the batches. Images are sent as raw
+    uint8 arrays already at the engine size, so preprocessing only converts them.
     """
-    record = ctx.base_record("triton", precision, batch, variant=protocol)
-    if precision != "fp32":
-        return _skipped(record, "the CPU (python/ONNX Runtime) deployment serves the fp32 ONNX only")
+    if cpu_runtime == "auto":
+        from sdconet.deploy.exporter import fused_cpu_kernel_ready
+
+        cpu_runtime = "openvino" if fused_cpu_kernel_ready() else "onnxruntime"
+    record = ctx.base_record("triton", precision, batch, variant=f"{protocol}+{cpu_runtime}")
+    supported = {"onnxruntime": ("fp32",), "openvino": ("fp32", "bf16")}.get(cpu_runtime)
+    if supported is None:
+        return _skipped(record, f"unknown cpu runtime {cpu_runtime!r} (onnxruntime, openvino or auto)")
+    if precision not in supported:
+        return _skipped(record, f"the cpu deployment on {cpu_runtime} serves {', '.join(supported)} here")
     try:
-        from sdconet.deploy.triton_repo import build_repository
+        from sdconet.deploy.triton_repo import RepositoryOptions, build_repository
         from sdconet.serve.loadgen import sweep
         from sdconet.serve.server import ServerError, TritonServer, free_port
     except ImportError as err:
         return _skipped(record, f"serving extras missing ({err}); pip install 'sdconet[serving]'")
-    repo = ctx._cache.get("triton_repo")
+    key = f"triton_repo:{cpu_runtime}:{precision}"
+    repo = ctx._cache.get(key)
     if repo is None:
-        repo = build_repository(ctx.work_dir / "triton_repo", onnx_path=ctx.fp32_onnx(), backend="cpu",
-                                imgsz=ctx.imgsz, max_batch=max(8, batch),
-                                class_names=ctx.class_names)
-        ctx._cache["triton_repo"] = repo
+        cpu_model = None
+        if cpu_runtime == "openvino":
+            from sdconet.runtime.openvino_runner import cpu_capabilities, plugin_onnx
+
+            if precision == "bf16" and "BF16" not in cpu_capabilities():
+                return _skipped(record, f"bf16 needs a CPU with AVX512-BF16 or AMX (OpenVINO reports "
+                                        f"{', '.join(cpu_capabilities())})")
+            cpu_model = ctx.onnx_path or plugin_onnx(ctx)
+        repo = build_repository(ctx.work_dir / f"triton_repo_{cpu_runtime}_{precision}", onnx_path=ctx.fp32_onnx(),
+                                backend="cpu", imgsz=ctx.imgsz, max_batch=max(8, batch),
+                                class_names=ctx.class_names, cpu_model=cpu_model,
+                                options=RepositoryOptions(cpu_runtime=cpu_runtime, cpu_precision=precision,
+                                                          cpu_threads=ctx.threads or 0))
+        ctx._cache[key] = repo
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (ctx.imgsz, ctx.imgsz, 3), dtype=np.uint8) for _ in range(4)]
     try:

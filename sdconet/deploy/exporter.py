@@ -533,13 +533,13 @@ class Exporter:
             return artifacts[kinds[found[0]]], found[0]
         if runtime == "auto":
             runtime = "openvino" if opts.triton_cpu_precision == "bf16" or (
-                "onnx_plugin" in artifacts and _fused_cpu_kernel_ready()) else "onnxruntime"
+                "onnx_plugin" in artifacts and fused_cpu_kernel_ready()) else "onnxruntime"
         if runtime == "openvino":
             return artifacts.get("onnx_plugin"), runtime
         return None, runtime
 
 
-def _fused_cpu_kernel_ready() -> bool:
+def fused_cpu_kernel_ready() -> bool:
     """openvino is installed and the fused MSDA CPU kernel builds here (logged when not)."""
     try:
         import openvino  # noqa: F401
