@@ -62,6 +62,13 @@ def test_retry_policy_retries_only_what_is_safe():
     assert len(attempts) == 1 and error.value.attempts == 1
 
 
+def test_client_output_stems_never_collide():
+    from sdconet.serve.client import _output_stems
+
+    stems = _output_stems([Path("a.png"), Path("x/a.png"), Path("a_1.png"), Path("failures.png")])
+    assert stems[0] == "a" and len(set(stems)) == 4 and "failures" not in stems  # failures.json is reserved
+
+
 def test_soak_with_malformed_traffic_and_stub_kills(server, tmp_path):
     """30 s of mixed traffic at concurrency 8; the detector's stub is killed at 8 s and the preprocess stub at 18 s:
     no good request is lost outside the faults, no malformed request is accepted, both models serve again."""

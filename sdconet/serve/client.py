@@ -84,11 +84,8 @@ def call_with_retries(call: Callable[[], object], policy: RetryPolicy, what: str
         try:
             return call()
         except Exception as err:
-            if attempt == policy.retries or not is_retryable(err):
-                err.attempts = attempt + 1
+            if not _will_retry(err, attempt, policy, what):
                 raise
-            log.warning("%s: %s (attempt %d of %d); retrying in %.1f s", what, _describe(err), attempt + 1,
-                        policy.retries + 1, policy.delay(attempt))
             time.sleep(policy.delay(attempt))
 
 
@@ -98,12 +95,20 @@ async def acall_with_retries(call: Callable[[], object], policy: RetryPolicy, wh
         try:
             return await call()
         except Exception as err:
-            if attempt == policy.retries or not is_retryable(err):
-                err.attempts = attempt + 1
+            if not _will_retry(err, attempt, policy, what):
                 raise
-            log.warning("%s: %s (attempt %d of %d); retrying in %.1f s", what, _describe(err), attempt + 1,
-                        policy.retries + 1, policy.delay(attempt))
             await asyncio.sleep(policy.delay(attempt))
+
+
+def _will_retry(err: Exception, attempt: int, policy: RetryPolicy, what: str) -> bool:
+    """Whether attempt ``attempt`` (0-based), failed with ``err``, is followed by another (logged); when not,
+    ``err.attempts`` records how many were made."""
+    if attempt == policy.retries or not is_retryable(err):
+        err.attempts = attempt + 1
+        return False
+    log.warning("%s: %s (attempt %d of %d); retrying in %.1f s", what, _describe(err), attempt + 1,
+                policy.retries + 1, policy.delay(attempt))
+    return True
 
 
 def _describe(err: BaseException) -> str:
@@ -347,12 +352,16 @@ def annotate(image_path: Path, detections: Detections) -> np.ndarray:
 
 
 def _output_stems(paths: Sequence[Path]) -> list[str]:
-    """File stems for per-image outputs, made unique when two inputs share a name ("failures" is reserved)."""
-    stems, seen = [], {"failures": 1}
+    """File stems for per-image outputs, unique even when inputs share a name (a later ``a.png`` takes the first
+    free ``a_<k>``; "failures" is reserved for failures.json)."""
+    stems, used = [], {"failures"}
     for path in paths:
-        count = seen.get(path.stem, 0)
-        seen[path.stem] = count + 1
-        stems.append(path.stem if count == 0 else f"{path.stem}_{count}")
+        stem, count = path.stem, 0
+        while stem in used:
+            count += 1
+            stem = f"{path.stem}_{count}"
+        used.add(stem)
+        stems.append(stem)
     return stems
 
 
