@@ -22,7 +22,7 @@ import triton_python_backend_utils as pb_utils
 
 from sdconet_merge import merge_detections
 from sdconet_processing import InvalidImageError, check_pixel_limit, decode_image
-from sdconet_tiling import clip_boxes, inner_edges, shift_boxes, tile_grid, touches_inner_edge
+from sdconet_tiling import inner_edges, place_tile_boxes, tile_grid
 
 DETECTOR_OUTPUTS = ["boxes", "scores", "labels"]
 
@@ -87,11 +87,11 @@ class TritonPythonModel:
         height, width = scene_shape
         inner = inner_edges(tiles, height, width)
         all_boxes, all_scores, all_labels, all_tiles, all_edges = [], [], [], [], []
-        for index, (top, left, tile_h, tile_w) in enumerate(tiles):
+        for index, tile in enumerate(tiles):
             keep = np.flatnonzero(scores[index] >= self.score_threshold)
-            tile_boxes = clip_boxes(boxes[index][keep], tile_h, tile_w)
-            all_edges.append(touches_inner_edge(tile_boxes, tile_h, tile_w, inner[index]))
-            all_boxes.append(shift_boxes(tile_boxes, top, left))
+            scene_boxes, touches = place_tile_boxes(boxes[index][keep], tile, inner[index])
+            all_boxes.append(scene_boxes)
+            all_edges.append(touches)
             all_scores.append(scores[index][keep])
             all_labels.append(labels[index][keep])
             all_tiles.append(np.full(len(keep), index, np.int64))
