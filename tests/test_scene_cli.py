@@ -163,6 +163,8 @@ def test_a_job_killed_with_sigkill_resumes_to_the_uninterrupted_outputs(torch_ru
     assert job.returncode == -signal.SIGKILL
     assert (out / f"a{DONE_SUFFIX}").exists() and not (out / f"c{DONE_SUFFIX}").exists()
     marker_time = (out / f"a{DONE_SUFFIX}").stat().st_mtime_ns
+    # what a kill in the middle of an atomic write leaves (the job may or may not have been writing just then)
+    (out / f".c.{job.pid}-deadbeef.tmp.json").write_text('{"half": ')
 
     rerun = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 1, rerun.stderr  # broken.png still fails
@@ -242,3 +244,18 @@ def test_triton_backend_sends_scene_pixels_and_checks_the_served_options(scenes,
     assert "max_scene_pixels" in summary["errors"][0]["error"] and summary["scenes"][0]["tiles"] == 4
     record = json.loads((tmp_path / "out" / "a.json").read_text())
     assert [(d["bbox_xyxy"], d["class_name"]) for d in record["detections"]] == [([1, 2, 30, 40], "ship")]
+
+
+def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    from sdconet.scene.cli import remove_stale_temporaries
+
+    (tmp_path / "sub").mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited
+    stale = [tmp_path / f".summary.{pid}-00ed17cd.tmp.json", tmp_path / "sub" / f".b_preview.{pid}-0a0b0c0d.tmp.png"]
+    live = tmp_path / f".a.{os.getpid()}-0a0b0c0d.tmp.json"
+    other = tmp_path / ".notes.txt"
+    for path in (*stale, live, other):
+        path.write_text("x")
+    assert remove_stale_temporaries(tmp_path) == 2
+    assert not any(p.exists() for p in stale) and live.exists() and other.exists()

@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -236,8 +238,9 @@ def run_scene(backend, scene: Scene, out: Path, job: dict[str, Any], args: argpa
     """Detect one scene and write its outputs, the done-marker last; or return the recorded entry of a scene
     already done with the same key."""
     from sdconet.benchmark.timing import peak_rss_mb
-    from sdconet.scene.outputs import write_atomically, write_scene_outputs
+    from sdconet.scene.outputs import write_scene_outputs
     from sdconet.scene.raster import open_scene
+    from sdconet.utils.io import write_text_atomically
 
     out_dir = out / scene.stem.parent
     stem = scene.stem.name
@@ -260,7 +263,7 @@ def run_scene(backend, scene: Scene, out: Path, job: dict[str, Any], args: argpa
                  "tiles_per_s": round(result.tiles / result.seconds, 3) if result.seconds > 0 else None,
                  "megapixels_per_s": round(megapixels / result.seconds, 3) if result.seconds > 0 else None,
                  "peak_rss_mb": round(peak_rss_mb(), 1)}
-    write_atomically(marker_path, lambda tmp: tmp.write_text(json.dumps({"key": key, "scene": entry}, indent=2)))
+    write_text_atomically(marker_path, json.dumps({"key": key, "scene": entry}, indent=2))
     return entry
 
 
@@ -341,9 +344,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
-    from sdconet.scene.outputs import write_atomically
+    from sdconet.utils.io import write_text_atomically
 
-    write_atomically(out / SUMMARY_NAME, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+    write_text_atomically(out / SUMMARY_NAME, json.dumps(summary, indent=2))
+
+
+# write_atomically's temporary name: .<stem>.<pid>-<8 hex>.tmp<suffix>
+_TEMPORARY = re.compile(r"^\..+\.(\d+)-[0-9a-f]{8}\.tmp(\.[^.]+)?$")
+
+
+def remove_stale_temporaries(out: Path) -> int:
+    """Delete the temporary files that a killed job's atomic writes left under ``out`` (those whose writing process
+    is gone); returns how many. A live writer's temporaries are left alone."""
+    removed = 0
+    for path in out.rglob(".*.tmp*"):
+        match = _TEMPORARY.match(path.name)
+        if match is None or not path.is_file():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+            continue  # that process still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -368,6 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary: dict[str, Any] = {"backend": args.backend, "settings": job, "scenes": [], "errors": [],
                                "metrics": None}
     args.out.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temporaries(args.out)
+    if stale:
+        logger.info("%s: removed %d temporary file(s) of an interrupted run", args.out, stale)
     try:
         for scene in scenes:
             try:
