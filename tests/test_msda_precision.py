@@ -176,10 +176,10 @@ def tiny_512():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("low, tolerance", [(TensorProto.FLOAT16, 0.01), (TensorProto.BFLOAT16, 0.05)],
+@pytest.mark.parametrize("low, fraction", [(TensorProto.FLOAT16, 0.2), (TensorProto.BFLOAT16, 0.5)],
                          ids=["fp16", "bf16"])
-def test_tiny_model_512_runs_in_reduced_precision(tiny_512, low, tolerance):
-    """The whole graph, every float tensor rounded (MSDA included): runs, and the score ranking stays close."""
+def test_tiny_model_512_runs_in_reduced_precision(tiny_512, low, fraction):
+    """The whole graph, every float tensor rounded (MSDA included): runs, and the score curve stays close."""
     model, feeds, reference = tiny_512
     exact = _session(model).run(None, feeds)
     np.testing.assert_allclose(exact[1], reference[1], atol=1e-4)
@@ -187,11 +187,11 @@ def test_tiny_model_512_runs_in_reduced_precision(tiny_512, low, tolerance):
     assert np.isfinite(boxes).all() and np.isfinite(scores).all()
     # boxes are not clipped by the graph: they stay in the range the fp32 graph covers, give or take a stride
     assert reference[0].min() - 64 <= boxes.min() and boxes.max() <= reference[0].max() + 64
-    # scores are sorted: an untrained model's top-K order may swap, its score curve must not move
-    # (measured max |diff|: fp16 0.0011, bf16 0.0069; the scores span about 0.1)
+    # scores are sorted: an untrained model's top-K order may swap, its score curve must not move by more than a
+    # fraction of its spread (measured: spread 0.024, max |diff| fp16 0.0011, bf16 0.0069)
     spread = float(reference[1].max() - reference[1].min())
-    assert spread > 2 * tolerance
-    assert np.abs(scores - reference[1]).max() <= tolerance
+    assert spread > 0.01
+    assert np.abs(scores - reference[1]).max() <= fraction * spread
 
 
 def test_openvino_bf16_hint_runs_the_512_graph(request, tmp_path):
