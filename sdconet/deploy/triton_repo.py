@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from sdconet.runtime.base import DEFAULT_SCORE_THRESHOLD
+from sdconet.runtime.metadata import ORT_DOMAINS
 from sdconet.scene import merge as scene_merge, tiling as scene_tiling
 from sdconet.serve import processing
 from sdconet.serve.python_env import DETECTOR_CPU_MODULES, PREPROCESS_MODULES, inspect_python_env
@@ -48,8 +49,6 @@ SCENE_MODULES = {"sdconet_tiling.py": scene_tiling, "sdconet_merge.py": scene_me
 DETECTOR_INPUT = "images"
 # outputs the postprocess step consumes; further ONNX outputs (e.g. saliency) are declared but not wired
 DETECTOR_OUTPUTS = {"boxes": "TYPE_FP32", "scores": "TYPE_FP32", "labels": "TYPE_INT32"}
-# ONNX operator domains ONNX Runtime executes; anything else is a custom op (e.g. a TensorRT plugin node)
-ORT_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
 # detector_cpu: its runtimes (model.py), their precisions and what each needs in the python models' environment
 CPU_RUNTIMES = ("auto", "onnxruntime", "openvino")
 CPU_PRECISIONS = {"onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8")}
@@ -321,12 +320,11 @@ class CPUDetector:
 def _is_quantized_onnx(path: Path) -> bool:
     import onnx
 
-    from sdconet.runtime.metadata import read_onnx_metadata
+    from sdconet.runtime.metadata import graph_precision, read_onnx_metadata
 
     if read_onnx_metadata(path).get("precision") == "int8":
         return True
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in graph.node)
+    return graph_precision(onnx.load(str(path), load_external_data=False)) == "int8"  # Q/DQ nodes
 
 
 def resolve_cpu_detector(onnx_path: Path, cpu_model: Optional[Path], max_batch: int,
