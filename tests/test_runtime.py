@@ -214,6 +214,18 @@ def test_tensorrt_runner_on_the_exported_model(export, padded_batch, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # Triton: batches straight to the detector model of a real (bundled, CPU) server
 # ---------------------------------------------------------------------------------------------------------------------
+def test_triton_runner_without_a_server_is_unavailable_and_closes_its_client(monkeypatch):
+    http = pytest.importorskip("tritonclient.http")
+    from sdconet.serve.server import free_port
+
+    closed = []
+    close = http.InferenceServerClient.close
+    monkeypatch.setattr(http.InferenceServerClient, "close", lambda client: (closed.append(client), close(client)))
+    with pytest.raises(RunnerUnavailable, match="no Triton server"):
+        open_runner("triton", url=f"127.0.0.1:{free_port()}")
+    assert len(closed) == 1  # the failed constructor leaves no connection pool behind
+
+
 def test_triton_runner_matches_onnxruntime(export, padded_batch, tmp_path):
     pytest.importorskip("tritonclient.http")
     from sdconet.deploy.triton_repo import RepositoryOptions, build_repository

@@ -68,10 +68,18 @@ class TritonRunner(Runner):
         kwargs = ({"connection_timeout": timeout_s, "network_timeout": timeout_s} if protocol == "http" else {})
         self._timeout = timeout_s
         self.client = client_module.InferenceServerClient(self.url, **kwargs)
+        try:  # a server that is not there, or serves no detector, leaves no open connection behind
+            self._open(model, class_names, repo)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, model: str | None, class_names: Sequence[str] | None, repo: str | Path | None) -> None:
+        """Check the server and the detector model, then set the runner's properties from its config."""
         try:
             live = self.client.is_server_live()
         except Exception as err:  # connection refused, DNS, timeout: all mean "no server here"
-            raise RunnerUnavailable(f"no Triton server at {self.url} ({protocol}): {err}") from err
+            raise RunnerUnavailable(f"no Triton server at {self.url} ({self.protocol}): {err}") from err
         if not live:
             raise RunnerUnavailable(f"Triton server at {self.url} is not live")
         if model is None:
