@@ -126,6 +126,11 @@ def test_a_wrong_tile_for_a_fixed_size_model_is_refused(onnx_model, scenes, tmp_
     assert code == 2 and "--tile 96" in capsys.readouterr().err
     assert main([str(scenes / "a.png"), "--backend", "onnxruntime", "--checkpoint", "x", "--out", str(tmp_path)]) == 2
     assert "takes --model" in capsys.readouterr().err
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not a model")
+    assert main([str(scenes / "a.png"), "--backend", "onnxruntime", "--model", str(corrupt),
+                 "--out", str(tmp_path)]) == 2
+    assert f"{corrupt}: the onnxruntime backend cannot open it" in capsys.readouterr().err
     assert not (tmp_path / SUMMARY_NAME).exists()
 
 

@@ -205,6 +205,11 @@ def open_backend(args: argparse.Namespace, options: SceneOptions):
                 runner = open_runner("tensorrt", engine_path=model_path, plugin_libs=args.plugin or ())
     except RunnerError as err:
         raise UsageError(str(err)) from err
+    except (UsageError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # e.g. a corrupt model file: the runtime's own parser error, named with the file
+        source = args.checkpoint if args.backend == "torch" else args.model
+        raise UsageError(f"{source}: the {args.backend} backend cannot open it ({type(err).__name__}: {err})") from err
     if args.precision and runner.precision != args.precision:
         runner.close()
         raise UsageError(f"--precision {args.precision}: {model_path} runs in {runner.precision}")
@@ -388,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--ann {args.ann}: file not found")
         scenes = collect_scenes(args.scenes)
         backend = open_backend(args, options)
-    except (UsageError, ValueError) as err:
+    except (UsageError, ValueError, OSError) as err:  # OSError: an unreadable model file
         print(f"error: {err}", file=sys.stderr)
         return 2
     job = {"backend": backend.describe(), "geojson_crs": args.geojson_crs}
