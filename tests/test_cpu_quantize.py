@@ -116,6 +116,15 @@ def test_bad_calibration_is_refused(small_onnx, tmp_path):
                                      calibration_method="magic")
 
 
+def test_exporter_refuses_an_unknown_cpu_quantizer():
+    from sdconet.deploy.exporter import ExportError, ExportOptions
+
+    with pytest.raises(ExportError, match="--cpu-int8 must be among onnxruntime, openvino, got tensorrt"):
+        ExportOptions(cpu_int8=("onnxruntime", "tensorrt")).validate()
+    with pytest.raises(ExportError, match="--calib-images"):
+        ExportOptions(cpu_int8=("onnxruntime",), calib_images=0).validate()
+
+
 def test_openvino_nncf_int8(small_onnx, calibration, tmp_path):
     pytest.importorskip("nncf", reason="NNCF is not installed (pip install nncf)")
     ov = pytest.importorskip("openvino")
