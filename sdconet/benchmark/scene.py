@@ -307,6 +307,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sdconet.runtime import RunnerError
 
     args = build_parser().parse_args(argv)
+    for flag, path in (("--scene", args.scene), ("--rss-scene", args.rss_scene)):
+        if path is not None and not path.is_file():
+            print(f"error: {flag} {path}: file not found", file=sys.stderr)
+            return 2
     facts = device_facts()
     report: dict[str, Any] = {"device": describe(facts), "facts": facts,
                               "command": " ".join(["python benchmarks/scene.py", *(argv or sys.argv[1:])]),
