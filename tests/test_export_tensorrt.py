@@ -31,20 +31,29 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------------------------------------------------
 # Without TensorRT
 # ---------------------------------------------------------------------------------------------------------------
-def test_import_guard_turns_any_import_error_into_tensorrt_unavailable(tmp_path, monkeypatch):
-    # the PyPI stub raises at import with its own exception types, not ImportError
-    (tmp_path / "tensorrt.py").write_text("raise OSError('stub wheel: install from pypi.nvidia.com')\n")
+@pytest.fixture
+def fake_tensorrt_dir(tmp_path, monkeypatch):
+    """A folder first on sys.path for a stand-in ``tensorrt.py``; whatever ``tensorrt`` module the test imports is
+    dropped afterwards (monkeypatch.delitem of an absent key restores nothing, so an imported fake would stay in
+    sys.modules and every later test would see it)."""
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    saved = sys.modules.pop("tensorrt", None)
+    yield tmp_path
+    sys.modules.pop("tensorrt", None)
+    if saved is not None:
+        sys.modules["tensorrt"] = saved
+
+
+def test_import_guard_turns_any_import_error_into_tensorrt_unavailable(fake_tensorrt_dir):
+    # the PyPI stub raises at import with its own exception types, not ImportError
+    (fake_tensorrt_dir / "tensorrt.py").write_text("raise OSError('stub wheel: install from pypi.nvidia.com')\n")
     with pytest.raises(TensorRTUnavailable, match=r"OSError: stub wheel"):
         import_tensorrt()
     assert "OSError: stub wheel" in tensorrt_unavailable_reason()
 
 
-def test_import_guard_refuses_a_module_that_is_not_tensorrt(tmp_path, monkeypatch):
-    (tmp_path / "tensorrt.py").write_text("__version__ = '0.0.1'\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+def test_import_guard_refuses_a_module_that_is_not_tensorrt(fake_tensorrt_dir):
+    (fake_tensorrt_dir / "tensorrt.py").write_text("__version__ = '0.0.1'\n")
     with pytest.raises(TensorRTUnavailable, match="not NVIDIA's TensorRT Python bindings"):
         import_tensorrt()
 
