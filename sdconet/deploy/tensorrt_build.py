@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from sdconet.utils.io import write_atomically, write_text_atomically
 from sdconet.utils.logging import get_logger
 
 LOG = get_logger(__name__)
@@ -260,9 +261,8 @@ def engine_metadata_path(engine_path: str | Path) -> Path:
 
 
 def write_engine_metadata(engine_path: str | Path, metadata: dict) -> Path:
-    path = engine_metadata_path(engine_path)
-    path.write_text(json.dumps(metadata, indent=2, default=str) + "\n")
-    return path
+    text = json.dumps(metadata, indent=2, default=str) + "\n"
+    return write_text_atomically(engine_metadata_path(engine_path), text)
 
 
 def read_engine_metadata(engine_path: str | Path) -> dict:
@@ -364,12 +364,11 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: Engine
     seconds = time.perf_counter() - start
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
-    engine_path = Path(engine_path)
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    engine_path.write_bytes(bytes(serialized))
+    # atomic writes: a build killed or out of disk here leaves the previous engine / cache, never a truncated one
+    engine_path = write_atomically(engine_path, lambda tmp: tmp.write_bytes(bytes(serialized)))
     if cache_path:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+        cache = bytes(config.get_timing_cache().serialize())
+        write_atomically(cache_path, lambda tmp: tmp.write_bytes(cache))
     outputs = [network.get_output(i).name for i in range(network.num_outputs)]
     facts = {"precision": precision, "requested_precision": options.precision, "tensorrt_version": trt.__version__,
              "strongly_typed": strongly_typed, "network_types": network_evidence, "gpu": device,
