@@ -26,7 +26,7 @@ from sdconet.benchmark.device import describe, device_facts
 from sdconet.benchmark.timing import peak_rss_mb, reset_peak_rss, time_calls
 from sdconet.config import Config
 from sdconet.runtime import RUNNERS as RUNTIME_RUNNERS
-from sdconet.runtime import Runner, RunnerError, RunnerUnavailable
+from sdconet.runtime import Runner, RunnerError, RunnerUnavailable, runner_class
 from sdconet.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -111,12 +111,8 @@ class BenchContext:
         """The runner of ``backend`` for ``precision``, opened once per (backend, precision, options)."""
         key = ("runner", backend, precision, tuple(sorted(options.items())))
         if key not in self._cache:
-            import importlib
-
-            module_name, class_name = RUNTIME_RUNNERS[backend].split(":")
             try:
-                runner_cls = getattr(importlib.import_module(module_name), class_name)
-                self._cache[key] = runner_cls.for_benchmark(self, precision, **options)
+                self._cache[key] = runner_class(backend).for_benchmark(self, precision, **options)
             except RunnerUnavailable as err:
                 self._cache[key] = err
         value = self._cache[key]
@@ -173,11 +169,11 @@ def run_runner(ctx: BenchContext, backend: str, precision: str, batch: int, **op
     if identity in timed:
         return _skipped(record, f"the same {backend} artifact ({runner.precision}) is already timed in the record "
                                 f"asked for as {timed[identity]}")
-    timed[identity] = f"{precision}/b{batch}"
     try:
         call: Callable[[], Any] = runner.timed_call(ctx.images(batch))
     except (RunnerError, ValueError) as err:  # e.g. a batch above the engine's profile
         return _skipped(record, str(err))
+    timed[identity] = f"{precision}/b{batch}"  # only once it is really timed
     cuda = runner.uses_cuda
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -276,15 +272,12 @@ BACKENDS = tuple(RUNTIME_RUNNERS)
 
 def _known_precisions() -> tuple[str, ...]:
     """The base precisions plus any other a registered runner class declares (its ``precisions`` attribute)."""
-    import importlib
-
     found = list(BASE_PRECISIONS)
-    for target in RUNTIME_RUNNERS.values():
-        module_name, class_name = target.split(":")
+    for backend in RUNTIME_RUNNERS:
         try:
-            runner_cls = getattr(importlib.import_module(module_name), class_name)
+            runner_cls = runner_class(backend)
         except Exception as err:  # noqa: BLE001 - a broken optional runtime must not break the CLI
-            log.debug("cannot import %s (%s)", target, err)
+            log.debug("cannot import %s (%s)", RUNTIME_RUNNERS[backend], err)
             continue
         found += [p for p in getattr(runner_cls, "precisions", ()) if p not in found]
     return tuple(found)

@@ -22,14 +22,18 @@ RUNNERS: dict[str, str] = {
 }
 
 
-def open_runner(backend: str, **kwargs: Any) -> Runner:
-    """Open a runner of ``backend`` (see ``RUNNERS``); keyword arguments go to that runner's constructor."""
+def runner_class(backend: str) -> type[Runner]:
+    """The runner class of ``backend`` (see ``RUNNERS``), its module imported on first use."""
     if backend not in RUNNERS:
         raise RunnerError(f"unknown backend {backend!r}; choose from {', '.join(sorted(RUNNERS))}")
     module_name, class_name = RUNNERS[backend].split(":")
-    runner_cls = getattr(importlib.import_module(module_name), class_name)
-    return runner_cls(**kwargs)
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def open_runner(backend: str, **kwargs: Any) -> Runner:
+    """Open a runner of ``backend`` (see ``RUNNERS``); keyword arguments go to that runner's constructor."""
+    return runner_class(backend)(**kwargs)
 
 
 __all__ = ["DEFAULT_SCORE_THRESHOLD", "DETECTION_KEYS", "RUNNERS", "Runner", "RunnerError", "RunnerUnavailable",
-           "SALIENCY_KEY", "normalize_outputs", "open_runner", "pad_to_input", "sorted_by_score"]
+           "SALIENCY_KEY", "normalize_outputs", "open_runner", "pad_to_input", "runner_class", "sorted_by_score"]
