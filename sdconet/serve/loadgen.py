@@ -202,6 +202,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="SIGKILL the python backend stub of MODEL T s after the warm-up (repeatable)")
     args = parser.parse_args(argv)
     setup_logging()
+    missing = [str(p) for p in args.images or () if not p.is_file()]
+    if missing:
+        parser.error(f"image file(s) not found: {', '.join(missing)}")
     if args.soak_seconds is not None:
         return _soak_main(parser, args)
     if args.repo is not None or args.kill_stub or args.server_pid is not None:
@@ -212,9 +215,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError:
         parser.error(f"--concurrency must be comma-separated integers, got {args.concurrency!r}")
     if args.images:
-        missing = [str(p) for p in args.images if not p.is_file()]
-        if missing:
-            parser.error(f"image file(s) not found: {', '.join(missing)}")
         images: list[ImageInput] = [p.read_bytes() for p in args.images]
     else:
         images = [synthetic_image()]
