@@ -144,7 +144,7 @@ def generate_scene(out_dir: str | Path, width: int, height: Optional[int] = None
     scaled by the tile's area relative to a 512-pixel image.
     """
     from sdconet.scene import raster
-    from sdconet.scene.outputs import write_atomically
+    from sdconet.utils.io import write_atomically
 
     height = width if height is None else height
     if width < MIN_TILE or height < MIN_TILE:

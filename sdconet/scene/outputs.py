@@ -35,7 +35,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from sdconet.scene.raster import SceneReader
-from sdconet.utils.io import write_atomically  # noqa: F401  (re-exported: callers import it from here)
+from sdconet.utils.io import write_atomically, write_text_atomically
 
 GEOJSON_CRS_CHOICES = ("wgs84", "native")
 RING_POINTS_PER_EDGE = 4  # vertices per box edge before the closing point: 16-vertex ring
@@ -127,7 +127,7 @@ def scene_geojson(reader: SceneReader, boxes: np.ndarray, scores: np.ndarray, la
 
 
 def _write_json(path: Path, data: dict) -> Path:
-    return write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data)))
+    return write_text_atomically(path, json.dumps(data))
 
 
 def _write_preview(path: Path, reader: SceneReader, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
