@@ -102,7 +102,8 @@ def test_launcher_heals_a_stub_and_restarts_a_dead_server_while_a_client_retries
     with open(stderr_path, "w") as stderr:
         launcher = subprocess.Popen(
             [sys.executable, "-m", "sdconet.serve", "--repo", str(cpu_repo), "--http-port", str(ports[0]),
-             "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--json"],
+             "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--json",
+             "--log-file", str(tmp_path / "triton.log")],
             stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=Path(__file__).resolve().parents[1])
     pids = []
     try:
@@ -142,6 +143,9 @@ def test_launcher_heals_a_stub_and_restarts_a_dead_server_while_a_client_retries
         assert "tritonserver exited unexpectedly" in log and "restarting the server" in log
         assert "server restarted and ready" in log
         pids.append(int(re.search(r"restarted and ready in [0-9.]+ s \(pid (\d+)\)", log).group(1)))
+        # the dead server's log is kept (not reopened and truncated): the restarted server writes its own
+        assert "Started HTTPService" in (tmp_path / "triton.log").read_text()
+        assert (tmp_path / "triton.restart1.log").is_file()
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(timeout=60) == 0
     finally:

@@ -40,7 +40,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"])
     parser.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"])
     parser.add_argument("--tritonserver", type=Path, default=None, help="tritonserver binary to run")
-    parser.add_argument("--log-file", type=Path, default=None, help="server log (default: a temporary file)")
+    parser.add_argument("--log-file", type=Path, default=None,
+                        help="server log (default: a temporary file); restart k writes <stem>.restart<k><suffix>")
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for readiness")
     parser.add_argument("--json", action="store_true", help="print the endpoints as one JSON line")
@@ -96,14 +97,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             restarts += 1
             log.error("%s; restarting the server (restart %d of at most %d)", reason, restarts, args.max_restarts)
             server.stop()
+            # a restarted server writes a log of its own: reopening --log-file would truncate the crashed one's
+            log_file = None if args.log_file is None else args.log_file.with_name(
+                f"{args.log_file.stem}.restart{restarts}{args.log_file.suffix}")
             server = TritonServer(args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                                  metrics_port=args.metrics_port, binary=args.tritonserver, log_file=args.log_file,
+                                  metrics_port=args.metrics_port, binary=args.tritonserver, log_file=log_file,
                                   log_verbose=args.log_verbose)
             started = time.monotonic()
             server.start()
             server.wait_ready(args.startup_timeout)
             log.warning("server restarted and ready in %.1f s (pid %d)", time.monotonic() - started,
                         server.process.pid)
+            log.warning("the restarted server logs to %s", server.log_path)
     except _Stop as stop:
         log.info("%s received: stopping the server", stop)
         code = server.stop()
