@@ -64,7 +64,8 @@ def test_float_fields_accept_yaml11_exponent_strings():
 
 
 def test_amp_auto_resolution(tmp_path):
-    from sdconet.engine.distributed import cpu_has_amx_bf16, resolve_amp
+    from sdconet.engine.distributed import resolve_amp
+    from sdconet.utils.cpu import has_amx_bf16 as cpu_has_amx_bf16
     amx = tmp_path / "cpuinfo_amx"
     amx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile amx_int8\n")
     plain = tmp_path / "cpuinfo_plain"

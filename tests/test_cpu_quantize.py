@@ -11,6 +11,7 @@ from onnx import numpy_helper
 from sdconet.deploy import cpu_quantize as cq
 from sdconet.deploy import msda_plugin as mp
 from sdconet.deploy.exporter import MSDA_EXCLUDE_PATTERN
+from sdconet.utils.cpu import has_int8_dot
 from sdconet.deploy.onnx_export import export_module, simplify_around_custom_nodes
 from sdconet.models.deformable_attention import MSDeformAttn
 
@@ -78,14 +79,14 @@ def test_vnni_detection_reads_cpu_flags(tmp_path):
     with_vnni.write_text("processor : 0\nflags : fpu sse avx2 avx512f avx512_vnni amx_int8\n")
     without = tmp_path / "avx2"
     without.write_text("processor : 0\nflags : fpu sse avx2 fma\n")
-    assert cq.cpu_has_vnni(with_vnni) and not cq.cpu_has_vnni(without)
-    assert not cq.cpu_has_vnni(tmp_path / "missing")
+    assert has_int8_dot(with_vnni) and not has_int8_dot(without)
+    assert not has_int8_dot(tmp_path / "missing")
 
 
 def test_onnxruntime_int8_qdq(small_onnx, calibration, tmp_path):
     out_path = tmp_path / "small.int8.onnx"
     summary = cq.quantize_onnxruntime_int8(small_onnx, out_path, calibration)
-    assert summary["reduce_range"] == (not cq.cpu_has_vnni())  # 7-bit weights only without VNNI
+    assert summary["reduce_range"] == (not has_int8_dot())  # 7-bit weights only without VNNI
     assert summary["activation_type"] == "int8" and summary["per_channel"]
     assert summary["excluded_nodes"] > 0 and summary["calibration_images"] == 6
     model = onnx.load(str(out_path))

@@ -163,7 +163,7 @@ def test_predict_default_tiling_fits_the_training_size(tmp_path, data_overrides)
 
 def test_bf16_cpu_training_step_keeps_float32_master_weights(tmp_path, data_overrides, monkeypatch):
     # train.amp=auto resolves to bf16 on a CPU with AMX-BF16 (faked here: the test machine may lack it)
-    monkeypatch.setattr("sdconet.engine.distributed.cpu_has_amx_bf16", lambda *args: True)
+    monkeypatch.setattr("sdconet.engine.distributed.has_amx_bf16", lambda *args: True)
     cfg = load_config("tiny", [*data_overrides, "train.amp=auto", "train.schedule=joint", "train.epochs=1"])
     trainer = Trainer(cfg, tmp_path / "run")
     assert trainer.amp == "bf16" and trainer.amp_dtype is torch.bfloat16 and not trainer.scaler.is_enabled()

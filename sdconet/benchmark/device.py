@@ -8,15 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from sdconet.utils.cpu import cpu_model_name
 
 
 def _version(module: str) -> str | None:
@@ -54,7 +46,7 @@ def device_facts() -> dict[str, Any]:
     from sdconet.deploy.tensorrt_build import tensorrt_version  # the one TensorRT import guard
 
     facts: dict[str, Any] = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model_name(),
         "cpu_threads": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

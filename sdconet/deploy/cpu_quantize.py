@@ -27,29 +27,16 @@ import numpy as np
 
 from sdconet.deploy.exporter import MSDA_EXCLUDE_PATTERN
 from sdconet.utils.logging import get_logger
+from sdconet.utils.cpu import has_int8_dot
 
 LOG = get_logger(__name__)
 
 ORT_INT8_OP_TYPES = ("Conv", "MatMul", "Gemm")
 ORT_CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 class CPUQuantizationError(RuntimeError):
     """A CPU quantizer is missing or failed; the message names the tool and the artifact."""
-
-
-def cpu_has_vnni(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
-    """True when the CPU has an int8 dot-product unit (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return False
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-    return any(flag in flags for flag in _VNNI_FLAGS)
 
 
 def msda_node_names(model) -> list[str]:
@@ -99,7 +86,7 @@ def quantize_onnxruntime_int8(onnx_path: str | Path, output_path: str | Path, ca
     if activation_type not in activation_types:
         raise ValueError(f"activation_type must be int8 or uint8, got {activation_type!r}")
     images = _check_calibration(calibration)
-    vnni = cpu_has_vnni()
+    vnni = has_int8_dot()
     reduce_range = (not vnni) if reduce_range is None else reduce_range
     onnx_path, output_path = Path(onnx_path), Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)

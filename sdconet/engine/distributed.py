@@ -12,6 +12,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from sdconet.utils.cpu import has_amx_bf16
 from sdconet.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -48,15 +49,6 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def cpu_has_amx_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
-    """Whether the CPU advertises AMX-BF16 (Linux ``/proc/cpuinfo`` flag ``amx_bf16``); False when unreadable."""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
-            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in handle)
-    except OSError:
-        return False
-
-
 def resolve_amp(amp: str | None, device: torch.device, cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str | None:
     """``train.amp`` for ``device``: ``"auto"`` -> ``"bf16"`` on a CPU with AMX-BF16 (its bf16 matmuls are several
     times its fp32 ones; without AMX, bf16 autocast is emulated and slower, so None), on CUDA ``"bf16"`` where the
@@ -65,7 +57,7 @@ def resolve_amp(amp: str | None, device: torch.device, cpuinfo: str | os.PathLik
         return amp
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu" and cpu_has_amx_bf16(cpuinfo):
+    if device.type == "cpu" and has_amx_bf16(cpuinfo):
         return "bf16"
     return None
 

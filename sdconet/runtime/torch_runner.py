@@ -13,6 +13,7 @@ import torch
 
 from sdconet.config import Config
 from sdconet.runtime.base import Runner, RunnerError, RunnerUnavailable
+from sdconet.utils.cpu import cpu_model_name, has_native_bf16
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -80,8 +81,12 @@ class TorchRunner(Runner):
         self.cfg = cfg
         self.graph = graph.eval().to(self.device)
         if class_names is None:
-            class_names = meta.get("category_names") or [f"class_{i}"
-                                                         for i in range(cfg.model.detector.num_classes)]
+            class_names = meta.get("category_names") or None
+        if class_names is None:
+            if cfg is None:
+                raise RunnerError("torch runner: a prebuilt graph without its cfg needs class_names (or meta with "
+                                  "category_names)")
+            class_names = [f"class_{i}" for i in range(cfg.model.detector.num_classes)]
         super().__init__(imgsz=default_imgsz(cfg) if imgsz == TRAINING_SIZE else imgsz, class_names=class_names,
                          precision=precision, max_batch=None,
                          has_saliency=bool(getattr(self.graph, "with_saliency", False)))
@@ -107,12 +112,17 @@ class TorchRunner(Runner):
     @classmethod
     def for_benchmark(cls, bench: Any, precision: str, compile_model: bool = False,
                       cuda_graphs: bool = False) -> "TorchRunner":
-        """The benchmark's graph on CUDA when there is one, else CPU; bf16 autocast runs on both."""
+        """The benchmark's graph on CUDA when there is one, else CPU; bf16 autocast runs on both (on a CPU only
+        with native bf16)."""
         if precision not in PRECISIONS:
             raise RunnerUnavailable(f"{precision} is measured on ONNX Runtime (Q/DQ) and TensorRT, not eager PyTorch")
         cuda = torch.cuda.is_available()
         if (compile_model or cuda_graphs) and not cuda:
             raise RunnerUnavailable("torch.compile / CUDA graphs are timed on GPU only; no CUDA device here")
+        if precision == "bf16" and not cuda and not has_native_bf16():
+            # emulated bf16 is many times slower than fp32: timing it says nothing about bf16 on capable CPUs
+            raise RunnerUnavailable(f"bf16 autocast on this CPU ({cpu_model_name()}) would be emulated: it has no "
+                                    f"AMX-BF16/AVX512-BF16")
         msda_impl = "auto" if cuda else "gather"  # auto = the Triton kernel on CUDA
         runner = cls(graph=bench.graph(msda_impl), cfg=bench.cfg, device="cuda" if cuda else "cpu",
                      msda_impl=msda_impl, precision=precision, imgsz=bench.imgsz)
