@@ -214,6 +214,14 @@ def test_tensorrt_runner_on_the_exported_model(export, padded_batch, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # Triton: batches straight to the detector model of a real (bundled, CPU) server
 # ---------------------------------------------------------------------------------------------------------------------
+def test_torch_runner_on_a_prebuilt_graph_without_cfg_needs_class_names():
+    graph = torch.nn.Identity()
+    with pytest.raises(RunnerError, match="needs class_names"):  # was an AttributeError on cfg None
+        open_runner("torch", graph=graph, imgsz=IMGSZ, device="cpu")
+    with open_runner("torch", graph=graph, imgsz=IMGSZ, device="cpu", class_names=NAMES) as runner:
+        assert runner.class_names == NAMES and runner.imgsz == IMGSZ
+
+
 def test_triton_runner_without_a_server_is_unavailable_and_closes_its_client(monkeypatch):
     http = pytest.importorskip("tritonclient.http")
     from sdconet.serve.server import free_port
