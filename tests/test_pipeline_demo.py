@@ -1,5 +1,5 @@
 """The one-command demo, end to end with the smallest settings: every stage runs for real (training, evaluation,
-ONNX/INT8 export, a Triton server with client requests, benchmarks), and the summary's numbers are the ones in the
+ONNX/INT8 export, a Triton server with client requests, a whole GeoTIFF scene, benchmarks), and the summary's numbers are the ones in the
 files the stages wrote."""
 import json
 import math
@@ -24,7 +24,7 @@ def demo_run(tmp_path_factory):
     if reason:
         pytest.skip(f"INT8 stage needs ModelOpt: {reason}")
     out = tmp_path_factory.mktemp("demo")
-    code = main(["--out", str(out), "--calib-images", "2", "--bench-iters", "3", "--",
+    code = main(["--out", str(out), "--calib-images", "2", "--bench-iters", "3", "--scene-size", "256", "--",
                  "--epochs", "1", "data.synthetic.num_images=10", "data.synthetic.image_size=128",
                  f"data.cache_dir={out / 'cache'}"])
     assert code == 0
@@ -45,9 +45,13 @@ def test_summary_numbers_come_from_stage_files(demo_run, capsys):
     assert summary["export"]["int8"]["ap_drop_points"] == report["int8"]["ap_drop_points"]
     latency = json.loads(layout.latency_json.read_text())
     assert [r["p50_ms"] for r in summary["latency"]] == [r["p50_ms"] for r in latency]
-    assert {r["backend"] for r in latency} == {"torch", "onnxruntime", "triton"}
+    assert {r["backend"] for r in latency} == {"torch", "onnxruntime", "openvino", "triton"}
     assert all(r["status"] == "ok" for r in latency)
     assert summary["serving"]["images"] >= 1
+    scene_summary = json.loads(layout.scene_summary.read_text())
+    assert summary["scene"]["tiles"] == scene_summary["scenes"][0]["tiles"] >= 1
+    assert summary["scene"]["metrics"] == scene_summary["metrics"] and "AP50" in scene_summary["metrics"]
+    assert (layout.scene_detections / "scene.geojson").is_file()
     assert summary["pictures"]["latency_chart"] and summary["pictures"]["training_grids"]
     text = format_summary(summary)
     assert f"AP50 {evaluation['AP50']:.3f}" in text and "INT8 Q/DQ" in text and "| triton |" in text
@@ -57,4 +61,4 @@ def test_rerun_skips_finished_stages(demo_run, capsys):
     code = main(["--out", str(demo_run.work)])
     assert code == 0
     err = capsys.readouterr().err
-    assert err.count("[skip]") == 5 and "[run ]" not in err
+    assert err.count("[skip]") == 7 and "[run ]" not in err

@@ -7,7 +7,10 @@ Stages (each one a real CLI of the project, logged to ``<out>/logs/<stage>.log``
 3. ``export``    ``export/build_engine.py`` — ONNX (plugin + pure), parity, INT8 Q/DQ + AP comparison, Triton
                  repository (cpu deployment; TensorRT engine only where TensorRT and a GPU exist)
 4. ``serve``     a real Triton server (bundled with nvidia-pytriton) + ``python -m sdconet.client`` on held-out images
-5. ``benchmark`` ``benchmarks/latency.py`` — torch, ONNX Runtime, Triton on the exported graph, plus a chart
+5. ``scene-data`` ``python -m sdconet.data synth-scene`` — a georeferenced 2048² GeoTIFF scene + its COCO JSON
+6. ``scene``     ``python -m sdconet.predict`` — the whole scene through the OpenVINO CPU runtime (fused MSDA op),
+                 HR evaluation protocol, GeoJSON + preview + saliency, whole-scene COCO AP
+7. ``benchmark`` ``benchmarks/latency.py`` — torch, ONNX Runtime, OpenVINO, Triton on the exported graph, plus a chart
 
 A failed stage stops the demo naming the stage and its log; earlier outputs stay, and a rerun resumes at the failed
 stage. The summary is computed only from the files the stages wrote (:func:`collect_summary`).
@@ -25,6 +28,9 @@ from sdconet.pipeline.stages import Stage, StageFailed, StageRunner
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXPORT_NAME = "sdconet"
+SCENE_NAME = "scene"
+SCENE_SIZE = 2048  # HR pixels of the demo scene (81 tiles of the demo model's 128² LR input, 64 px overlap)
+SCENE_SEED = 7  # not a seed of the training images
 
 
 class DemoLayout:
@@ -36,6 +42,8 @@ class DemoLayout:
         self.engines = work / "engines"
         self.triton_repo = work / "triton_repo"
         self.detections = work / "detections"
+        self.scenes = work / "scenes"
+        self.scene_detections = work / "scene_detections"
         self.latency_json = work / "latency.json"
         self.latency_chart = work / "latency.png"
         self.summary_json = work / "summary.json"
@@ -59,6 +67,18 @@ class DemoLayout:
     @property
     def onnx(self) -> Path:
         return self.engines / f"{EXPORT_NAME}.onnx"
+
+    @property
+    def plugin_onnx(self) -> Path:
+        return self.engines / f"{EXPORT_NAME}.plugin.onnx"
+
+    @property
+    def scene(self) -> Path:
+        return self.scenes / f"{SCENE_NAME}.tif"
+
+    @property
+    def scene_summary(self) -> Path:
+        return self.scene_detections / "summary.json"
 
 
 def _trained_config(layout: DemoLayout):
@@ -116,7 +136,8 @@ class _Server:
 
 
 def build_stages(layout: DemoLayout, python: str = sys.executable, train_args: Sequence[str] = (),
-                 calib_images: int = 16, bench_iters: int = 20, clients: int = 4) -> list[Stage]:
+                 calib_images: int = 16, bench_iters: int = 20, clients: int = 4,
+                 scene_size: int = SCENE_SIZE) -> list[Stage]:
     server = _Server(layout)
     client_argv = lambda: [python, "-m", "sdconet.client", *heldout_images(layout, clients), "--url",  # noqa: E731
                            server.url, "--out", str(layout.detections), "--annotate"]
@@ -131,8 +152,17 @@ def build_stages(layout: DemoLayout, python: str = sys.executable, train_args: S
                                  "--triton-repo", str(layout.triton_repo)],
               outputs=[layout.export_report, layout.onnx, layout.triton_repo]),
         Stage("serve", client_argv, outputs=[layout.detections], before=server.start, after=server.stop),
+        Stage("scene-data", [python, "-m", "sdconet.data", "synth-scene", "--out", str(layout.scenes), "--size",
+                             str(scene_size), "--geotiff", "--crs", "EPSG:32633", "--seed", str(SCENE_SEED),
+                             "--name", SCENE_NAME],
+              outputs=[layout.scene]),
+        Stage("scene", [python, "-m", "sdconet.predict", str(layout.scene), "--backend", "openvino", "--model",
+                        str(layout.plugin_onnx), "--input", "hr", "--ann", str(layout.scenes / f"{SCENE_NAME}.json"),
+                        "--out", str(layout.scene_detections), "--no-progress"],
+              outputs=[layout.scene_summary]),
         Stage("benchmark", lambda: [python, "benchmarks/latency.py", "--checkpoint", str(layout.best_checkpoint),
-                                    "--imgsz", str(lr_size(layout)), "--backend", "torch", "onnxruntime", "triton",
+                                    "--imgsz", str(lr_size(layout)), "--backend", "torch", "onnxruntime", "openvino",
+                                    "triton",
                                     "--iters", str(bench_iters), "--warmup", "3",
                                     "--work-dir", str(layout.work / "bench"),
                                     "--json", str(layout.latency_json), "--chart", str(layout.latency_chart)],
@@ -152,7 +182,13 @@ def collect_summary(layout: DemoLayout) -> dict[str, Any]:
     report = _read_json(layout.export_report) or {}
     latency = _read_json(layout.latency_json) or []
     int8 = report.get("int8") or {}
-    detections = sorted(layout.detections.glob("*.json")) if layout.detections.is_dir() else []
+    scene_summary = _read_json(layout.scene_summary) or {}
+    scenes = scene_summary.get("scenes") or []
+    from sdconet.serve.client import FAILURES_FILE
+
+    detections = (sorted(p for p in layout.detections.glob("*.json") if p.name != FAILURES_FILE)
+                  if layout.detections.is_dir() else [])
+    failures = _read_json(layout.detections / FAILURES_FILE) or []
     pictures = {
         "training_grids": sorted(str(p) for p in (layout.train / "pictures").glob("*.png")),
         "detections": sorted(str(p) for p in layout.detections.glob("*.png")) if layout.detections.is_dir() else [],
@@ -169,8 +205,11 @@ def collect_summary(layout: DemoLayout) -> dict[str, Any]:
                       "ap_drop_points": int8["ap_drop_points"]} if "fp32" in int8 else None),
             "skipped": report.get("skipped", []),
         },
-        "serving": {"images": len(detections),
+        "serving": {"images": len(detections), "failures": len(failures),
                     "detections": sum(_read_json(p).get("num_detections", 0) for p in detections)},
+        "scene": ({"file": scenes[0].get("file"), "tiles": scenes[0].get("tiles"),
+                   "detections": scenes[0].get("detections"), "seconds": scenes[0].get("seconds"),
+                   "metrics": scene_summary.get("metrics")} if scenes else None),
         "latency": [{k: r.get(k) for k in REQUIRED_KEYS} for r in latency],
         "pictures": pictures,
     }
@@ -193,7 +232,14 @@ def format_summary(summary: dict[str, Any]) -> str:
     for skipped in summary["export"]["skipped"]:
         lines.append(f"skipped {skipped['step']}: {skipped['reason']}")
     serving = summary["serving"]
-    lines.append(f"Triton: {serving['detections']} detections on {serving['images']} held-out images")
+    lines.append(f"Triton: {serving['detections']} detections on {serving['images']} held-out images"
+                 + (f", {serving['failures']} failed (see failures.json)" if serving.get("failures") else ""))
+    scene = summary.get("scene")
+    if scene:
+        metrics = scene["metrics"] or {}
+        coco = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("AP", "AP50", "APs") if k in metrics)
+        lines.append(f"whole scene {scene['file']}: {scene['tiles']} tiles, {scene['detections']} detections in "
+                     f"{scene['seconds']:.1f} s" + (f"; {coco}" if coco else ""))
     if summary["latency"]:
         lines += ["", markdown_table(summary["latency"])]
     pictures = summary["pictures"]
@@ -213,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="work directory (default runs/demo)")
     parser.add_argument("--calib-images", type=int, default=16, help="INT8 calibration images")
     parser.add_argument("--bench-iters", type=int, default=20, help="measured calls per benchmark configuration")
+    parser.add_argument("--scene-size", type=int, default=SCENE_SIZE,
+                        help=f"side in HR pixels of the synthetic GeoTIFF scene (default {SCENE_SIZE})")
     parser.add_argument("--summary-only", action="store_true", help="print the summary of an earlier run and exit")
     args, train_args = parser.parse_known_args(argv)
     train_args = [a for a in train_args if a != "--"]
@@ -221,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner = StageRunner(layout.work, cwd=REPO_ROOT)
         try:
             runner.run_all(build_stages(layout, train_args=train_args, calib_images=args.calib_images,
-                                        bench_iters=args.bench_iters))
+                                        bench_iters=args.bench_iters, scene_size=args.scene_size))
         except StageFailed as err:
             print(f"\ndemo stopped: {err}\nearlier stages' outputs are kept in {layout.work}; run the same command "
                   "again to resume from this stage.", file=sys.stderr)

@@ -29,6 +29,7 @@ from sdconet.serve.server import DEFAULT_PORTS
 from sdconet.utils.logging import get_logger, setup_logging
 
 log = get_logger(__name__)
+FAILURES_FILE = "failures.json"  # per-image failures of a client run, next to the detection JSONs
 
 ENSEMBLE_MODEL = "sdconet"
 PROTOCOLS = ("http", "grpc")
@@ -442,7 +443,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         json.dump(records, sys.stdout, indent=2, ensure_ascii=False)
         sys.stdout.write("\n")
     else:
-        (args.out / "failures.json").write_text(json.dumps(failures, indent=2, ensure_ascii=False) + "\n")
+        (args.out / FAILURES_FILE).write_text(json.dumps(failures, indent=2, ensure_ascii=False) + "\n")
         log.info("wrote %d JSON file(s)%s to %s (%d failure(s) listed in failures.json)", len(records),
                  " and annotated PNGs" if args.annotate else "", args.out, len(failures))
     if failures:
