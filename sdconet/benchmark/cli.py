@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", nargs="+", choices=BACKENDS, default=["torch", "onnxruntime"],
                         help="backends to time (default: torch onnxruntime)")
     parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["fp32"],
-                        help="precisions (torch: bf16 autocast on CPU and GPU, fp16 on GPU; onnxruntime int8: ModelOpt "
-                             "Q/DQ; tensorrt: the --engine whose .plan.json has that precision). Records carry the "
+                        help="precisions (torch: bf16 autocast on CPU and GPU, fp16 on GPU; int8 on onnxruntime/openvino: "
+                             "the runtime's own quantizer (quantize_static QDQ / NNCF) calibrated on training images; "
+                             "int8-qdq: ModelOpt's Q/DQ graph for TensorRT, timed on onnxruntime; tensorrt: the --engine whose .plan.json has that precision). Records carry the "
                              "precision the artifact really runs in")
     parser.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes (triton: requests in flight)")
     parser.add_argument("--imgsz", type=int, default=256, help="LR input side (default 256)")
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default="paper", help="model preset or YAML when no checkpoint is given")
     parser.add_argument("--checkpoint", help="trained weights (.safetensors or run dir); default: random weights")
     parser.add_argument("--onnx", type=Path, help="fp32 ONNX to time instead of exporting one")
-    parser.add_argument("--int8-onnx", type=Path, help="INT8 Q/DQ ONNX to time instead of quantizing one")
+    parser.add_argument("--int8-onnx", type=Path, help="Q/DQ ONNX (e.g. the exporter's ModelOpt one) to time as int8-qdq instead of "
+                             "quantizing one")
     parser.add_argument("--engine", type=Path, nargs="+", default=[],
                         help="TensorRT engine(s) for --backend tensorrt; each is timed under the precision its "
                              ".plan.json sidecar records, and once only")

@@ -31,7 +31,9 @@ from sdconet.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-BASE_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# int8 on a CPU backend = that runtime's own quantizer (ONNX Runtime quantize_static QDQ, NNCF for OpenVINO);
+# int8-qdq = ModelOpt's explicit Q/DQ graph, made for TensorRT (timed on ONNX Runtime under its own label)
+BASE_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-qdq")
 # describe() keys every runner has; the others (provider, msda_impl, engine, ...) become record notes
 _BASE_DESCRIBE = ("backend", "precision", "imgsz", "max_batch", "num_classes", "has_saliency")
 
@@ -81,11 +83,12 @@ class BenchContext:
 
     def onnx(self, precision: str) -> Path:
         """The ONNX of ``precision``: fp32 = the user's or the pure-ONNX export of the graph the torch runner times;
-        int8 = the user's Q/DQ ONNX or ModelOpt's quantization of the fp32 one. RunnerUnavailable otherwise."""
+        int8 = ONNX Runtime's static QDQ quantization of it (training-split calibration images); int8-qdq = the
+        user's ``--int8-onnx`` or ModelOpt's Q/DQ quantization (same images). RunnerUnavailable otherwise."""
         if precision == "fp32":
             return self.fp32_onnx()
-        if precision == "int8":
-            path = self.int8_onnx_path or _int8_onnx(self)
+        if precision in ("int8", "int8-qdq"):
+            path = _cached_artifact(self, precision, lambda: self._quantize_onnx(precision))
             if isinstance(path, str):  # a reason, not a path
                 raise RunnerUnavailable(path)
             return path
@@ -106,6 +109,48 @@ class BenchContext:
                                 outputs=DETECTION_OUTPUTS, precision="fp32")
             self._cache["onnx"] = save_model(model, self.work_dir / "bench_fp32.onnx")
         return self._cache["onnx"]
+
+    def calibration(self) -> np.ndarray:
+        """``calib_images`` LR images of the config's training split (synthetic by default), never random tensors."""
+        if "calibration" not in self._cache:
+            from sdconet.data import build_dataset
+            from sdconet.deploy.quantize import calibration_images
+
+            dataset = build_dataset(self.cfg.data, "train", self.cfg.model.upscale, train=False)
+            self._cache["calibration"] = calibration_images(dataset, self.calib_images, self.imgsz)
+        return self._cache["calibration"]
+
+    def _quantize_onnx(self, precision: str) -> Path:
+        if precision == "int8-qdq":
+            if self.int8_onnx_path is not None:
+                return self.int8_onnx_path
+            from sdconet.deploy.quantize import quantize_int8, write_calibration_data
+
+            fp32 = self.fp32_onnx()  # an export failure is an error of its own, not a quantization one
+            calib = write_calibration_data(self.calibration(), self.work_dir / "bench_calib.npz")
+            out = self.work_dir / "bench_int8_qdq.onnx"
+            quantize_int8(fp32, out, calib)
+            return out
+        from sdconet.deploy.cpu_quantize import quantize_onnxruntime_int8
+
+        fp32 = self.fp32_onnx()
+        out = self.work_dir / "bench_cpu_int8.onnx"
+        quantize_onnxruntime_int8(fp32, out, self.calibration())
+        return out
+
+    def openvino_int8(self) -> Path:
+        """NNCF INT8 IR of the fp32 ONNX (training-split calibration images), made once."""
+        def make() -> Path:
+            from sdconet.deploy.cpu_quantize import quantize_openvino_int8
+
+            out = self.work_dir / "bench_openvino_int8.xml"
+            quantize_openvino_int8(self.fp32_onnx(), out, self.calibration())
+            return out
+
+        path = _cached_artifact(self, "openvino_int8", make)
+        if isinstance(path, str):
+            raise RunnerUnavailable(path)
+        return path
 
     def runner(self, backend: str, precision: str, **options: Any) -> Runner:
         """The runner of ``backend`` for ``precision``, opened once per (backend, precision, options)."""
@@ -158,7 +203,8 @@ def run_runner(ctx: BenchContext, backend: str, precision: str, batch: int, **op
         log.exception("%s/%s: could not open the runner", backend, precision)
         record["status"] = f"error: {type(err).__name__}: {err}"
         return record
-    if runner.precision != precision:  # the artifact decides (e.g. one TensorRT engine asked for as fp32 and fp16)
+    label_matches = runner.precision == precision or (precision == "int8-qdq" and runner.precision == "int8")
+    if not label_matches:  # the artifact decides (e.g. one TensorRT engine asked for as fp32 and fp16)
         record["precision"], record["requested_precision"] = runner.precision, precision
     notes = {k: v for k, v in runner.describe().items() if k not in _BASE_DESCRIBE and k not in record}
     record.update(notes)
@@ -183,22 +229,16 @@ def run_runner(ctx: BenchContext, backend: str, precision: str, batch: int, **op
     return _fill(record, stats, batch, peak)
 
 
-def _int8_onnx(ctx: BenchContext) -> Path | str:
-    """Q/DQ ONNX via the exporter's ModelOpt step; returns a reason string when it cannot run here."""
-    if "int8" in ctx._cache:
-        return ctx._cache["int8"]
-    try:
-        from sdconet.deploy.quantize import quantize_int8_random_calibration
-    except ImportError as err:
-        ctx._cache["int8"] = f"INT8 quantization unavailable ({err})"
-        return ctx._cache["int8"]
-    fp32 = ctx.fp32_onnx()  # an export failure is an error of its own, not a quantization one
-    try:
-        ctx._cache["int8"] = quantize_int8_random_calibration(fp32, ctx.work_dir / "bench_int8.onnx",
-                                                              imgsz=ctx.imgsz, num_images=ctx.calib_images)
-    except Exception as err:  # ModelOpt missing/failed: report, keep benchmarking the rest
-        ctx._cache["int8"] = f"INT8 quantization failed: {err}"
-    return ctx._cache["int8"]
+def _cached_artifact(ctx: BenchContext, key: str, make: Callable[[], Path]) -> Path | str:
+    """``make()`` once per context; a failure is cached as its reason (a string) so the other records still run."""
+    key = f"artifact:{key}"
+    if key not in ctx._cache:
+        try:
+            ctx._cache[key] = make()
+        except Exception as err:  # noqa: BLE001 - a quantizer missing/failing skips its rows, not the benchmark
+            log.exception("%s could not be made", key)
+            ctx._cache[key] = f"{key.split(':', 1)[1]} quantization failed: {type(err).__name__}: {err}"
+    return ctx._cache[key]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -140,17 +140,6 @@ def quantize_int8(onnx_path: str | Path, output_path: str | Path, calibration_pa
             "high_precision_dtype": high_precision_dtype}
 
 
-def quantize_int8_random_calibration(onnx_path: str | Path, output_path: str | Path, *, imgsz: int,
-                                     num_images: int = 8, python: str | Path | None = None, seed: int = 0) -> Path:
-    """Q/DQ ONNX calibrated on uniform-noise images: for latency benchmarks only (the kernels and Q/DQ layout are
-    those of a real calibration; the scales are not, so never use it for accuracy)."""
-    images = np.random.default_rng(seed).random((num_images, 3, imgsz, imgsz), dtype=np.float32)
-    output_path = Path(output_path)
-    calib_path = write_calibration_data(images, output_path.with_suffix(".calib.npz"))
-    quantize_int8(onnx_path, output_path, calib_path, python=python)
-    return output_path
-
-
 def coco_detections(item: dict, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, label_to_category_id,
                     imgsz: int) -> list[dict]:
     """One image's detector outputs (``boxes [K, 4]`` xyxy network-input pixels) as COCO detections in the HR

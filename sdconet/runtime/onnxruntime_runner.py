@@ -112,7 +112,8 @@ class OnnxRuntimeRunner(Runner):
 
     @classmethod
     def for_benchmark(cls, bench: Any, precision: str, **options: Any) -> "OnnxRuntimeRunner":
-        """The benchmark's fp32 ONNX or its INT8 Q/DQ version, all graph optimisations on."""
+        """The benchmark's fp32 ONNX, its ONNX Runtime INT8 (``int8``) or ModelOpt Q/DQ (``int8-qdq``) version, all
+        graph optimisations on."""
         if precision in ("fp16", "bf16"):
             raise RunnerUnavailable(f"{precision} ONNX variants are built for TensorRT only (use --backend tensorrt)")
         # the class names do not change latency, and a quantized ONNX made on the fly carries none

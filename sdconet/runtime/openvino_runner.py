@@ -152,16 +152,13 @@ class OpenVINORunner(Runner):
     @classmethod
     def for_benchmark(cls, bench: Any, precision: str, **options: Any) -> "OpenVINORunner":
         """fp32/bf16: the plugin-mode ONNX of the benchmark's graph (fused MSDA), or the user's ``--onnx`` as given;
-        int8: the NNCF IR in ``bench.openvino_int8_path`` when the benchmark has one."""
+        int8: the benchmark's NNCF IR (``bench.openvino_int8()``)."""
         if precision not in cls.precisions:
             raise RunnerUnavailable(f"openvino runs {', '.join(cls.precisions)}, not {precision}")
         if not openvino_available():
             raise RunnerUnavailable("openvino is not installed (pip install 'sdconet[cpu]')")
         if precision == "int8":
-            path = getattr(bench, "openvino_int8_path", None)
-            if path is None:
-                raise RunnerUnavailable("no OpenVINO INT8 model: make one with "
-                                        "sdconet.deploy.cpu_quantize.quantize_openvino_int8 (NNCF)")
+            path = bench.openvino_int8()  # NNCF IR, made once per benchmark
         else:
             path = bench.onnx_path or plugin_onnx(bench)
         return cls(path, precision=precision, threads=bench.threads, class_names=bench.class_names, **options)
