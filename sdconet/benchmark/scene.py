@@ -229,13 +229,15 @@ def cli_peak_rss(args: argparse.Namespace, scene_path: Path, out_dir: Path) -> d
         command += ["--model", str({"onnxruntime": args.onnx, "openvino": args.openvino}[args.rss_backend])]
     if args.overlap is not None:
         command += ["--overlap", str(args.overlap)]
+    command += ["--input", args.rss_input]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if result.returncode != 0:
         return {"status": "failed", "reason": result.stderr.strip().splitlines()[-1:] or ["?"]}
     entry = json.loads((out_dir / "summary.json").read_text())["scenes"][0]
-    return {"status": "ok", "backend": args.rss_backend, "file": str(scene_path), "width": entry["width"],
+    return {"status": "ok", "backend": args.rss_backend, "input": args.rss_input, "file": str(scene_path),
+            "width": entry["width"],
             "height": entry["height"], "tiles": entry["tiles"], "detections": entry["detections"],
             "seconds": entry["seconds"], "wall_s": round(wall, 1), "megapixels_per_s": entry["megapixels_per_s"],
             "peak_rss_mb": entry["peak_rss_mb"]}
@@ -294,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scenes-per-client", type=int, default=2)
     parser.add_argument("--rss-scene", type=Path, help="large scene for the CLI's peak RSS (the 20000^2 GeoTIFF)")
     parser.add_argument("--rss-backend", default="onnxruntime", choices=("torch", "onnxruntime", "openvino"))
+    parser.add_argument("--rss-input", choices=("lr", "hr"), default="lr",
+                        help="the CLI's --input for the peak-RSS run (hr: degrade x2 first, a quarter of the tiles)")
     parser.add_argument("--seam-study", action="store_true", help="also run the merge-rule study")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "scene_cpu",
                         help="result stem: writes STEM.json and STEM.md (default benchmarks/results/scene_cpu)")
