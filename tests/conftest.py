@@ -17,6 +17,25 @@ if not torch.cuda.is_available():
 from serving_fixtures import cpu_repo, detector_onnx, server  # noqa: E402,F401
 
 
+# class names of the tiny config's 6 classes, for checkpoints made in tests
+TINY_CLASS_NAMES = ["car", "ship", "plane", "tank", "house", "bridge"]
+
+
+@pytest.fixture(scope="session")
+def tiny_random_checkpoint(tmp_path_factory):
+    """A seeded, untrained tiny SDCoNet saved as a run's best checkpoint with class names (shared by the runtime and
+    scene tests: the weights do not matter to what they check, only that every backend runs the same ones)."""
+    from sdconet.config import load_config
+    from sdconet.engine.checkpoint import save_model_weights
+    from sdconet.models import build_model
+
+    root = tmp_path_factory.mktemp("tiny_ckpt")
+    cfg = load_config("tiny", ["data.synthetic.num_images=8", f"data.cache_dir={root / 'cache'}"])
+    torch.manual_seed(0)
+    return save_model_weights(build_model(cfg.model), cfg, root / "run" / "checkpoints" / "best.safetensors",
+                              {"category_names": TINY_CLASS_NAMES})
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     random.seed(0)

@@ -2,8 +2,6 @@
 ONNX/INT8 export, a Triton server with client requests, a whole GeoTIFF scene, benchmarks), and the summary's numbers are the ones in the
 files the stages wrote."""
 import json
-import math
-import sys
 
 import pytest
 

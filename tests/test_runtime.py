@@ -9,22 +9,17 @@ import torch
 
 from sdconet.config import load_config
 from sdconet.deploy.exporter import ExportOptions, run_export
-from sdconet.engine.checkpoint import save_model_weights
-from sdconet.models import build_model
 from sdconet.runtime import RUNNERS, RunnerError, RunnerUnavailable, open_runner, pad_to_input, sorted_by_score
 from sdconet.runtime.metadata import PREFIX, onnx_model_info, read_onnx_metadata, write_onnx_metadata
+from conftest import TINY_CLASS_NAMES
 
 IMGSZ = 64
-NAMES = ["car", "ship", "plane", "tank", "house", "bridge"]  # the tiny config has 6 classes
+NAMES = TINY_CLASS_NAMES
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runtime_ckpt")
-    cfg = load_config("tiny", ["data.synthetic.num_images=8", f"data.cache_dir={root / 'cache'}"])
-    torch.manual_seed(0)
-    return save_model_weights(build_model(cfg.model), cfg, root / "run" / "checkpoints" / "best.safetensors",
-                              {"category_names": NAMES})
+def checkpoint(tiny_random_checkpoint):
+    return tiny_random_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -16,26 +16,20 @@ import pytest
 import torch
 from PIL import Image
 
-from sdconet.config import load_config
-from sdconet.engine.checkpoint import save_model_weights
-from sdconet.models import build_model
 from sdconet.scene.cli import DONE_SUFFIX, SUMMARY_NAME, UsageError, collect_scenes, evaluate_scenes, main
+from conftest import TINY_CLASS_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 IMGSZ = 64
-NAMES = ["car", "ship", "plane", "tank", "house", "bridge"]  # the tiny config has 6 classes
+NAMES = TINY_CLASS_NAMES
 # a score threshold the random-init tiny model crosses a few times per tile (0.3 is never reached)
 COMMON = ["--tile", str(IMGSZ), "--overlap", "16", "--score-threshold", "0.02", "--no-progress"]
 TIMING = ("seconds", "tiles_per_s", "megapixels_per_s", "peak_rss_mb")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scene_ckpt")
-    cfg = load_config("tiny", ["data.synthetic.num_images=8", f"data.cache_dir={root / 'cache'}"])
-    torch.manual_seed(0)
-    return save_model_weights(build_model(cfg.model), cfg, root / "run" / "checkpoints" / "best.safetensors",
-                              {"category_names": NAMES})
+def checkpoint(tiny_random_checkpoint):
+    return tiny_random_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ Counting (only requests that start after the warm-up):
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
