@@ -50,7 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="MultiscaleDeformableAttnPlugin_TRT version: 1 (IPluginV2, TRT >= 8.4, JetPack 6) or "
                             "2 (IPluginV3, TRT >= 10.11)")
     graph.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
-    graph.add_argument("--with-saliency", action="store_true", help="add the finest-level saliency map output")
+    graph.add_argument("--with-saliency", dest="with_saliency", action="store_const", const=True, default=None,
+                       help="add the finest-level saliency map output (default: whenever the model has saliency on)")
+    graph.add_argument("--no-saliency", dest="with_saliency", action="store_const", const=False,
+                       help="export boxes/scores/labels only")
     prec = parser.add_argument_group("precision")
     prec.add_argument("--fp16", action="store_true", help="FP16 engine (TRT 11: from a ModelOpt AutoCast FP16 ONNX)")
     prec.add_argument("--int8", action="store_true", help="INT8 by explicit Q/DQ (ModelOpt PTQ) + CPU AP comparison")

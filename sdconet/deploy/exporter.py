@@ -57,7 +57,7 @@ class ExportOptions:
     msda: str = "plugin"
     plugin_version: int = 1
     opset: int = DEFAULT_OPSET
-    with_saliency: bool = False
+    with_saliency: bool | None = None  # None = whenever the model has saliency on (scene maps need it)
     fp16: bool = False
     int8: bool = False
     calib_images: int = 64
@@ -173,7 +173,8 @@ class Exporter:
         LOG.info("exporting %s (config %s) at %dx%d, MSDA %s -> %s/", checkpoint, cfg.name, opts.imgsz, opts.imgsz,
                  opts.msda, self.out)
 
-        graph = build_inference_graph(cfg, state_dict, msda_impl="plugin", with_saliency=opts.with_saliency)
+        with_saliency = cfg.model.saliency.enabled if opts.with_saliency is None else opts.with_saliency
+        graph = build_inference_graph(cfg, state_dict, msda_impl="plugin", with_saliency=with_saliency)
         self.output_names = graph.output_names
         images = self.parity_images()
         with torch.no_grad():
