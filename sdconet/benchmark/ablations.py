@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 from sdconet.config import ConfigError, load_config
 from sdconet.engine.routing import SCHEDULES
-from sdconet.utils.io import write_text_atomically
+from sdconet.utils.io import save_figure, write_text_atomically
 
 METRICS = ("AP", "AP50", "APs", "PSNR")
 # Table VI order: baseline first, the full method last but one, joint (no routing) last
@@ -107,11 +107,7 @@ def bar_chart(result: dict[str, Any], path: str | Path) -> Path:
         right.set_ylim(bottom=max(0.0, low - 3.0))
     fig.suptitle(f"Table VI ablations, config {result['settings']['config']}, error bars: 1 sample std")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def load_result(path: Path, settings: dict[str, Any]) -> dict[str, Any]:

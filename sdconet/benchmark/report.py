@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
+from sdconet.utils.io import save_figure
+
 REQUIRED_KEYS = ("backend", "precision", "batch", "imgsz", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput",
                  "peak_mem_mb", "device", "status")
 
@@ -103,8 +105,4 @@ def compare_chart(runs: dict[str, list[dict[str, Any]]], path: str | Path) -> Pa
     ax.legend(loc="best", fontsize="small")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

@@ -32,6 +32,7 @@ import numpy as np
 
 from sdconet.serve.client import ENSEMBLE_MODEL, _protocol_module
 from sdconet.serve.server import process_group_members, process_label, stub_pids
+from sdconet.utils.io import save_figure, write_text_atomically
 from sdconet.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -375,8 +376,7 @@ def _good_inputs(module, image: bytes) -> list:
 
 def write_report(report: SoakReport, path: Path) -> Path:
     """``path`` (JSON) and ``path.with_suffix('.png')``: RSS and good-request latency over time. Returns the PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    write_text_atomically(path, json.dumps(report.to_dict(), indent=1) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -404,7 +404,4 @@ def write_report(report: SoakReport, path: Path) -> Path:
         for fault in report.faults:
             axis.axvline(fault["t_s"], color="red", linewidth=1)
     figure.tight_layout()
-    png = path.with_suffix(".png")
-    figure.savefig(png, dpi=100)
-    plt.close(figure)
-    return png
+    return save_figure(figure, path.with_suffix(".png"), dpi=100)

@@ -30,3 +30,13 @@ def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
 def write_text_atomically(path: str | Path, text: str) -> Path:
     """``write_atomically`` for a text file."""
     return write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def save_figure(figure: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Write a matplotlib ``figure`` atomically (format from the suffix, e.g. ``.png``) and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=dpi))
+    finally:
+        plt.close(figure)
