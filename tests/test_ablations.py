@@ -53,3 +53,32 @@ def test_ablations_summary_table_chart_and_resume(tmp_path, monkeypatch):
 def test_single_seed_has_no_std():
     summary = ablations._summary([{"schedule": "full", "seed": 0, "AP": 0.5, "AP50": 0.7, "APs": 0.2, "PSNR": 30.0}])
     assert summary["full"]["AP"] == {"mean": 0.5, "std": None}
+
+
+def test_parallel_jobs_record_every_run_in_plan_order(tmp_path, monkeypatch):
+    """--jobs N: runs finish in any order, every one is recorded, the file keeps Table VI order per seed, and a failed
+    run is reported without losing the others (workers are threads here; the CLI spawns processes)."""
+    import concurrent.futures
+
+    calls = []
+    fake = _fake_run(calls)
+
+    def flaky(config, overrides, schedule, seed, out_dir):
+        if (schedule, seed) == ("joint", 1):
+            raise RuntimeError("diverged")
+        return fake(config, overrides, schedule, seed, out_dir)
+
+    monkeypatch.setattr(ablations, "run_one", flaky)
+    monkeypatch.setattr(ablations, "_executor", lambda jobs: concurrent.futures.ThreadPoolExecutor(jobs))
+    out = tmp_path / "ablations.json"
+    args = ["--config", "tiny", "--seeds", "2", "--jobs", "2", "--json", str(out), "--out-dir", str(tmp_path),
+            "train.epochs=1"]
+    assert ablations.main(args) == 1  # one run failed
+    records = json.loads(out.read_text())["records"]
+    expected = [(s, seed) for seed in range(2) for s in ablations.ROW_ORDER if (s, seed) != ("joint", 1)]
+    assert [(r["schedule"], r["seed"]) for r in records] == expected
+    # the rerun trains only the failed run
+    monkeypatch.setattr(ablations, "run_one", fake)
+    calls.clear()
+    assert ablations.main(args) == 0 and calls == [("joint", 1)]
+    assert ablations.main(["--config", "tiny", "--jobs", "0", "--json", str(out)]) == 2
