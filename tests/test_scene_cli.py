@@ -258,3 +258,40 @@ def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
         path.write_text("x")
     assert remove_stale_temporaries(tmp_path) == 2
     assert not any(p.exists() for p in stale) and live.exists() and other.exists()
+
+
+def test_bands_flag_reads_the_rgb_bands_of_a_multiband_geotiff(tmp_path, monkeypatch, capsys):
+    """--bands 3 2 1 on a 4-band B, G, R, NIR GeoTIFF: the scene sent is R, G, B; a band number beyond the file's
+    count fails that scene naming the file, the count and the value; --bands 0 ... is a usage error."""
+    rasterio = pytest.importorskip("rasterio")
+    from rasterio.transform import Affine
+    import sdconet.serve.scene_client as scene_client
+
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 256, (4, 60, 70), dtype=np.uint8)
+    path = tmp_path / "bgrn.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=70, height=60, count=4, dtype="uint8", crs="EPSG:32633",
+                       transform=Affine(0.5, 0, 500000, 0, -0.5, 5000000), tiled=True, blockxsize=32,
+                       blockysize=32) as dst:
+        dst.write(data)
+    monkeypatch.setattr(scene_client, "TritonSceneClient", _FakeSceneClient)
+    monkeypatch.setattr(_FakeSceneClient, "sent", [])
+    base = [str(path), "--backend", "triton", "--url", "h:1", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "out"), "--bands", "3", "2", "1"]) == 0
+    (sent,) = _FakeSceneClient.sent
+    np.testing.assert_array_equal(sent, data[[2, 1, 0]].transpose(1, 2, 0))
+    summary = json.loads((tmp_path / "out" / SUMMARY_NAME).read_text())
+    assert summary["settings"]["bands"] == [3, 2, 1] and summary["scenes"][0]["file"] == "bgrn.tif"
+    # the default (no --bands) keeps today's reading: bands 1, 2, 3 as R, G, B, band 4 ignored; a new key, so redone
+    assert main([*base, "--out", str(tmp_path / "out")]) == 0
+    np.testing.assert_array_equal(_FakeSceneClient.sent[-1], data[:3].transpose(1, 2, 0))
+
+    assert main([*base, "--out", str(tmp_path / "bad"), "--bands", "3", "2", "5"]) == 1
+    error = json.loads((tmp_path / "bad" / SUMMARY_NAME).read_text())["errors"][0]["error"]
+    assert str(path) in error and "band 5 of bands=[3, 2, 5] does not exist" in error
+    assert "the file has 4 band(s), numbered 1..4" in error
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "bad"), "--bands", "0", "1", "2"]) == 2
+    assert "band 0 does not exist; band numbers start at 1" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "bad"), "--bands", "3", "2"]) == 2
+    assert "give 3 band numbers (R G B) or 1 (grey), got 2" in capsys.readouterr().err

@@ -248,3 +248,28 @@ print(json.dumps(result))
     assert result["preview"] == [1024, 1024, 3]
     # interpreter + numpy + rasterio + the 256 MiB block cache; decoding the scene whole would add 1.2 GB
     assert result["peak_mb"] < 700, result
+
+
+def test_bands_select_rgb_of_a_bgr_nir_geotiff_and_out_of_range_is_refused(tmp_path):
+    """A 5-band B, G, R, NIR, SWIR GeoTIFF without colour marks: refused by default, read as RGB with bands=(3, 2, 1)
+    (GDAL's 1-based numbers); band numbers outside 1..5 are errors naming the file, the count and the value."""
+    rng = np.random.default_rng(7)
+    data = rng.integers(0, 256, (5, 70, 90), dtype=np.uint8)
+    path = write_tif(tmp_path / "bgrnir.tif", data)
+    with pytest.raises(SceneError, match="cannot tell which bands"):
+        open_scene(path)
+    with open_scene(path, bands=(3, 2, 1)) as reader:
+        assert reader.rgb_bands == (3, 2, 1) and reader.alpha_band is None and reader.georeferenced
+        rgb, valid = reader.read(Window(5, 6, 40, 50))
+        assert valid.all()
+        np.testing.assert_array_equal(rgb, data[[2, 1, 0], 5:45, 6:56].transpose(1, 2, 0))
+    with open_scene(path, bands=(4,)) as reader:  # one band: grey
+        rgb, _ = reader.read(Window(0, 0, 70, 90))
+        for channel in range(3):
+            np.testing.assert_array_equal(rgb[..., channel], data[3])
+    for bad, value in (((3, 2, 6), 6), ((0, 2, 1), 0)):
+        with pytest.raises(SceneError, match=rf"bgrnir\.tif: 5 band\(s\) of uint8 .*: band {value} of "
+                                             rf"bands=\[.*\] does not exist; the file has 5 band\(s\), numbered 1\.\.5"):
+            open_scene(path, bands=bad)
+    with pytest.raises(SceneError, match=r"must be 1 \(grey\) or 3 \(R, G, B\) band numbers, got 2"):
+        open_scene(path, bands=(1, 2))

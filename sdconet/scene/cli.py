@@ -3,6 +3,7 @@
   python -m sdconet.predict scenes/ --backend torch --checkpoint runs/demo --out detections/
   python -m sdconet.predict big.tif --backend onnxruntime --model engines/sdconet.onnx --out detections/
   python -m sdconet.predict big.png --backend triton --url 127.0.0.1:8000 --out detections/
+  python -m sdconet.predict bgrnir.tif --bands 3 2 1 --backend torch --checkpoint runs/demo --out detections/
 
 Scenes are fed at their native resolution (``--input lr``, the default: the file is the network input); ``--input
 hr`` reproduces the evaluation protocol (degrade x upscale like training, boxes back in file pixels). ``--tile`` and
@@ -255,7 +256,7 @@ def run_scene(backend, scene: Scene, out: Path, job: dict[str, Any], args: argpa
     if marker is not None and marker.get("key") == key and (out_dir / f"{stem}.json").is_file():
         logger.info("%s: done already with the same model and options (--force redoes it)", scene.relative)
         return marker["scene"]
-    with open_scene(scene.path, max_unwindowed_pixels=args.max_unwindowed_pixels) as reader:
+    with open_scene(scene.path, max_unwindowed_pixels=args.max_unwindowed_pixels, bands=args.bands) as reader:
         result = backend.detect(reader)
         written = write_scene_outputs(out_dir, stem, reader, result.detections, backend.class_names,
                                       geojson_crs=args.geojson_crs, saliency=result.saliency)
@@ -342,10 +343,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=600.0, help="triton: seconds per scene request")
     parser.add_argument("--retries", type=int, default=0,
                         help="triton: resend a scene after a connection error or UNAVAILABLE (backoff doubles)")
+    parser.add_argument("--bands", type=int, nargs="+", metavar="N", default=None,
+                        help="band numbers (1-based, as gdal_translate -b) read as R G B, e.g. --bands 3 2 1 for a "
+                             "B,G,R,NIR file, or one band read as grey (default: from the colour interpretation: "
+                             "1/3 bands, 4 = RGB+alpha or RGB+NIR; docs/scenes.md)")
     parser.add_argument("--max-unwindowed-pixels", type=int, default=None,
                         help="largest PNG/JPEG/strip TIFF decoded whole (default: the reader's limit)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def check_bands(bands: Sequence[int]) -> None:
+    """``--bands`` without a file: 1 or 3 band numbers, each >= 1 (the upper bound is each file's band count,
+    checked when the scene is opened)."""
+    if len(bands) not in (1, 3):
+        raise UsageError(f"--bands {' '.join(map(str, bands))}: give 3 band numbers (R G B) or 1 (grey), "
+                         f"got {len(bands)}")
+    for band in bands:
+        if band < 1:
+            raise UsageError(f"--bands {' '.join(map(str, bands))}: band {band} does not exist; band numbers "
+                             f"start at 1 (GDAL convention, as gdal_translate -b)")
 
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
@@ -389,6 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            score_threshold=args.score_threshold, max_detections=args.max_detections,
                            batch=args.batch, merge=args.merge, progress=not args.no_progress)
     try:
+        if args.bands is not None:
+            check_bands(args.bands)
         if args.ann is not None and not args.ann.is_file():
             raise UsageError(f"--ann {args.ann}: file not found")
         scenes = collect_scenes(args.scenes)
@@ -397,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     job = {"backend": backend.describe(), "geojson_crs": args.geojson_crs}
+    if args.bands is not None:  # only when given, so the markers of jobs run without --bands stay valid
+        job["bands"] = list(args.bands)
     summary: dict[str, Any] = {"backend": args.backend, "settings": job, "scenes": [], "errors": [],
                                "metrics": None}
     args.out.mkdir(parents=True, exist_ok=True)

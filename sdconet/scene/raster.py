@@ -16,7 +16,9 @@ Contract (also in docs/scenes.md, "Scene files"):
   mask (alpha 0 = invalid), whatever the band count; bands marked red/green/blue are used as such, in any order;
   otherwise 3 bands are R, G, B in file order, and 4 bands without an alpha band are R, G, B + an ignored 4th band
   (multispectral RGB+NIR). More bands without red/green/blue marks, or 2 bands without alpha, are refused naming the
-  layout; ``bands=(r, g, b)`` (1-based) overrides the choice.
+  layout; ``bands=(r, g, b)`` (1-based, GDAL's numbering; the scene CLI's ``--bands``) overrides the choice, e.g.
+  ``(3, 2, 1)`` for a B, G, R, NIR file, and ``bands=(b,)`` reads one band as grey. An alpha band that is not
+  among them still marks validity. A band number outside ``1..count`` is refused naming the file and the count.
 * **Bit depth.** 8-bit data is used as is. Any other data type (16-bit, 32-bit, float) gets a per-band linear stretch
   from the ``STRETCH_PERCENTILES`` (2nd, 98th) percentiles of the valid pixels, computed once at open from a decimated
   whole-scene read (``COARSE_SIDE`` pixels a side), so every window of a scene uses the same mapping and tiles are
@@ -94,8 +96,14 @@ def _band_layout(ds, path: Path, bands: Optional[Sequence[int]]) -> tuple[tuple[
     alpha = next((i + 1 for i, c in enumerate(interp) if c == ColorInterp.alpha), None)
     if bands is not None:
         chosen = tuple(int(b) for b in bands)
-        if len(chosen) not in (1, 3) or not all(1 <= b <= ds.count for b in chosen):
-            raise SceneError(f"{described}: bands={list(bands)} must be 1 or 3 indexes in 1..{ds.count}")
+        if len(chosen) not in (1, 3):
+            raise SceneError(f"{described}: bands={list(bands)} must be 1 (grey) or 3 (R, G, B) band numbers, "
+                             f"got {len(chosen)}")
+        outside = [b for b in chosen if not 1 <= b <= ds.count]
+        if outside:
+            # GDAL numbers bands from 1: a 0 here is usually a 0-based index
+            raise SceneError(f"{described}: band {outside[0]} of bands={list(chosen)} does not exist; the file has "
+                             f"{ds.count} band(s), numbered 1..{ds.count} (1-based, as in gdal_translate -b)")
         rgb = chosen * 3 if len(chosen) == 1 else chosen
         return (rgb[0], rgb[1], rgb[2]), (alpha if alpha not in rgb else None)
     colour = [i + 1 for i in range(ds.count) if i + 1 != alpha]
