@@ -2,6 +2,7 @@
 default, plugin libraries recorded and passed to the server, model_warmup on the GPU detectors, the ONNX Runtime
 TensorRT accelerator's engine cache and its INT8 refusal. Configs are parsed with Triton's own schema."""
 import importlib.util
+import io
 import json
 import sys
 from pathlib import Path
@@ -150,3 +151,92 @@ def test_onnx_tensorrt_accelerator_engine_cache_and_int8_refusal(tmp_path, detec
         .gpu_execution_accelerator[0].parameters
     assert parameters["precision_mode"] == "INT8"
     assert parameters["int8_calibration_table_name"] == "calibration.flatbuffers"
+
+
+# -- the shared image-input check of the preprocess and sdconet_scene python models ------------------------------------
+class _Tensor:
+    """Stands in for pb_utils.Tensor as the models read it."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def as_numpy(self):
+        return self.array
+
+
+def _load_python_model(version_dir: Path):
+    """``version_dir/model.py`` imported as Triton's python backend does (its directory on sys.path), with a minimal
+    ``triton_python_backend_utils``; the copied sdconet_* modules are dropped from sys.modules again afterwards."""
+    import types
+
+    fake = types.ModuleType("triton_python_backend_utils")
+    fake.get_input_tensor_by_name = lambda request, name: request.get(name)
+    copies = ("sdconet_processing", "sdconet_tiling", "sdconet_merge")
+    saved = {name: sys.modules.pop(name) for name in copies + ("triton_python_backend_utils",) if name in sys.modules}
+    sys.modules["triton_python_backend_utils"] = fake
+    sys.path.insert(0, str(version_dir))
+    try:
+        spec = importlib.util.spec_from_file_location(f"_model_{version_dir.parent.name}", version_dir / "model.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(version_dir))
+        for name in copies + ("triton_python_backend_utils",):
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+
+
+def _initialized(module, config_path: Path):
+    from google.protobuf import json_format
+
+    model = module.TritonPythonModel()
+    model.initialize({"model_config": json_format.MessageToJson(parse_model_config(config_path),
+                                                                preserving_proto_field_name=True)})
+    return model
+
+
+def test_both_python_models_use_the_shared_single_input_check(tmp_path, detector_onnx):
+    """preprocess and sdconet_scene refuse a request with both or neither of IMAGE_BYTES / IMAGE through
+    sdconet_processing.image_input (their old messages kept), and serve one that carries exactly one."""
+    from PIL import Image
+
+    from sdconet.deploy.triton_repo import TEMPLATE_DIR
+    from sdconet.serve import processing
+
+    repo = _build(tmp_path, detector_onnx, "onnx", python_env=None)
+    image = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    encoded = _Tensor(np.array([[buffer.getvalue()]], dtype=object))
+    raw = _Tensor(image[None])
+    for model_name, what, run in (("preprocess", "encoded image", lambda m, r: m._prepare(r)),
+                                  ("sdconet_scene", "an encoded scene", lambda m, r: m._scene(r))):
+        assert "send exactly one of" not in (TEMPLATE_DIR / model_name / "model.py").read_text()  # not duplicated
+        module = _load_python_model(repo / model_name / "1")
+        model = _initialized(module, repo / model_name / "config.pbtxt")
+        message = f"send exactly one of the inputs IMAGE_BYTES ({what}) or IMAGE ([H, W, 3] uint8 RGB)"
+        for request in ({}, {"IMAGE_BYTES": encoded, "IMAGE": raw}):
+            with pytest.raises(module.InvalidImageError) as err:  # the class of the repository's own copy
+                run(model, request)
+            assert str(err.value) == message, model_name
+        for request in ({"IMAGE_BYTES": encoded}, {"IMAGE": raw}):
+            out = run(model, request)
+            if model_name == "preprocess":
+                expected = processing.letterbox(image, IMGSZ)
+                np.testing.assert_array_equal(out[0], expected[0][None])
+                np.testing.assert_array_equal(out[1], expected[1][None])
+            else:
+                np.testing.assert_array_equal(out, image)
+
+
+def test_new_model_py_next_to_an_old_processing_copy_says_how_to_rebuild(tmp_path, detector_onnx):
+    """A built repository is self-contained (its model.py files carry their copies of sdconet_processing), so an old
+    one keeps loading; a new model.py copied next to an older sdconet_processing.py fails with how to rebuild."""
+    repo = _build(tmp_path, detector_onnx, "onnx", python_env=None)
+    for model_name in ("preprocess", "sdconet_scene"):
+        copy = repo / model_name / "1" / "sdconet_processing.py"
+        copy.write_text(copy.read_text().replace("def image_input(", "def _not_yet_there("))
+        with pytest.raises(ImportError, match=rf"{model_name}: the sdconet_processing.py next to this model.py is "
+                                              r"older than it .*rebuild the repository with export/build_engine.py"):
+            _load_python_model(repo / model_name / "1")

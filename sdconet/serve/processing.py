@@ -13,16 +13,35 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import Callable, Optional, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 IMAGE_INFO_FIELDS = ("height", "width", "scale_y", "scale_x")
+# the two image inputs of the preprocess and sdconet_scene models: a request carries exactly one of them
+ENCODED_INPUT, RAW_INPUT = "IMAGE_BYTES", "IMAGE"
+
+_Tensor = TypeVar("_Tensor")
 
 
 class InvalidImageError(ValueError):
     """An image a client sent cannot be used; the message says why (it is returned to the client)."""
+
+
+def image_input(get_input: Callable[[str], Optional[_Tensor]],
+                encoded_what: str = "encoded image") -> tuple[str, _Tensor]:
+    """The one image input a request carries -> (``ENCODED_INPUT`` or ``RAW_INPUT``, its tensor).
+
+    ``get_input(name)`` returns the request's input tensor or None (in a Triton python model:
+    ``lambda name: pb_utils.get_input_tensor_by_name(request, name)``); ``encoded_what`` describes IMAGE_BYTES in the
+    error a request with both or neither input gets."""
+    encoded, raw = get_input(ENCODED_INPUT), get_input(RAW_INPUT)
+    if (encoded is None) == (raw is None):
+        raise InvalidImageError(f"send exactly one of the inputs {ENCODED_INPUT} ({encoded_what}) or {RAW_INPUT} "
+                                f"([H, W, 3] uint8 RGB)")
+    return (ENCODED_INPUT, encoded) if encoded is not None else (RAW_INPUT, raw)
 
 
 def check_pixel_limit(height: int, width: int, max_pixels: int) -> None:

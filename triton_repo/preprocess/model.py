@@ -12,6 +12,13 @@ import triton_python_backend_utils as pb_utils
 
 from sdconet_processing import InvalidImageError, decode_image, letterbox, check_pixel_limit
 
+try:
+    from sdconet_processing import ENCODED_INPUT, image_input
+except ImportError as err:  # this model.py next to the sdconet_processing.py of an older build
+    raise ImportError("preprocess: the sdconet_processing.py next to this model.py is older than it (no "
+                      "image_input); rebuild the repository with export/build_engine.py --triton-repo (or "
+                      "sdconet.deploy.triton_repo.build_repository) instead of copying model.py files") from err
+
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -22,15 +29,11 @@ class TritonPythonModel:
 
     def _prepare(self, request):
         """One request (a batch of B images) -> (images [B, 3, S, S], image_info [B, 4])."""
-        encoded = pb_utils.get_input_tensor_by_name(request, "IMAGE_BYTES")
-        raw = pb_utils.get_input_tensor_by_name(request, "IMAGE")
-        if (encoded is None) == (raw is None):
-            raise InvalidImageError("send exactly one of the inputs IMAGE_BYTES (encoded image) or IMAGE "
-                                    "([H, W, 3] uint8 RGB)")
-        if encoded is not None:
-            arrays = (decode_image(bytes(item[0]), self.max_pixels) for item in encoded.as_numpy())
+        kind, tensor = image_input(lambda name: pb_utils.get_input_tensor_by_name(request, name), "encoded image")
+        if kind == ENCODED_INPUT:
+            arrays = (decode_image(bytes(item[0]), self.max_pixels) for item in tensor.as_numpy())
         else:
-            batch = raw.as_numpy()
+            batch = tensor.as_numpy()
             check_pixel_limit(batch.shape[1], batch.shape[2], self.max_pixels)
             arrays = iter(batch)
         prepared = [letterbox(np.ascontiguousarray(array), self.size) for array in arrays]

@@ -24,6 +24,13 @@ from sdconet_merge import merge_detections
 from sdconet_processing import InvalidImageError, check_pixel_limit, decode_image
 from sdconet_tiling import inner_edges, place_tile_boxes, tile_grid
 
+try:
+    from sdconet_processing import ENCODED_INPUT, image_input
+except ImportError as err:  # this model.py next to the sdconet_processing.py of an older build
+    raise ImportError("sdconet_scene: the sdconet_processing.py next to this model.py is older than it (no "
+                      "image_input); rebuild the repository with export/build_engine.py --triton-repo (or "
+                      "sdconet.deploy.triton_repo.build_repository) instead of copying model.py files") from err
+
 DETECTOR_OUTPUTS = ["boxes", "scores", "labels"]
 
 
@@ -49,14 +56,11 @@ class TritonPythonModel:
 
     def _scene(self, request):
         """The request's scene as ``[H, W, 3]`` uint8, after the pixel limit."""
-        encoded = pb_utils.get_input_tensor_by_name(request, "IMAGE_BYTES")
-        raw = pb_utils.get_input_tensor_by_name(request, "IMAGE")
-        if (encoded is None) == (raw is None):
-            raise InvalidImageError("send exactly one of the inputs IMAGE_BYTES (an encoded scene) or IMAGE "
-                                    "([H, W, 3] uint8 RGB)")
-        if encoded is not None:
-            return decode_image(bytes(encoded.as_numpy().reshape(-1)[0]), self.max_pixels)
-        scene = raw.as_numpy()[0]
+        kind, tensor = image_input(lambda name: pb_utils.get_input_tensor_by_name(request, name),
+                                   "an encoded scene")
+        if kind == ENCODED_INPUT:
+            return decode_image(bytes(tensor.as_numpy().reshape(-1)[0]), self.max_pixels)
+        scene = tensor.as_numpy()[0]
         check_pixel_limit(scene.shape[0], scene.shape[1], self.max_pixels)
         return scene
 
