@@ -146,6 +146,53 @@ def test_openvino_nncf_int8(small_onnx, calibration, tmp_path):
     assert error < 0.1, f"NNCF INT8 relative error {error:.3f}"
 
 
+@pytest.fixture(scope="module")
+def small_plugin_onnx(small_onnx):
+    """The plugin-mode twin of ``small_onnx`` (one MSDA plugin node, which the fused CPU extension implements)."""
+    torch.manual_seed(0)
+    net = ConvAttnNet().eval()
+    with mp.use_plugin_spec(mp.trt_plugin_spec(1)):
+        exported = export_module(net, torch.rand(2, 3, SIDE, SIDE), input_name="images", output_names=["out"],
+                                 custom_domains=[mp.PLUGIN_DOMAIN])
+    model = simplify_around_custom_nodes(exported)
+    onnx.helper.set_model_props(model, {"sdconet.precision": "fp32", "sdconet.imgsz": str(SIDE)})
+    path = small_onnx.with_name("small.plugin.onnx")
+    onnx.save(model, str(path))
+    return path
+
+
+def test_openvino_nncf_int8_keeps_the_fused_msda_op(small_plugin_onnx, small_onnx, calibration, tmp_path):
+    """Plugin-mode ONNX: NNCF reads it through a core with the fused MSDA extension, quantizes convs/MatMuls and
+    leaves the fused op in fp32; the IR keeps it (one op, not the gather graph) and agrees with the pure fp32."""
+    pytest.importorskip("nncf", reason="NNCF is not installed (pip install nncf)")
+    ov = pytest.importorskip("openvino")
+    from sdconet.kernels.cpu import KernelBuildError
+    from sdconet.runtime.openvino_runner import load_msda_extension
+
+    core = ov.Core()
+    try:
+        load_msda_extension(core)
+    except KernelBuildError as err:
+        pytest.skip(f"the fused MSDA CPU kernel does not build here: {err}")
+    assert cq.has_msda_plugin_nodes(small_plugin_onnx) and not cq.has_msda_plugin_nodes(small_onnx)
+    xml = tmp_path / "small.fused_int8.xml"
+    summary = cq.quantize_openvino_int8(small_plugin_onnx, xml, calibration)
+    assert summary["msda"] == "fused" and summary["fused_msda_ops"] == 1 and summary["fake_quantize"] > 0
+    model = core.read_model(str(xml))
+    types = [op.get_type_name() for op in model.get_ops()]
+    assert types.count(cq.FUSED_MSDA_OV_TYPE) == 1 and "GatherElements" not in types
+    fused = next(op for op in model.get_ops() if op.get_type_name() == cq.FUSED_MSDA_OV_TYPE)
+    assert all(v.get_source_output().get_node().get_type_name() != "FakeQuantize" for v in fused.inputs())
+    convs = [op for op in model.get_ops() if op.get_type_name() == "Convolution"]
+    assert convs and all(op.input(0).get_source_output().get_node().get_type_name() == "FakeQuantize"
+                         for op in convs), "the convolutions were not quantized"
+    model.reshape({model.inputs[0]: [calibration.shape[0], 3, SIDE, SIDE]})
+    quantized = core.compile_model(model, "CPU")([calibration])[0]
+    reference = _run(small_onnx, calibration)
+    error = np.abs(quantized - reference).max() / np.abs(reference).max()
+    assert error < 0.1, f"NNCF INT8 (fused MSDA) relative error {error:.3f}"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the tiny SDCoNet: CPU INT8 through the accuracy gate, against fp32 and against a deliberately broken INT8
 # ----------------------------------------------------------------------------------------------------------------

@@ -139,12 +139,14 @@ class BenchContext:
         return out
 
     def openvino_int8(self) -> Path:
-        """NNCF INT8 IR of the fp32 ONNX (training-split calibration images), made once."""
+        """NNCF INT8 IR (training-split calibration images), made once: of the plugin-mode ONNX (the fused MSDA op
+        stays fp32, the OpenVINO fp32 rows' graph), or of the user's ``--onnx`` as given."""
         def make() -> Path:
             from sdconet.deploy.cpu_quantize import quantize_openvino_int8
+            from sdconet.runtime.openvino_runner import plugin_onnx
 
             out = self.work_dir / "bench_openvino_int8.xml"
-            quantize_openvino_int8(self.fp32_onnx(), out, self.calibration())
+            quantize_openvino_int8(self.onnx_path or plugin_onnx(self), out, self.calibration())
             return out
 
         path = _cached_artifact(self, "openvino_int8", make)

@@ -9,12 +9,16 @@
   multiply-add), only the compute ops (Conv, MatMul with a constant weight, Gemm) quantized so that ONNX Runtime
   fuses each Q/DQ pair into an integer kernel instead of running ~3000 extra Q/DQ nodes.
 * :func:`quantize_openvino_int8` — NNCF post-training quantization of the OpenVINO model (``nncf.quantize`` with a
-  calibration ``nncf.Dataset``, transformer model type), written as OpenVINO IR (``.xml`` + ``.bin``).
+  calibration ``nncf.Dataset``, transformer model type), written as OpenVINO IR (``.xml`` + ``.bin``). Given the
+  plugin-mode ONNX (the default of the exporter and the benchmark), the model is read by an ``ov.Core`` holding the
+  fused MSDA extension (:mod:`sdconet.kernels.cpu`): NNCF quantizes the MatMuls and convolutions and leaves the
+  fused op (``sdconet::MultiscaleDeformableAttn``) in fp32, so the INT8 IR keeps the ~1 op per attention layer
+  instead of the ~3000-node gather graph of the pure ONNX.
 
 Both calibrate on LR images of the training split (:func:`sdconet.deploy.quantize.calibration_images`), never on
-random tensors, and leave the MSDA subgraphs (``msda_onnx<i>/...``) in float: their location and index arithmetic
-must stay exact (see :mod:`sdconet.ops.msda`), and a sampled value is a 4-corner weighted sum that INT8 buys nothing
-for.
+random tensors, and leave MSDA in float (the pure graph's ``msda_onnx<i>/...`` subgraphs, or the fused op): its
+location and index arithmetic must stay exact (see :mod:`sdconet.ops.msda`), and a sampled value is a 4-corner
+weighted sum that INT8 buys nothing for.
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ from typing import Iterator
 import numpy as np
 
 from sdconet.deploy.exporter import MSDA_EXCLUDE_PATTERN
+from sdconet.deploy.msda_plugin import TRT_PLUGIN_OP_TYPE
+from sdconet.kernels.trt_plugin import SDCONET_MSDA_OP_TYPE
 from sdconet.utils.logging import get_logger
 from sdconet.utils.cpu import has_int8_dot
 
@@ -150,13 +156,30 @@ def quantize_onnxruntime_int8(onnx_path: str | Path, output_path: str | Path, ca
 # ----------------------------------------------------------------------------------------------------------------
 # OpenVINO (NNCF)
 # ----------------------------------------------------------------------------------------------------------------
+# ONNX op types of the MSDA plugin nodes (TensorRT's built-in plugin, our own) that the fused CPU extension maps
+MSDA_PLUGIN_OP_TYPES = (TRT_PLUGIN_OP_TYPE, SDCONET_MSDA_OP_TYPE)
+FUSED_MSDA_OV_TYPE = "MultiscaleDeformableAttn"  # the extension's op (opset "sdconet") in the OpenVINO model
+
+
+def has_msda_plugin_nodes(onnx_path: str | Path) -> bool:
+    """Whether the ONNX at ``onnx_path`` is plugin-mode (MSDA as one custom node per attention layer)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return any(node.op_type in MSDA_PLUGIN_OP_TYPES for node in model.graph.node)
+
+
 def quantize_openvino_int8(onnx_path: str | Path, output_path: str | Path, calibration: np.ndarray, *,
                            preset: str = "performance", fast_bias_correction: bool = True) -> dict:
-    """NNCF post-training INT8 of the pure graph for OpenVINO, written as IR ``output_path`` (``.xml`` + ``.bin``).
+    """NNCF post-training INT8 for OpenVINO of a plugin-mode or pure ONNX, written as IR ``output_path``
+    (``.xml`` + ``.bin``).
 
     ``calibration`` as in :func:`quantize_onnxruntime_int8`. ``preset`` ``performance`` (symmetric) or ``mixed``
-    (asymmetric activations). The MSDA subgraphs are NNCF's ignored scope (by name pattern). The IR has a static
-    batch of 1 (see below): ``model.reshape`` it to the batch to run before compiling.
+    (asymmetric activations). Plugin-mode ONNX: read with the fused MSDA extension loaded, the fused op is NNCF's
+    ignored scope by type and stays fp32 (the IR then needs the extension to be read, which
+    :class:`sdconet.runtime.openvino_runner.OpenVINORunner` loads); pure ONNX: the MSDA subgraphs are the ignored
+    scope by name pattern. The IR has a static batch of 1 (see below): ``model.reshape`` it to the batch to run
+    before compiling.
     """
     try:
         import nncf
@@ -173,26 +196,53 @@ def quantize_openvino_int8(onnx_path: str | Path, output_path: str | Path, calib
         raise ValueError(f"OpenVINO IR path must end in .xml, got {output_path}")
     output_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    model = ov.Core().read_model(str(onnx_path))
+    core = ov.Core()
+    fused = has_msda_plugin_nodes(onnx_path)
+    if fused:
+        from sdconet.kernels.cpu import KernelBuildError
+        from sdconet.runtime.openvino_runner import load_msda_extension
+
+        try:
+            load_msda_extension(core)  # pinned: `model` outlives this local core
+        except KernelBuildError as err:
+            raise CPUQuantizationError(f"{onnx_path} has MSDA plugin nodes, which need the fused CPU kernel to be "
+                                       f"quantized by NNCF: {err}; quantize the pure ONNX instead") from err
+    try:
+        model = core.read_model(str(onnx_path))
+    except RuntimeError as err:
+        raise CPUQuantizationError(f"OpenVINO cannot read {onnx_path}: {err}") from err
+    fused_ops = sum(op.get_type_name() == FUSED_MSDA_OV_TYPE for op in model.get_ops())
+    if fused and not fused_ops:
+        raise CPUQuantizationError(f"{onnx_path}: the MSDA plugin nodes did not become the fused op "
+                                   f"{FUSED_MSDA_OV_TYPE} (is the extension the one built from this checkout?)")
     # static batch 1: with the dynamic batch axis, OpenVINO 2026.4's low-precision ReshapeTransformation fails at
     # compile time on the quantized Gemm -> Reshape of the token projections; runners reshape to their batch
     model.reshape({model.inputs[0]: [1, *images.shape[1:]]})
     dataset = nncf.Dataset(list(_batches(images)))
+    # NNCF would not quantize an op type it does not know, but say so: the fused op's inputs stay fp32
+    ignored = (nncf.IgnoredScope(types=[FUSED_MSDA_OV_TYPE], validate=False) if fused else
+               nncf.IgnoredScope(patterns=[MSDA_EXCLUDE_PATTERN], validate=False))
     try:
         quantized = nncf.quantize(model, dataset, preset=presets[preset], subset_size=int(images.shape[0]),
                                   model_type=nncf.ModelType.TRANSFORMER, fast_bias_correction=fast_bias_correction,
-                                  ignored_scope=nncf.IgnoredScope(patterns=[MSDA_EXCLUDE_PATTERN], validate=False))
+                                  ignored_scope=ignored)
     except Exception as err:
         raise CPUQuantizationError(f"nncf.quantize failed on {onnx_path}: {err}") from err
     ov.save_model(quantized, str(output_path), compress_to_fp16=False)  # float parts stay fp32
-    fake_quantize = sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops())
+    ops = quantized.get_ops()
+    fake_quantize = sum(op.get_type_name() == "FakeQuantize" for op in ops)
     if not fake_quantize:
         raise CPUQuantizationError(f"NNCF wrote {output_path} without any FakeQuantize node")
+    fed_by_fq = [op.get_friendly_name() for op in ops if op.get_type_name() == FUSED_MSDA_OV_TYPE
+                 and any(v.get_source_output().get_node().get_type_name() == "FakeQuantize" for v in op.inputs())]
+    if fed_by_fq:
+        raise CPUQuantizationError(f"{output_path}: fused MSDA ops read quantized inputs ({fed_by_fq[:3]})")
     return {"tool": "nncf.quantize", "nncf_version": nncf.__version__, "openvino_version": ov.__version__,
             "preset": preset, "model_type": "transformer", "calibration_images": int(images.shape[0]),
-            "static_batch": 1,
-            "ignored_scope": [MSDA_EXCLUDE_PATTERN], "fake_quantize": fake_quantize,
-            "seconds": round(time.perf_counter() - start, 1)}
+            "static_batch": 1, "source": str(onnx_path), "msda": "fused" if fused else "onnx",
+            "fused_msda_ops": fused_ops,
+            "ignored_scope": [f"type:{FUSED_MSDA_OV_TYPE}"] if fused else [MSDA_EXCLUDE_PATTERN],
+            "fake_quantize": fake_quantize, "seconds": round(time.perf_counter() - start, 1)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description="CPU INT8 of an exported fp32 pure ONNX by the CPU runtimes' own "
                                                  "quantizers, calibrated on training-split images")
-    parser.add_argument("--onnx", required=True, type=Path, help="fp32 pure ONNX (export/build_engine.py output)")
+    parser.add_argument("--onnx", required=True, type=Path,
+                        help="fp32 pure ONNX (export/build_engine.py output); openvino quantizes its plugin-mode "
+                             "sibling <stem>.plugin.onnx (fused MSDA op) when it lies next to it")
     parser.add_argument("--backend", nargs="+", choices=("onnxruntime", "openvino"), default=["onnxruntime"])
     parser.add_argument("--config", default="paper", help="preset whose data section gives the training split")
     parser.add_argument("--checkpoint", help="take the config (and data) of this run instead of --config")
@@ -267,8 +319,11 @@ def main(argv: list[str] | None = None) -> int:
                 results[backend]["timing"] = time_against_fp32(args.onnx, path, calib[:1], iters=args.time,
                                                                threads=args.threads)
         else:
-            path = out_dir / f"{stem}.openvino_int8.xml"
-            results[backend] = quantize_openvino_int8(args.onnx, path, calib) | {"path": str(path)}
+            # the plugin-mode sibling keeps the fused MSDA op in the INT8 IR (the exporter writes both)
+            plugin = args.onnx.with_name(f"{stem}.plugin.onnx")
+            source = plugin if plugin.is_file() and not has_msda_plugin_nodes(args.onnx) else args.onnx
+            path = out_dir / f"{stem.removesuffix('.plugin')}.openvino_int8.xml"
+            results[backend] = quantize_openvino_int8(source, path, calib) | {"path": str(path)}
     print(json.dumps(results, indent=2, default=str))
     return 0
 

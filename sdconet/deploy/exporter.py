@@ -191,7 +191,7 @@ class Exporter:
         int8_paths = self.step_int8(pure_path, plugin_model) if opts.int8 else None
         fp16_paths = self.step_fp16(pure_path, plugin_model) if opts.fp16 and not opts.int8 else None
         for backend in dict.fromkeys(opts.cpu_int8):
-            self.step_cpu_int8(backend, pure_path)
+            self.step_cpu_int8(backend, pure_path, plugin_path)
         engine_path = self.step_engine(pure_path, plugin_path, int8_paths, fp16_paths)
         if engine_path is not None:
             self.check_engine(engine_path, images, reference, pure_path)
@@ -427,9 +427,10 @@ class Exporter:
                  {True: "ok", False: "FAILED", None: "recorded (reduced precision)"}[figures["passed"]])
         return figures
 
-    def step_cpu_int8(self, backend: str, pure_path: Path) -> Path | None:
+    def step_cpu_int8(self, backend: str, pure_path: Path, plugin_path: Path | None = None) -> Path | None:
         """INT8 by ``backend``'s own quantizer on training-split images, then the accuracy gate vs FP32
-        (``report.accuracy["<backend>_int8"]``). A missing quantizer is a recorded skip."""
+        (``report.accuracy["<backend>_int8"]``). A missing quantizer is a recorded skip. OpenVINO quantizes the
+        plugin-mode ONNX (fused MSDA op kept fp32) when there is one and the fused kernel builds here."""
         from sdconet.deploy import cpu_quantize, quantize
 
         opts = self.options
@@ -450,7 +451,8 @@ class Exporter:
                 from sdconet.runtime.openvino_runner import OpenVINORunner
 
                 path = self.out / f"{self.name}.openvino_int8.xml"
-                summary = cpu_quantize.quantize_openvino_int8(pure_path, path, calib)
+                source = plugin_path if plugin_path is not None and fused_cpu_kernel_ready() else pure_path
+                summary = cpu_quantize.quantize_openvino_int8(source, path, calib)
                 self.report.add_artifact("openvino_int8", path, quantization=summary)
                 self.report.add_artifact("openvino_int8_weights", path.with_suffix(".bin"))
                 runner = OpenVINORunner(path, precision="int8", class_names=self.class_names())

@@ -7,13 +7,16 @@
 * ``precision="bf16"``: OpenVINO's ``INFERENCE_PRECISION_HINT`` (matrix work on AVX512-BF16 / AMX); refused on a CPU
   whose OpenVINO plugin does not report BF16;
 * ``precision="int8"``: an NNCF-quantized model (OpenVINO IR ``.xml`` or ONNX with Q/DQ nodes), e.g. from
-  ``sdconet.deploy.cpu_quantize``; the model must be quantized, the flag alone quantizes nothing.
+  ``sdconet.deploy.cpu_quantize``, which quantizes the plugin-mode ONNX so that the IR keeps the fused MSDA op in
+  fp32 (loaded here like for the ONNX); the model must be quantized, the flag alone quantizes nothing.
 
 Models are compiled for a static batch (OpenVINO's CPU plugin is faster on static shapes): one compiled model per
 batch size seen, compiled at its first call (a few seconds for the paper-size model).
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import importlib.util
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -38,6 +41,27 @@ def cpu_capabilities() -> list[str]:
     import openvino as ov
 
     return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+@functools.lru_cache(maxsize=None)
+def _pinned_library(path: str) -> ctypes.CDLL:
+    """A process-lifetime handle on the extension library. OpenVINO unloads an extension's library with the last
+    ``ov.Core`` that added it, while models read by that core may still hold the fused op, whose destructor then
+    jumps into unmapped code (a segfault seen when a quantizer's local core was released before its model)."""
+    return ctypes.CDLL(path)
+
+
+def load_msda_extension(core) -> Path:
+    """Add the fused MSDA extension (:mod:`sdconet.kernels.cpu`, built at first use) to ``core``; returns its path.
+    Raises :class:`sdconet.kernels.cpu.KernelBuildError` when it cannot be built here."""
+    import openvino  # noqa: F401  (libopenvino, which the extension links to, is loaded first)
+
+    from sdconet.kernels.cpu import extension_path
+
+    path = extension_path()
+    _pinned_library(str(path))
+    core.add_extension(str(path))
+    return path
 
 
 def _model_info(path: Path, class_names: Sequence[str] | None) -> tuple[dict[str, Any], bool]:
@@ -118,14 +142,13 @@ class OpenVINORunner(Runner):
                 f"{', '.join(cpu_capabilities())} only: use precision fp32 (or int8)")
         self.extension = None
         if needs_extension:
-            from sdconet.kernels.cpu import KernelBuildError, extension_path
+            from sdconet.kernels.cpu import KernelBuildError
 
             try:
-                self.extension = extension_path()
+                self.extension = load_msda_extension(self.core)
             except KernelBuildError as err:
                 raise RunnerUnavailable(f"openvino runner: {self.path} has MSDA plugin nodes, which need the fused "
                                         f"CPU kernel: {err}") from err
-            self.core.add_extension(str(self.extension))
         try:
             self.model = self.core.read_model(str(self.path))
         except RuntimeError as err:
@@ -138,8 +161,11 @@ class OpenVINORunner(Runner):
         self.hint, self.threads = hint, threads
         batch_dim = self.model.inputs[0].get_partial_shape()[0]
         static_batch = batch_dim.get_length() if batch_dim.is_static else None
-        if hint == "throughput" and static_batch == 1:
-            static_batch = None  # every image is its own batch-1 request (e.g. NNCF's static-batch IR)
+        if static_batch == 1 and self.path.suffix == ".xml":
+            # NNCF's IR is quantized at batch 1 (sdconet.deploy.cpu_quantize) but reshapes to any batch at compile
+            # time (the export's reshapes read ShapeOf, no batch is baked in); the throughput hint runs batch-1
+            # requests anyway
+            static_batch = None
         outputs = info["outputs"] or [o.get_any_name() for o in self.model.outputs]
         self.output_names = list(outputs)
         super().__init__(imgsz=info["imgsz"] or _static_side(self.model), class_names=info["class_names"],
