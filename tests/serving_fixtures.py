@@ -89,12 +89,12 @@ def cpu_repo(tmp_path_factory, detector_onnx) -> Path:
 @pytest.fixture(scope="session")
 def server(cpu_repo, tmp_path_factory):
     """The shared server. A test that kills a stub must leave it healed (``server.heal()``)."""
-    from sdconet.serve.server import TritonServer, free_port, process_group_members
+    from sdconet.serve.server import TritonServer, process_group_members
 
     require_server(cpu_repo)
     log_file = tmp_path_factory.mktemp("server_log") / "tritonserver.log"
-    instance = TritonServer(cpu_repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                            log_file=log_file)
+    # port 0: distinct free ports picked at start, picked again if another process takes one first
+    instance = TritonServer(cpu_repo, http_port=0, grpc_port=0, metrics_port=0, log_file=log_file)
     with instance:
         yield instance
     assert not process_group_members(instance.process.pid), "server processes left behind"

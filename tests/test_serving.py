@@ -7,10 +7,12 @@ single place to swap the model) are the session fixtures of ``serving_fixtures.p
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,8 @@ from sdconet.serve import processing  # noqa: E402
 from sdconet.serve.client import SDCoNetClient, detect_many  # noqa: E402
 from sdconet.serve.python_env import PythonEnvError, inspect_python_env  # noqa: E402
 from sdconet.serve.server import (  # noqa: E402
-    ServerError, ServerUnavailable, TritonServer, process_group_members, find_tritonserver, free_port)
+    PortInUseError, ServerError, ServerUnavailable, TritonServer, find_tritonserver, free_ports, port_holders,
+    port_is_free, process_group_members)
 
 from serving_fixtures import (  # noqa: E402  (shared with the other serving tests through conftest.py)
     CLASS_NAMES, IMGSZ, MAX_BATCH, MAX_IMAGE_PIXELS, SCORE_THRESHOLD, png_bytes, require_server as _require_server,
@@ -240,10 +243,33 @@ def test_bundled_server_refuses_gpu_backends_before_starting(tmp_path, detector_
     if not bundled:
         pytest.skip(f"tritonserver on PATH ({binary}) has real backends; this checks the nvidia-pytriton one")
     repo = _build(tmp_path, detector_onnx, "onnx")
-    server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    server = TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0)
     with pytest.raises(ServerError, match="'onnxruntime_onnx' backend, which the tritonserver bundled"):
         server.start()
     assert server.process is None
+
+
+def test_free_ports_are_distinct_and_free():
+    """All probe sockets stay bound until every port is picked, so no port comes back twice."""
+    for count in (3, 64):
+        ports = free_ports(count)
+        assert len(ports) == len(set(ports)) == count
+        assert all(port_is_free("127.0.0.1", port) for port in ports)
+
+
+def test_an_explicit_port_in_use_names_its_holder(cpu_repo):
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert [h.pid for h in port_holders(port)] == [os.getpid()]
+        server = TritonServer(cpu_repo, http_port=0, grpc_port=port, metrics_port=0)
+        with pytest.raises(PortInUseError, match=rf"grpc port {port} on 127.0.0.1 is in use by .*\(pid {os.getpid()}\); "
+                                                 r"pass another --grpc-port \(0 = a free one\)"):
+            server.start()
+        assert server.process is None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -406,7 +432,7 @@ def test_loadgen_sweep_reports_latency_and_queue_compute_split(server, images, t
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_serve_cli_starts_prints_endpoints_and_stops_cleanly(cpu_repo, tmp_path, stop_signal):
     _require_server(cpu_repo)
-    ports = [free_port() for _ in range(3)]
+    ports = free_ports(3)
     command = [sys.executable, "-m", "sdconet.serve", "--repo", str(cpu_repo), "--http-port", str(ports[0]),
                "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--json",
                "--log-file", str(tmp_path / "server.log")]
@@ -436,3 +462,133 @@ def test_serve_cli_rejects_a_repository_built_for_another_backend(cpu_repo, caps
         main(["--repo", str(cpu_repo), "--backend", "trt"])
     assert exit_info.value.code == 2
     assert "was built for backend 'cpu', not 'trt'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def lifecycle_repo(cpu_repo, tmp_path_factory) -> Path:
+    """The shared repository cut down to its preprocess model: the process-lifecycle tests below start servers of
+    their own, and one python model (one stub) starts and stops in a third of the time of all five."""
+    import shutil
+
+    repo = tmp_path_factory.mktemp("lifecycle") / "repo"
+    repo.mkdir()
+    shutil.copytree(cpu_repo / "preprocess", repo / "preprocess")
+    manifest = json.loads((cpu_repo / MANIFEST_NAME).read_text())
+    (repo / MANIFEST_NAME).write_text(json.dumps(dict(manifest, models=["preprocess"])))
+    return repo
+
+
+def _launch(repo: Path, ports, *extra: str, stderr=subprocess.PIPE) -> subprocess.Popen:
+    command = [sys.executable, "-m", "sdconet.serve", "--repo", str(repo), "--http-port", str(ports[0]),
+               "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--json", *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+
+
+def _server_ready(http: str) -> bool:
+    """Triton's own readiness (the cut-down repository has no ``sdconet`` model for the client to check)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{http}/v2/health/ready", timeout=5) as response:
+        return response.status == 200
+
+
+def _alive(pid: int) -> bool:
+    """Running, i.e. present and not a zombie (a reaped or zombie server serves nothing)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_a_sigkilled_launcher_takes_its_tritonserver_with_it(lifecycle_repo):
+    """SIGKILL leaves the launcher no chance to stop its server: the kernel's PDEATHSIG SIGTERMs it instead."""
+    _require_server(lifecycle_repo)
+    launcher = _launch(lifecycle_repo, (0, 0, 0))  # port 0: picked free, printed in the JSON line
+    try:
+        info = json.loads(launcher.stdout.readline() or "{}")
+        assert info, launcher.stderr.read()
+        assert len({info["http"], info["grpc"], info["metrics"].split("/")[2]}) == 3
+        assert _server_ready(info["http"])
+        assert _alive(info["pid"]) and len(process_group_members(info["pid"])) > 1  # the server and its stubs
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 15  # Triton unloads its models and exits; its stubs go with it
+        while (_alive(info["pid"]) or process_group_members(info["pid"])) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(info["pid"]), "tritonserver outlived its SIGKILLed launcher"
+        assert not process_group_members(info["pid"]), "a backend stub outlived its SIGKILLed launcher"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        if "info" in locals() and info and process_group_members(info["pid"]):
+            os.killpg(info["pid"], signal.SIGKILL)  # only if the test failed: leave no server behind
+
+
+def test_launcher_refuses_a_stale_server_on_its_port_and_replaces_it_when_asked(lifecycle_repo, tmp_path):
+    """A tritonserver whose launcher is gone (what an older launcher's SIGKILL left) holds the HTTP port: the new
+    launcher refuses, naming its pid and the fixes; with --replace-stale it stops it and serves on that port."""
+    _require_server(lifecycle_repo)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_launcher = int(gone.stdout)
+    fake = tmp_path / "tritonserver"  # named like the server, so it is recognised as one
+    fake.symlink_to(sys.executable)
+    port = free_ports(1)[0]
+    listen = (f"import socket, time; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+              f"s.bind(('127.0.0.1', {port})); s.listen(); print('up', flush=True); time.sleep(300)")
+    stale = subprocess.Popen([str(fake), "-c", listen, "--model-repository=/old/repo"], stdout=subprocess.PIPE,
+                             text=True, start_new_session=True,
+                             env=dict(os.environ, SDCONET_LAUNCHER_PID=str(dead_launcher)))
+    launcher = None
+    try:
+        assert stale.stdout.readline().strip() == "up"
+        (holder,) = port_holders(port)
+        assert holder.stale and holder.pid == stale.pid and holder.launcher_pid == dead_launcher
+        refused = _launch(lifecycle_repo, (port, 0, 0))
+        _, err = refused.communicate(timeout=60)
+        assert refused.returncode == 1 and stale.poll() is None
+        assert (f"http port {port} on 127.0.0.1 is in use by a stale tritonserver (pid {stale.pid}, repository "
+                f"/old/repo) whose launcher (pid {dead_launcher}) is gone; stop it (kill -TERM -- -{stale.pid}), "
+                f"rerun python -m sdconet.serve with --replace-stale") in err
+
+        launcher = _launch(lifecycle_repo, (port, 0, 0), "--replace-stale", stderr=subprocess.DEVNULL)
+        info = json.loads(launcher.stdout.readline() or "{}")
+        assert info["http"] == f"127.0.0.1:{port}"
+        assert stale.wait(timeout=5) == -signal.SIGTERM  # stopped the way the launcher stops its own server
+        assert _server_ready(info["http"])
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=60) == 0
+    finally:
+        for process in (stale, launcher):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_server_retries_on_new_ports_when_a_picked_port_is_taken_before_the_bind(lifecycle_repo, monkeypatch):
+    """The race free_ports cannot close: another process binds a picked port between the check and Triton's bind.
+    Triton exits with 'already in use' and the server starts again on new ports."""
+    import socket
+
+    from sdconet.serve import server as server_module
+
+    _require_server(lifecycle_repo)
+    with socket.socket() as thief:
+        thief.bind(("127.0.0.1", 0))
+        thief.listen()
+        stolen = thief.getsockname()[1]
+        real, calls = server_module.free_ports, []
+
+        def first_pick_is_stolen(count, host="127.0.0.1"):
+            calls.append(count)
+            ports = real(count, host)
+            return [stolen] + ports[1:] if len(calls) == 1 else ports
+
+        monkeypatch.setattr(server_module, "free_ports", first_pick_is_stolen)
+        monkeypatch.setattr(server_module, "port_is_free", lambda host, port: True)  # free when checked
+        with TritonServer(lifecycle_repo, http_port=0, grpc_port=0, metrics_port=0) as server:
+            assert len(calls) == 2 and server.endpoints.http_port != stolen
+            assert _server_ready(server.endpoints.http)

@@ -103,13 +103,12 @@ def cpu_repos(tmp_path_factory, models) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def cpu_server(cpu_repos, tmp_path_factory):
-    from sdconet.serve.server import TritonServer, free_port
+    from sdconet.serve.server import TritonServer
 
     repo = cpu_repos["openvino"]
     require_server(repo)
     log_file = tmp_path_factory.mktemp("cpu_runtime_log") / "tritonserver.log"
-    with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                      log_file=log_file) as server:
+    with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, log_file=log_file) as server:
         yield server
 
 

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("tritonclient.http")
 from sdconet.serve.client import RetryPolicy, SDCoNetClient, call_with_retries, is_retryable  # noqa: E402
-from sdconet.serve.server import free_port, process_group_members, stub_pids  # noqa: E402
+from sdconet.serve.server import free_ports, process_group_members, stub_pids  # noqa: E402
 from sdconet.serve.soak import BAD_KINDS, _growth, is_bad, run_soak, write_report  # noqa: E402
 from serving_fixtures import png_bytes, require_server, scene  # noqa: E402
 
@@ -97,7 +97,7 @@ def test_launcher_heals_a_stub_and_restarts_a_dead_server_while_a_client_retries
     """`python -m sdconet.serve`: a killed detector stub is reloaded; a SIGKILLed tritonserver is restarted on the
     same ports; a 200-image client run with --retries spanning the restart loses no image."""
     require_server(cpu_repo)
-    ports = [free_port() for _ in range(3)]
+    ports = free_ports(3)  # distinct; the restart must come back on these same ports
     stderr_path = tmp_path / "serve.log"
     with open(stderr_path, "w") as stderr:
         launcher = subprocess.Popen(
@@ -152,7 +152,7 @@ def test_launcher_heals_a_stub_and_restarts_a_dead_server_while_a_client_retries
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
-            # a SIGKILLed launcher cannot stop its server (own session): stop every server it started
+            # only if the test failed: its servers die with it (PDEATHSIG), this is the safety net
             restarted = re.findall(r"restarted and ready in [0-9.]+ s \(pid (\d+)\)", stderr_path.read_text())
             for pid in set(pids) | {int(p) for p in restarted}:
                 try:

@@ -267,7 +267,7 @@ def run_triton(ctx: BenchContext, precision: str, batch: int, protocol: str = "h
     try:
         from sdconet.deploy.triton_repo import RepositoryOptions, build_repository
         from sdconet.serve.loadgen import sweep
-        from sdconet.serve.server import ServerError, TritonServer, free_port
+        from sdconet.serve.server import ServerError, TritonServer
     except ImportError as err:
         return _skipped(record, f"serving extras missing ({err}); pip install 'sdconet[serving]'")
     key = f"triton_repo:{cpu_runtime}:{precision}"
@@ -290,7 +290,7 @@ def run_triton(ctx: BenchContext, precision: str, batch: int, protocol: str = "h
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (ctx.imgsz, ctx.imgsz, 3), dtype=np.uint8) for _ in range(4)]
     try:
-        with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) as server:
+        with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0) as server:  # distinct free ports
             url = server.endpoints.http if protocol == "http" else server.endpoints.grpc
             results = sweep(url, protocol, images, [batch], requests=ctx.iters, warmup=ctx.warmup)
     except ServerError as err:

@@ -337,10 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scene is not None and (args.triton_url or args.triton_repo):
         levels = [int(c) for c in args.concurrency.split(",") if c]
         if args.triton_repo is not None:
-            from sdconet.serve.server import TritonServer, free_port
+            from sdconet.serve.server import TritonServer
 
-            with TritonServer(args.triton_repo, http_port=free_port(), grpc_port=free_port(),
-                              metrics_port=free_port()) as server:
+            with TritonServer(args.triton_repo, http_port=0, grpc_port=0, metrics_port=0) as server:  # free ports
                 report["triton"] = [_triton_level(server.endpoints.http, args, c) for c in levels]
         else:
             report["triton"] = [_triton_level(args.triton_url, args, c) for c in levels]

@@ -118,10 +118,11 @@ class _Server:
         self.server = None
 
     def start(self) -> None:
-        from sdconet.serve.server import TritonServer, free_port
+        from sdconet.serve.server import TritonServer
 
-        self.server = TritonServer(self.layout.triton_repo, http_port=free_port(), grpc_port=free_port(),
-                                   metrics_port=free_port(), log_file=self.layout.work / "logs" / "tritonserver.log")
+        # port 0: distinct free ports, picked again if another process takes one before Triton binds it
+        self.server = TritonServer(self.layout.triton_repo, http_port=0, grpc_port=0, metrics_port=0,
+                                   log_file=self.layout.work / "logs" / "tritonserver.log")
         self.server.start()
         self.server.wait_ready()
 

@@ -1,8 +1,13 @@
 """``python -m sdconet.serve --repo DIR``: run Triton on a built repository until Ctrl-C / SIGTERM.
 
 While it serves, a watch runs about once a second: a python model whose backend stub died is reloaded
-(``TritonServer.heal``); when that fails, or tritonserver itself exits, the server is restarted (at most
-``--max-restarts`` times), and every step is logged.
+(``TritonServer.heal``); when that fails, or tritonserver itself exits, the server is restarted on the same ports (at
+most ``--max-restarts`` times), and every step is logged.
+
+The server dies with the launcher: a SIGKILLed launcher's tritonserver gets SIGTERM from the kernel and shuts down
+(``sdconet.serve.server``, PDEATHSIG). A port held by a *stale* server (a tritonserver whose launcher is gone, e.g.
+one left by an older launcher) is refused naming its pid, or stopped first with ``--replace-stale``. A port 0 is
+picked free; a port taken by another process is retried ``BIND_ATTEMPTS`` times, ``BIND_RETRY_WAIT_S`` apart.
 """
 from __future__ import annotations
 
@@ -15,10 +20,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from sdconet.deploy.triton_repo import BACKENDS, RepositoryError, load_manifest
-from sdconet.serve.server import DEFAULT_HOST, DEFAULT_PORTS, ServerError, TritonServer
+from sdconet.serve.server import (DEFAULT_HOST, DEFAULT_PORTS, PortInUseError, ServerError, TritonServer,
+                                  stop_stale_server)
 from sdconet.utils.logging import get_logger, setup_logging
 
 log = get_logger("sdconet.serve")
+
+BIND_ATTEMPTS = 3  # starts on a port another process holds, before giving up
+BIND_RETRY_WAIT_S = 1.0
 
 
 class _Stop(Exception):
@@ -36,9 +45,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="deployment the repository must hold (default: whatever it was built for)")
     parser.add_argument("--host", default=DEFAULT_HOST, help="bind address of all endpoints (default %(default)s; "
                                                              "0.0.0.0 exposes the server to the network)")
-    parser.add_argument("--http-port", type=int, default=DEFAULT_PORTS["http"])
+    parser.add_argument("--http-port", type=int, default=DEFAULT_PORTS["http"],
+                        help="(default %(default)s; 0 = a free port, printed when ready, kept across restarts)")
     parser.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"])
     parser.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"])
+    parser.add_argument("--replace-stale", action="store_true",
+                        help="stop a stale tritonserver (one whose launcher is gone) holding one of the ports, "
+                             "instead of refusing to start")
     parser.add_argument("--tritonserver", type=Path, default=None, help="tritonserver binary to run")
     parser.add_argument("--log-file", type=Path, default=None,
                         help="server log (default: a temporary file); restart k writes <stem>.restart<k><suffix>")
@@ -67,14 +80,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             signal.signal(sig, signal.SIG_IGN)
         raise _Stop(signal.Signals(signum).name)
 
+    for flag in ("http_port", "grpc_port", "metrics_port"):
+        if not 0 <= getattr(args, flag) <= 65535:
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: a port is 0 (a free one) .. 65535")
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    server = TritonServer(args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                          metrics_port=args.metrics_port, binary=args.tritonserver, log_file=args.log_file,
-                          log_verbose=args.log_verbose)
+    server: Optional[TritonServer] = None
     try:
         started = time.monotonic()
-        server.start()
-        server.wait_ready(args.startup_timeout)
+        server = _start_server(args, (args.http_port, args.grpc_port, args.metrics_port), args.log_file)
         e = server.endpoints
         info = {"http": e.http, "grpc": e.grpc, "metrics": e.metrics, "model": manifest["ensemble"],
                 "backend": manifest["backend"], "models": manifest["models"], "pid": server.process.pid,
@@ -100,27 +113,56 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             # a restarted server writes a log of its own: reopening --log-file would truncate the crashed one's
             log_file = None if args.log_file is None else args.log_file.with_name(
                 f"{args.log_file.stem}.restart{restarts}{args.log_file.suffix}")
-            server = TritonServer(args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                                  metrics_port=args.metrics_port, binary=args.tritonserver, log_file=log_file,
-                                  log_verbose=args.log_verbose)
+            e = server.endpoints  # the same ports, also those picked for port 0: clients keep their URLs
             started = time.monotonic()
-            server.start()
-            server.wait_ready(args.startup_timeout)
+            server = _start_server(args, (e.http_port, e.grpc_port, e.metrics_port), log_file)
             log.warning("server restarted and ready in %.1f s (pid %d)", time.monotonic() - started,
                         server.process.pid)
             log.warning("the restarted server logs to %s", server.log_path)
     except _Stop as stop:
         log.info("%s received: stopping the server", stop)
-        code = server.stop()
+        code = server.stop() if server is not None else None
         log.info("server stopped (exit code %s)", code)
         return 0
     except ServerError as err:
         log.error("%s", err)
-        server.stop()
+        if server is not None:
+            server.stop()
         return 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _start_server(args: argparse.Namespace, ports: tuple[int, int, int], log_file: Optional[Path]) -> TritonServer:
+    """A started, ready server on ``ports`` (http, grpc, metrics; 0 = picked free). A stale server on a port is
+    stopped with ``--replace-stale`` and refused otherwise; another holder of a port is waited for
+    ``BIND_ATTEMPTS`` times. Raises ServerError (PortInUseError naming the port and its holder) on failure."""
+    attempt = 0
+    while True:
+        attempt += 1
+        server = TritonServer(args.repo, host=args.host, http_port=ports[0], grpc_port=ports[1],
+                              metrics_port=ports[2], binary=args.tritonserver, log_file=log_file,
+                              log_verbose=args.log_verbose)
+        try:
+            server.start()
+            server.wait_ready(args.startup_timeout)
+            return server
+        except PortInUseError as err:
+            server.stop()
+            stale = [holder for holder in err.holders if holder.stale]
+            if stale and args.replace_stale and attempt <= BIND_ATTEMPTS:
+                for holder in stale:
+                    stop_stale_server(holder)
+                continue
+            if stale or attempt >= BIND_ATTEMPTS:
+                raise
+            log.warning("%s; trying again in %.0f s (attempt %d of %d)", err, BIND_RETRY_WAIT_S, attempt + 1,
+                        BIND_ATTEMPTS)
+            time.sleep(BIND_RETRY_WAIT_S)
+        except BaseException:  # a failed start or Ctrl-C while starting: leave nothing running
+            server.stop()
+            raise
 
 
 def _watch(server: TritonServer) -> str:

@@ -269,12 +269,11 @@ def _soak_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
 
     from tqdm import tqdm
 
-    from sdconet.serve.server import TritonServer, free_port
+    from sdconet.serve.server import TritonServer
 
     with ExitStack() as stack:
         if args.repo is not None:
-            server = stack.enter_context(TritonServer(args.repo, http_port=free_port(), grpc_port=free_port(),
-                                                      metrics_port=free_port()))
+            server = stack.enter_context(TritonServer(args.repo, http_port=0, grpc_port=0, metrics_port=0))
             url = server.endpoints.http if args.protocol == "http" else server.endpoints.grpc
             pgid, heal = server.process.pid, server.heal
             log.info("soak: server on %s, log %s", url, server.log_path)

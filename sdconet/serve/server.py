@@ -12,6 +12,18 @@
 The server runs in its own process group on loopback by default; ``stop()`` sends SIGTERM (Triton drains in-flight
 requests), escalates to SIGKILL on the group after a timeout, and returns only when no process of the group is left.
 
+A server never outlives the process that started it (Linux): it is started with ``PR_SET_PDEATHSIG`` = SIGTERM, so a
+SIGKILLed launcher's server shuts down as on Ctrl-C (Triton drains for ``exit_timeout_s``, then its stubs go with it).
+The kernel sends that signal when the *thread* that forked the server exits, so a server started from any thread but
+the main one is forked by one long-lived spawner thread. Each server carries ``SDCONET_LAUNCHER_PID`` in its
+environment; a port held by a ``tritonserver`` whose launcher is gone is reported as a *stale server*
+(:func:`port_holders`, :func:`stop_stale_server`), e.g. one left by a launcher from before this protection.
+
+Ports: 0 means "pick a free one" (:func:`free_ports`, all distinct). A picked port can still be taken by another
+process before Triton binds it; Triton then exits with "address already in use", and :meth:`TritonServer.wait_ready`
+starts it again on freshly picked ports (``PORT_RETRIES`` times). A port given explicitly is never changed: a bind
+failure on it raises :class:`PortInUseError` naming the port and what holds it.
+
 Crashed python backend stubs: Triton 2.51 does not restart a stub that died (the model stays READY while every request
 fails with "Stub process '<model>_0_0' is not healthy"). The server therefore runs in explicit model-control mode
 (every model loaded at start), and :meth:`TritonServer.heal` -- called about once a second by the launcher's watch --
@@ -19,9 +31,12 @@ counts each python model's live stubs and reloads a model whose stubs are missin
 """
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,12 +44,14 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 from sdconet.serve.python_env import inspect_python_env
 from sdconet.utils.logging import get_logger
@@ -45,6 +62,13 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 # the only backend the nvidia-pytriton server carries
 BUNDLED_BACKENDS = ("python",)
+# environment variable every started server carries: the pid of the process that started it (stale-server check)
+LAUNCHER_PID_ENV = "SDCONET_LAUNCHER_PID"
+PORT_RETRIES = 3  # fresh-port attempts after a bind failure on picked (port 0) ports
+# what Triton logs when it cannot bind an endpoint (its own message, and the OS's from gRPC / civetweb)
+_BIND_FAILURE = re.compile(r"already in use|address in use|failed to bind|could not bind|bind failed",
+                           re.IGNORECASE)
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class ServerError(RuntimeError):
@@ -53,6 +77,15 @@ class ServerError(RuntimeError):
 
 class ServerUnavailable(ServerError):
     """This machine cannot run a tritonserver at all (none installed, no stub for this Python, no shared libpython)."""
+
+
+class PortInUseError(ServerError):
+    """An endpoint's port is taken: ``port`` and ``holders`` (:class:`PortHolder`, maybe none) say which, by what."""
+
+    def __init__(self, message: str, port: int, holders: "list[PortHolder]"):
+        super().__init__(message)
+        self.port = port
+        self.holders = holders
 
 
 @dataclass(frozen=True)
@@ -114,11 +147,209 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+def free_ports(count: int, host: str = DEFAULT_HOST) -> list[int]:
+    """``count`` distinct ports the OS reports free on ``host`` right now.
+
+    Every probe socket stays bound until all are picked: closing each one before asking for the next would let the
+    OS hand the same port out twice. Another process may still take a port before the server binds it (the server
+    retries with new ports, see the module docstring)."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_port(host: str = DEFAULT_HOST) -> int:
-    """A port the OS reports free on ``host`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """One port the OS reports free on ``host`` right now; for several, :func:`free_ports` (distinct)."""
+    return free_ports(1, host)[0]
+
+
+@dataclass(frozen=True)
+class PortHolder:
+    """A process listening on a port: its pid, label (:func:`process_label`), and for a tritonserver the pid of the
+    launcher that started it (None when unknown) and whether that launcher is gone (a stale server)."""
+
+    pid: int
+    label: str
+    launcher_pid: Optional[int] = None
+    stale: bool = False
+    repo: Optional[str] = None
+
+    def describe(self) -> str:
+        if self.label != "tritonserver":
+            return f"{self.label} (pid {self.pid})"
+        what = f"tritonserver (pid {self.pid}{f', repository {self.repo}' if self.repo else ''})"
+        if self.stale:
+            return f"a stale {what} whose launcher (pid {self.launcher_pid}) is gone"
+        if self.launcher_pid is not None:
+            return f"{what} of the running launcher pid {self.launcher_pid}"
+        return what
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """Socket inodes listening on TCP ``port`` on any address (/proc/net/tcp and tcp6; state 0A = LISTEN)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def _launcher_of(pid: int) -> Optional[int]:
+    """The launcher pid a tritonserver carries in its environment, else the one in the shared-memory prefix that
+    older launchers passed (``shm-region-prefix-name=sdconet<pid>_``); None when neither is readable."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in environ:
+        if item.startswith(LAUNCHER_PID_ENV.encode() + b"="):
+            value = item.split(b"=", 1)[1]
+            return int(value) if value.isdigit() else None
+    for arg in argv:
+        match = re.search(rb"shm-region-prefix-name=sdconet(\d+)_", arg)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def _parent_pid(pid: int) -> Optional[int]:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+def _readlink(path: Path) -> Optional[str]:
+    try:
+        return os.readlink(path)
+    except OSError:  # closed meanwhile (e.g. the listing's own descriptor)
+        return None
+
+
+def port_holders(port: int) -> list[PortHolder]:
+    """The processes listening on TCP ``port`` that this user may inspect (others' sockets are not visible in
+    their /proc/PID/fd). A tritonserver is *stale* when the launcher it records is no longer its parent: that
+    launcher died (e.g. SIGKILL) and nothing will stop, heal or restart the server."""
+    inodes = _listening_inodes(port)
+    if not inodes:
+        return []
+    targets = {f"socket:[{inode}]" for inode in inodes}
+    holders = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = list((entry / "fd").iterdir())
+        except OSError:  # gone, or another user's process
+            continue
+        if not any(_readlink(fd) in targets for fd in fds):
+            continue
+        pid = int(entry.name)
+        label = process_label(pid)
+        if label != "tritonserver":
+            holders.append(PortHolder(pid, label))
+            continue
+        launcher = _launcher_of(pid)
+        repo = None
+        try:
+            for arg in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0"):
+                if arg.startswith("--model-repository="):
+                    repo = arg.split("=", 1)[1]
+        except OSError:
+            pass
+        stale = launcher is not None and _parent_pid(pid) != launcher
+        holders.append(PortHolder(pid, label, launcher, stale, repo))
+    return holders
+
+
+def stop_stale_server(holder: PortHolder, timeout_s: float = 30.0) -> None:
+    """SIGTERM a stale server's process group (Triton drains and exits), SIGKILL it after ``timeout_s``; returns
+    once none of its processes is left. Refuses anything but a stale tritonserver."""
+    if not holder.stale or holder.label != "tritonserver":
+        raise ServerError(f"refusing to stop {holder.describe()}: not a stale tritonserver of this project")
+    log.warning("stopping %s", holder.describe())
+    try:
+        os.killpg(holder.pid, signal.SIGTERM)  # the server leads its own process group (start_new_session)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while process_group_members(holder.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if process_group_members(holder.pid):
+        log.warning("the stale server (pid %d) did not exit %.0f s after SIGTERM; killing its process group",
+                    holder.pid, timeout_s)
+        try:
+            os.killpg(holder.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        while process_group_members(holder.pid) and time.monotonic() < deadline + 10:
+            time.sleep(0.1)
+
+
+def port_in_use_error(name: str, host: str, port: int, when: str = "is in use") -> PortInUseError:
+    """PortInUseError for endpoint ``name`` naming what holds the port and what to do."""
+    holders = port_holders(port)
+    held = f" by {', '.join(h.describe() for h in holders)}" if holders else ""
+    advice = f"pass another --{name}-port (0 = a free one)"
+    stale = [h for h in holders if h.stale]
+    if stale:
+        advice = (f"stop it (kill -TERM -- -{stale[0].pid}), rerun python -m sdconet.serve with --replace-stale, "
+                  f"or {advice}")
+    return PortInUseError(f"{name} port {port} on {host} {when}{held}; {advice}", port, holders)
+
+
+_T = TypeVar("_T")
+_spawner: Optional[ThreadPoolExecutor] = None
+_spawner_lock = threading.Lock()
+
+
+def _from_long_lived_thread(start: Callable[[], _T]) -> _T:
+    """Run ``start`` (which forks the server) in the main thread or in one spawner thread that lives as long as
+    the process: PDEATHSIG fires when the forking thread exits, which must not be a short-lived worker thread."""
+    global _spawner
+    if threading.current_thread() is threading.main_thread():
+        return start()
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdconet-triton-spawner")
+    return _spawner.submit(start).result()
+
+
+def _die_with_parent_hook() -> Optional[Callable[[], None]]:
+    """A ``preexec_fn`` asking the kernel to SIGTERM the child when the forking thread exits (Linux; None
+    elsewhere). Resolved here in the parent, so the child only makes the call; the parent pid is checked after it,
+    since a parent that died before the prctl would never signal."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)  # a failure only loses the protection
+        if os.getppid() != parent:
+            os._exit(70)  # the launcher died before the prctl: do not start an orphan
+
+    return hook
 
 
 def _python_env_paths(repo: Path) -> set[str]:
@@ -202,7 +433,9 @@ class TritonServer:
     Args:
         repo: a repository written by :func:`sdconet.deploy.triton_repo.build_repository`.
         host: address the HTTP, gRPC and metrics endpoints bind to (loopback by default).
-        http_port, grpc_port, metrics_port: Triton's defaults 8000/8001/8002 unless given.
+        http_port, grpc_port, metrics_port: Triton's defaults 8000/8001/8002 unless given; 0 = a free port picked at
+            start (all distinct; picked again when another process takes one first). ``endpoints`` has the ports
+            in use once started.
         binary: a ``tritonserver`` to run; default :func:`find_tritonserver`.
         log_file: where the server's output goes; default a file in the server's scratch directory.
         log_verbose: Triton's ``--log-verbose`` level.
@@ -217,6 +450,9 @@ class TritonServer:
         if not self.repo.is_dir():
             raise ServerError(f"model repository {self.repo} does not exist")
         self.endpoints = Endpoints(host, http_port, grpc_port, metrics_port)
+        # the endpoints whose port is picked at start (given as 0)
+        self._auto_ports = tuple(name for name, port in (("http", http_port), ("grpc", grpc_port),
+                                                         ("metrics", metrics_port)) if port == 0)
         if binary is not None:
             self.binary, self.bundled = Path(binary), False
         else:
@@ -227,6 +463,7 @@ class TritonServer:
         self._reloads = 0  # reload_model's marker
         self._scratch: Optional[Path] = None
         self._log_file = Path(log_file) if log_file is not None else None
+        self._default_log = log_file is None  # the log lives in the scratch directory of each start
         self._log_handle = None
         self.process: Optional[subprocess.Popen] = None
 
@@ -325,29 +562,52 @@ class TritonServer:
         args += tensorrt_plugin_args(self.repo)
         return args
 
+    def _pick_ports(self) -> None:
+        """Fresh distinct free ports for the endpoints given as 0 (none of them equal to a port given explicitly)."""
+        if not self._auto_ports:
+            return
+        e = self.endpoints
+        fixed = {getattr(e, f"{name}_port") for name in ("http", "grpc", "metrics") if name not in self._auto_ports}
+        picked = [port for port in free_ports(len(self._auto_ports) + len(fixed), e.host) if port not in fixed]
+        self.endpoints = dataclasses.replace(e, **{f"{name}_port": port
+                                                   for name, port in zip(self._auto_ports, picked)})
+
     def start(self) -> "TritonServer":
-        """Start the process (returns at once; call :meth:`wait_ready`)."""
+        """Start the process (returns at once; call :meth:`wait_ready`). Raises PortInUseError when a port given
+        explicitly is taken (naming what holds it)."""
         if self.process is not None:
             raise ServerError("server already started")
         self._check_backends()  # the bundled runtime is checked while it is prepared below
-        e = self.endpoints
-        for name, port in (("http", e.http_port), ("grpc", e.grpc_port), ("metrics", e.metrics_port)):
-            if not port_is_free(e.host, port):
-                raise ServerError(f"{name} port {port} on {e.host} is in use; pass another --{name}-port")
+        for attempt in range(PORT_RETRIES + 1):
+            self._pick_ports()
+            e = self.endpoints
+            taken = [(name, port) for name, port in (("http", e.http_port), ("grpc", e.grpc_port),
+                                                     ("metrics", e.metrics_port)) if not port_is_free(e.host, port)]
+            explicit = [(name, port) for name, port in taken if name not in self._auto_ports]
+            if explicit:
+                raise port_in_use_error(*explicit[0][:1], e.host, explicit[0][1])
+            if not taken:
+                break
+            if attempt == PORT_RETRIES:  # picked ports taken again and again: something grabs every free port
+                raise port_in_use_error(taken[0][0], e.host, taken[0][1], when="was taken right after it was picked")
         self._scratch = Path(tempfile.mkdtemp(prefix="sdconet-triton-"))
         env = dict(os.environ)
+        env[LAUNCHER_PID_ENV] = str(os.getpid())  # lets a later launcher tell a stale server from a live one
         try:
             args = self.command()
             if self.bundled:
                 args += self._prepare_bundled(env)
-            if self._log_file is None:
+            if self._default_log:
                 self._log_file = self._scratch / "tritonserver.log"
             self._log_file.parent.mkdir(parents=True, exist_ok=True)
             self._log_handle = open(self._log_file, "w")
             log.info("starting %s", " ".join(args))
-            # own session/process group: a terminal's Ctrl-C reaches us, and we shut the server down in order
-            self.process = subprocess.Popen(args, env=env, stdout=self._log_handle, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+            # own session/process group: a terminal's Ctrl-C reaches us, and we shut the server down in order;
+            # PDEATHSIG: it gets SIGTERM when we die without stopping it (SIGKILL, a crash)
+            hook = _die_with_parent_hook()
+            self.process = _from_long_lived_thread(lambda: subprocess.Popen(
+                args, env=env, stdout=self._log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, preexec_fn=hook))
         except BaseException:
             self._cleanup()
             raise
@@ -360,19 +620,57 @@ class TritonServer:
         except (urllib.error.URLError, OSError):
             return False
 
+    def bind_failure(self) -> Optional[str]:
+        """The endpoint (``http``/``grpc``/``metrics``) whose port the exited server could not bind, from its log;
+        ``"?"`` when the log reports a bind failure without naming the port, None when it reports none."""
+        lines = [line for line in self.log_tail(200).splitlines() if _BIND_FAILURE.search(line)]
+        if not lines:
+            return None
+        e = self.endpoints
+        for name, port in (("http", e.http_port), ("grpc", e.grpc_port), ("metrics", e.metrics_port)):
+            if any(re.search(rf":{port}\b", line) for line in lines):
+                return name
+        return "?"
+
     def wait_ready(self, timeout_s: float = 120.0) -> None:
-        """Block until ``/v2/health/ready`` answers 200; raise (and stop the server) if it exits or times out."""
+        """Block until ``/v2/health/ready`` answers 200; raise (and stop the server) if it exits or times out.
+
+        A server that exits because another process took one of its picked (port 0) ports first is started again on
+        new ports, at most ``PORT_RETRIES`` times; a bind failure on an explicit port raises PortInUseError."""
         if self.process is None:
             raise ServerError("server not started")
         deadline = time.monotonic() + timeout_s
+        retries = 0
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 code = self.process.returncode
                 tail = self.log_tail()
+                failed = self.bind_failure()
+                e = self.endpoints
                 self.stop()
+                if failed is not None and self._auto_ports and (failed == "?" or failed in self._auto_ports) \
+                        and retries < PORT_RETRIES:
+                    retries += 1
+                    log.warning("tritonserver could not bind %s (taken by another process after it was picked); "
+                                "starting it again on new ports (retry %d of %d)",
+                                "one of its picked ports" if failed == "?" else
+                                f"its {failed} port {getattr(e, f'{failed}_port')}", retries, PORT_RETRIES)
+                    self.process = None
+                    if self._scratch is not None:  # the failed attempt's log was just reported above
+                        shutil.rmtree(self._scratch, ignore_errors=True)
+                    self.start()
+                    continue
+                if failed is not None and failed != "?":
+                    raise port_in_use_error(failed, e.host, getattr(e, f"{failed}_port"),
+                                            when="was taken before tritonserver could bind it")
                 raise ServerError(f"tritonserver exited with code {code} before becoming ready; log "
                                   f"({self._log_file}):\n{tail}")
             if self.is_ready():
+                if "failed to start Metrics service" in self.log_tail(200):  # Triton serves on without it
+                    log.warning("tritonserver could not bind metrics port %d (%s); it serves without metrics",
+                                self.endpoints.metrics_port, port_in_use_error(
+                                    "metrics", self.endpoints.host, self.endpoints.metrics_port,
+                                    when="was taken before tritonserver could bind it"))
                 return
             time.sleep(0.25)
         tail = self.log_tail()
