@@ -257,6 +257,28 @@ def test_free_ports_are_distinct_and_free():
         assert all(port_is_free("127.0.0.1", port) for port in ports)
 
 
+def test_shared_memory_of_killed_servers_is_removed_and_live_regions_kept(tmp_path):
+    from sdconet.serve.server import remove_stale_shm_regions
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)
+    # a region a live process names on its command line (a stale server's stub) stays, even with its launcher gone
+    in_use = f"sdconet{dead}_inuse123_"
+    user = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"{in_use}0d0e"])
+    try:
+        regions = {"killed": f"sdconet{dead}_abcd1234_6f1c", "killed2": f"sdconet{dead}_abcd1234_77aa",
+                   "live launcher": f"sdconet{os.getpid()}_efgh5678_0a0b", "in use": f"{in_use}0d0e",
+                   "not ours": "psm_1234"}
+        for name in regions.values():
+            (tmp_path / name).write_bytes(b"\0" * 64)
+        assert remove_stale_shm_regions(tmp_path) == 2
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            regions[k] for k in ("live launcher", "in use", "not ours"))
+    finally:
+        user.kill()
+        user.wait()
+
+
 def test_an_explicit_port_in_use_names_its_holder(cpu_repo):
     import socket
 

@@ -7,7 +7,8 @@ most ``--max-restarts`` times), and every step is logged.
 The server dies with the launcher: a SIGKILLed launcher's tritonserver gets SIGTERM from the kernel and shuts down
 (``sdconet.serve.server``, PDEATHSIG). A port held by a *stale* server (a tritonserver whose launcher is gone, e.g.
 one left by an older launcher) is refused naming its pid, or stopped first with ``--replace-stale``. A port 0 is
-picked free; a port taken by another process is retried ``BIND_ATTEMPTS`` times, ``BIND_RETRY_WAIT_S`` apart.
+picked free; a port taken by another process is retried ``BIND_ATTEMPTS`` times, ``BIND_RETRY_WAIT_S`` apart. The
+/dev/shm regions that SIGKILLed servers left are removed at start (``remove_stale_shm_regions``).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Optional, Sequence
 
 from sdconet.deploy.triton_repo import BACKENDS, RepositoryError, load_manifest
 from sdconet.serve.server import (DEFAULT_HOST, DEFAULT_PORTS, PortInUseError, ServerError, TritonServer,
-                                  stop_stale_server)
+                                  remove_stale_shm_regions, stop_stale_server)
 from sdconet.utils.logging import get_logger, setup_logging
 
 log = get_logger("sdconet.serve")
@@ -83,6 +84,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for flag in ("http_port", "grpc_port", "metrics_port"):
         if not 0 <= getattr(args, flag) <= 65535:
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: a port is 0 (a free one) .. 65535")
+    removed = remove_stale_shm_regions()
+    if removed:
+        log.info("removed %d shared-memory region(s) of killed servers from /dev/shm", removed)
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     server: Optional[TritonServer] = None
     try:

@@ -313,6 +313,55 @@ def port_in_use_error(name: str, host: str, port: int, when: str = "is in use") 
     return PortInUseError(f"{name} port {port} on {host} {when}{held}; {advice}", port, holders)
 
 
+SHM_DIR = Path("/dev/shm")
+# the python backend's shared-memory regions of our servers: "sdconet<launcher pid>_<scratch tag>_<uuid>"
+_SHM_REGION = re.compile(r"^(sdconet(\d+)_.{8}_)")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def remove_stale_shm_regions(shm_dir: Path = SHM_DIR) -> int:
+    """Delete the shared-memory regions (``shm_dir``, i.e. /dev/shm) of servers that were SIGKILLed: a stopped or
+    SIGTERMed server removes its own, a killed one leaves tens of MB of RAM behind. A region goes when the launcher
+    pid in its name is gone and no live process names its prefix on its command line (a stale server or its stubs
+    still use it). Returns how many were removed."""
+    try:
+        names = [path.name for path in shm_dir.iterdir()]
+    except OSError:
+        return 0
+    prefixes = {}
+    for name in names:
+        match = _SHM_REGION.match(name)
+        if match and not _pid_alive(int(match.group(2))):
+            prefixes.setdefault(match.group(1), []).append(name)
+    if not prefixes:
+        return 0
+    for entry in Path("/proc").iterdir():  # a region a live process names is in use, whoever launched it
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            for prefix in [prefix for prefix in prefixes if prefix in cmdline]:
+                del prefixes[prefix]
+    removed = 0
+    for name in (name for group in prefixes.values() for name in group):
+        try:
+            (shm_dir / name).unlink()
+            removed += 1
+        except OSError:  # another user's, or removed meanwhile
+            pass
+    return removed
+
+
 _T = TypeVar("_T")
 _spawner: Optional[ThreadPoolExecutor] = None
 _spawner_lock = threading.Lock()
