@@ -614,3 +614,27 @@ def test_server_retries_on_new_ports_when_a_picked_port_is_taken_before_the_bind
         with TritonServer(lifecycle_repo, http_port=0, grpc_port=0, metrics_port=0) as server:
             assert len(calls) == 2 and server.endpoints.http_port != stolen
             assert _server_ready(server.endpoints.http)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_a_server_started_from_a_worker_thread_outlives_that_thread(lifecycle_repo):
+    """PDEATHSIG fires when the forking *thread* exits: a server started from a short-lived thread is forked by the
+    long-lived spawner thread instead, so it keeps serving after the starting thread is gone."""
+    _require_server(lifecycle_repo)
+    started: dict[str, TritonServer] = {}
+
+    def start() -> None:
+        server = TritonServer(lifecycle_repo, http_port=0, grpc_port=0, metrics_port=0)
+        started["server"] = server
+        server.start()
+        server.wait_ready()
+
+    worker = threading.Thread(target=start)
+    worker.start()
+    worker.join()
+    server = started["server"]
+    try:
+        time.sleep(1.0)  # a signal sent at the thread's exit would have stopped it by now
+        assert server.process.poll() is None and _server_ready(server.endpoints.http)
+    finally:
+        server.stop()
