@@ -107,7 +107,7 @@ class DetectorConfig:
     num_detections: int = 100  # top-K returned by the inference forward
     pos_num_feats: int = 128
     pos_temperature: float = 20.0
-    # multi-scale deformable attention core: "auto" (triton kernel on CUDA, else gather), "gather", "grid_sample",
+    # multi-scale deformable attention core: "auto" (triton kernel on CUDA, else grid_sample), "gather", "grid_sample",
     # "triton"
     msda_impl: str = "auto"
 

@@ -131,7 +131,7 @@ def test_backward_only_for_inputs_that_need_it():
 
 def test_dispatch_picks_triton_on_cuda_only():
     assert resolve_msda_impl("auto", torch.device("cuda")) == "triton"
-    assert resolve_msda_impl("auto", torch.device("cpu")) == "gather"
+    assert resolve_msda_impl("auto", torch.device("cpu")) == "grid_sample"
     assert resolve_msda_impl("grid_sample", torch.device("cuda")) == "grid_sample"  # config switch forces the reference
 
 

@@ -37,7 +37,12 @@ def build_param_groups(model: nn.Module, train: TrainConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(build_param_groups(model, train), lr=train.lr, weight_decay=train.weight_decay)
+    """AdamW over :func:`build_param_groups`; the fused kernel where torch has one (CPU and CUDA float params): the
+    per-tensor Python loop of the default CPU path took ~6x longer per step on the demo model's 311 tensors."""
+    params = list(model.parameters())
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return torch.optim.AdamW(build_param_groups(model, train), lr=train.lr, weight_decay=train.weight_decay,
+                             fused=fused or None)
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.MultiStepLR:
