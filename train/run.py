@@ -6,6 +6,7 @@
   python train/run.py --resume runs/quick               # continue a run from its last checkpoint
   python train/run.py --eval-only --checkpoint runs/quick
   torchrun --nproc_per_node=2 train/run.py --config paper --data /data/nwpu   # DDP (gloo on CPU, nccl on GPU)
+  python train/run.py --nproc 2                         # the same DDP launch from here (CPU: 1 thread per process)
 
 Dotted overrides (``section.key=value``) are applied after the preset, named flags after them. See docs/training.md.
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", metavar="RUN_OR_CKPT",
                         help="continue a run directory (or its last.safetensors) from its last checkpoint; the "
                              "checkpoint's config is used (--config is ignored), overrides and flags still apply")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="data-parallel processes on this machine (default 1); more relaunches this command under "
+                             "torch.distributed.run (one per GPU, or on a CPU cpu_count/N threads each; the tiny demo "
+                             "model does not scale past one thread, so on 2 cores --nproc 2 about halves the time). "
+                             "train.batch_size stays per process")
     parser.add_argument("--eval-only", action="store_true", help="evaluate a checkpoint instead of training")
     parser.add_argument("--checkpoint", metavar="CKPT",
                         help="with --eval-only: weights file or run directory (default: the latest run's best)")
@@ -153,8 +161,47 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--nproc":
+            skip = True
+        elif not token.startswith("--nproc="):
+            out.append(token)
+    return out
+
+
+def launch_data_parallel(args: argparse.Namespace, argv: list[str]) -> int:
+    """Rerun this command as ``args.nproc`` DDP processes (torch.distributed.run, one node) and return its exit code.
+
+    The run directory is resolved here, once: left to the ranks, a time-stamped default could differ between them."""
+    cfg = resolve_config(args)
+    child = _without_nproc(argv)
+    if not args.out:
+        child += ["--out", str(run_directory(args, cfg))]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               str(Path(__file__).resolve()), *child]
+    print(f"launching {args.nproc} data-parallel processes ({env['OMP_NUM_THREADS']} thread(s) each): "
+          + " ".join(command), flush=True)
+    return subprocess.run(command, env=env).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.nproc < 1:
+        build_parser().error(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1 and args.eval_only:
+        build_parser().error("--nproc goes with training; --eval-only runs in one process")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        try:
+            return launch_data_parallel(args, list(sys.argv[1:] if argv is None else argv))
+        except (ConfigError, CheckpointError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if args.checkpoint and not args.eval_only:
         build_parser().error("--checkpoint goes with --eval-only (use --resume to continue training)")
     if args.eval_only:
