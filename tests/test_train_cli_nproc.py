@@ -39,3 +39,14 @@ def test_two_processes_train_one_run_in_one_directory(tmp_path):
     metrics = json.loads((runs[0] / "metrics.json").read_text())
     # 4 training images / 2 ranks / batch 1 = 2 steps in the one epoch
     assert [(m["epoch"], m["step"]) for m in metrics] == [(1, 2)]
+
+
+def test_demo_trains_data_parallel_on_a_multicore_cpu_unless_told_otherwise(tmp_path, monkeypatch):
+    from sdconet.pipeline import demo
+
+    layout = demo.DemoLayout(tmp_path)
+    monkeypatch.setattr(demo, "default_train_processes", lambda: 2)
+    train = demo.build_stages(layout, train_args=["--epochs", "1"])[0]
+    assert train.name == "train" and train.argv[-4:] == ["--nproc", "2", "--epochs", "1"]
+    train = demo.build_stages(layout, train_args=["--nproc", "1"])[0]
+    assert train.argv.count("--nproc") == 1 and train.argv[-2:] == ["--nproc", "1"]
