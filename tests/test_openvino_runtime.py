@@ -78,6 +78,11 @@ def test_fp32_agrees_with_onnxruntime_and_torch(export, images, reference, graph
 def test_throughput_hint_splits_the_batch_and_agrees(export, images, reference):
     with open_runner("openvino", model=export["plugin"], threads=2, hint="throughput") as runner:
         _assert_close(runner.run(images), reference)
+    with open_runner("openvino", model=export["plugin"], threads=2, hint="throughput", streams=2) as runner:
+        _assert_close(runner.run(images), reference)
+        assert int(runner.compiled(1)[0].get_property("NUM_STREAMS")) == 2 and runner.describe()["streams"] == 2
+    with pytest.raises(RunnerError, match="streams=2 needs hint='throughput'"):
+        open_runner("openvino", model=export["plugin"], streams=2)
 
 
 def test_bf16_runs_and_agrees_or_is_refused_with_the_reason(export, images, reference):

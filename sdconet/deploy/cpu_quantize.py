@@ -13,7 +13,9 @@
   plugin-mode ONNX (the default of the exporter and the benchmark), the model is read by an ``ov.Core`` holding the
   fused MSDA extension (:mod:`sdconet.kernels.cpu`): NNCF quantizes the MatMuls and convolutions and leaves the
   fused op (``sdconet::MultiscaleDeformableAttn``) in fp32, so the INT8 IR keeps the ~1 op per attention layer
-  instead of the ~3000-node gather graph of the pure ONNX.
+  instead of the ~3000-node gather graph of the pure ONNX. On CPUs without VNNI every layer gets 7-bit weights
+  (NNCF's overflow fix), as ONNX Runtime's ``reduce_range`` does: the AVX2 u8 x s8 multiply-add saturates otherwise
+  (detection agreement 0.57 -> 0.87 on the demo checkpoint, docs/cpu-runtime.md).
 
 Both calibrate on LR images of the training split (:func:`sdconet.deploy.quantize.calibration_images`), never on
 random tensors, and leave MSDA in float (the pure graph's ``msda_onnx<i>/...`` subgraphs, or the fused op): its
@@ -169,8 +171,46 @@ def has_msda_plugin_nodes(onnx_path: str | Path) -> bool:
     return any(node.op_type in MSDA_PLUGIN_OP_TYPES for node in model.graph.node)
 
 
+def msda_projection_names(model, max_depth: int = 12) -> list[str]:
+    """Friendly names of the MatMuls that compute the fused MSDA ops' ``sampling_locations`` (input 3) and
+    ``attention_weights`` (input 4) of an OpenVINO ``model``: the first MatMul on each path back from those inputs
+    (through reshapes, softmax and the reference-point arithmetic), at most ``max_depth`` nodes away."""
+    names: list[str] = []
+    for op in model.get_ops():
+        if op.get_type_name() != FUSED_MSDA_OV_TYPE:
+            continue
+        stack = [(op.input(i).get_source_output().get_node(), 0) for i in (3, 4)]
+        seen: set[str] = set()
+        while stack:
+            node, depth = stack.pop()
+            name = node.get_friendly_name()
+            if name in seen or depth > max_depth or node.get_type_name() in ("Constant", "Parameter"):
+                continue
+            seen.add(name)
+            if node.get_type_name() == "MatMul":
+                names.append(name)
+                continue
+            stack.extend((v.get_source_output().get_node(), depth + 1) for v in node.inputs())
+    return sorted(set(names))
+
+
+def activation_matmul_names(model) -> list[str]:
+    """Friendly names of the MatMuls of an OpenVINO ``model`` with no constant operand (attention's Q·Kᵀ and A·V):
+    the ones ONNX Runtime's ``MatMulConstBOnly`` leaves in float too."""
+    def constant(value) -> bool:
+        node = value.get_source_output().get_node()
+        while node.get_type_name() in ("Convert", "Transpose", "Reshape", "Unsqueeze") and node.inputs():
+            node = node.input(0).get_source_output().get_node()
+        return node.get_type_name() == "Constant"
+
+    return sorted(op.get_friendly_name() for op in model.get_ops()
+                  if op.get_type_name() == "MatMul" and not any(constant(v) for v in op.inputs()))
+
+
 def quantize_openvino_int8(onnx_path: str | Path, output_path: str | Path, calibration: np.ndarray, *,
-                           preset: str = "performance", fast_bias_correction: bool = True) -> dict:
+                           preset: str = "performance", fast_bias_correction: bool = True,
+                           fp32_msda_projections: bool = False, fp32_activation_matmuls: bool = False,
+                           overflow_fix: str | None = None) -> dict:
     """NNCF post-training INT8 for OpenVINO of a plugin-mode or pure ONNX, written as IR ``output_path``
     (``.xml`` + ``.bin``).
 
@@ -220,12 +260,23 @@ def quantize_openvino_int8(onnx_path: str | Path, output_path: str | Path, calib
     model.reshape({model.inputs[0]: [1, *images.shape[1:]]})
     dataset = nncf.Dataset(list(_batches(images)))
     # NNCF would not quantize an op type it does not know, but say so: the fused op's inputs stay fp32
-    ignored = (nncf.IgnoredScope(types=[FUSED_MSDA_OV_TYPE], validate=False) if fused else
-               nncf.IgnoredScope(patterns=[MSDA_EXCLUDE_PATTERN], validate=False))
+    kept = msda_projection_names(model) if fused and fp32_msda_projections else []
+    kept += activation_matmul_names(model) if fp32_activation_matmuls else []
+    ignored = (nncf.IgnoredScope(types=[FUSED_MSDA_OV_TYPE], names=kept, validate=False) if fused else
+               nncf.IgnoredScope(patterns=[MSDA_EXCLUDE_PATTERN], names=kept, validate=False))
+    fixes = {"enable": nncf.OverflowFix.ENABLE, "first_layer": nncf.OverflowFix.FIRST_LAYER,
+             "disable": nncf.OverflowFix.DISABLE}
+    vnni = has_int8_dot()
+    # without VNNI the u8 x s8 multiply-add (vpmaddubsw) saturates its int16 pair sums on 8-bit weights: every
+    # layer's weights get 7 bits there (NNCF's overflow fix), as ONNX Runtime's reduce_range does
+    overflow_fix = overflow_fix or ("first_layer" if vnni else "enable")
+    if overflow_fix not in fixes:
+        raise ValueError(f"overflow_fix must be one of {', '.join(fixes)}, got {overflow_fix!r}")
+    advanced = nncf.AdvancedQuantizationParameters(overflow_fix=fixes[overflow_fix])
     try:
         quantized = nncf.quantize(model, dataset, preset=presets[preset], subset_size=int(images.shape[0]),
                                   model_type=nncf.ModelType.TRANSFORMER, fast_bias_correction=fast_bias_correction,
-                                  ignored_scope=ignored)
+                                  ignored_scope=ignored, advanced_parameters=advanced)
     except Exception as err:
         raise CPUQuantizationError(f"nncf.quantize failed on {onnx_path}: {err}") from err
     ov.save_model(quantized, str(output_path), compress_to_fp16=False)  # float parts stay fp32
@@ -240,7 +291,7 @@ def quantize_openvino_int8(onnx_path: str | Path, output_path: str | Path, calib
     return {"tool": "nncf.quantize", "nncf_version": nncf.__version__, "openvino_version": ov.__version__,
             "preset": preset, "model_type": "transformer", "calibration_images": int(images.shape[0]),
             "static_batch": 1, "source": str(onnx_path), "msda": "fused" if fused else "onnx",
-            "fused_msda_ops": fused_ops,
+            "fused_msda_ops": fused_ops, "fp32_matmuls": len(kept), "overflow_fix": overflow_fix, "cpu_vnni": vnni,
             "ignored_scope": [f"type:{FUSED_MSDA_OV_TYPE}"] if fused else [MSDA_EXCLUDE_PATTERN],
             "fake_quantize": fake_quantize, "seconds": round(time.perf_counter() - start, 1)}
 

@@ -101,6 +101,8 @@ class OpenVINORunner(Runner):
         threads: ``INFERENCE_NUM_THREADS`` (default: OpenVINO's choice, all cores).
         hint: ``latency`` (one stream using every thread, the batch in one request) or ``throughput`` (several
             streams; each image of a batch is one request, run asynchronously).
+        streams: ``NUM_STREAMS`` of the throughput hint (default: OpenVINO's choice; on 2 cores it picks 2 streams
+            of 1 thread, the config measured best for batch > 1 on a loaded 2-core machine, docs/cpu-runtime.md).
         class_names: override the names the model (or its export report) carries.
         config: extra OpenVINO CPU properties, passed to ``compile_model`` as they are.
     """
@@ -109,7 +111,7 @@ class OpenVINORunner(Runner):
     precisions = PRECISIONS
 
     def __init__(self, model: str | Path, precision: str = "fp32", threads: int | None = None, *,
-                 hint: str = "latency", class_names: Sequence[str] | None = None,
+                 hint: str = "latency", streams: int | None = None, class_names: Sequence[str] | None = None,
                  config: Mapping[str, Any] | None = None) -> None:
         if not openvino_available():
             raise RunnerUnavailable("openvino is not installed (pip install 'sdconet[cpu]')")
@@ -120,6 +122,9 @@ class OpenVINORunner(Runner):
             raise RunnerError(f"openvino runner: hint must be one of {', '.join(HINTS)}, got {hint!r}")
         if threads is not None and threads < 1:
             raise RunnerError(f"openvino runner: threads must be >= 1, got {threads}")
+        if streams is not None and (hint != "throughput" or streams < 1):
+            raise RunnerError(f"openvino runner: streams={streams} needs hint='throughput' and streams >= 1 (the "
+                              f"latency hint runs one stream)")
         import openvino as ov
 
         self.path = Path(model)
@@ -157,8 +162,10 @@ class OpenVINORunner(Runner):
                                        "INFERENCE_PRECISION_HINT": _OV_PRECISION[precision]}
         if threads is not None:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
+        if streams is not None:
+            self.config["NUM_STREAMS"] = int(streams)
         self.config.update(config or {})
-        self.hint, self.threads = hint, threads
+        self.hint, self.threads, self.streams = hint, threads, streams
         batch_dim = self.model.inputs[0].get_partial_shape()[0]
         static_batch = batch_dim.get_length() if batch_dim.is_static else None
         if static_batch == 1 and self.path.suffix == ".xml":
@@ -239,7 +246,7 @@ class OpenVINORunner(Runner):
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"model": str(self.path), "msda": self.msda, "hint": self.hint,
-                                     "threads": self.threads, "extension": str(self.extension) if self.extension
+                                     "threads": self.threads, "streams": self.streams, "extension": str(self.extension) if self.extension
                                      else None}
 
     def close(self) -> None:
