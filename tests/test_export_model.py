@@ -20,7 +20,7 @@ from sdconet.engine.checkpoint import save_model_weights
 from sdconet.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
-IMGSZ = 256
+IMGSZ = 64  # LR side of the 128 px synthetic images below: the export claims do not depend on the size
 REPORT_KEYS = {"schema_version", "name", "created", "checkpoint", "options", "environment", "artifacts", "graphs",
                "parity", "int8", "engine", "accuracy", "triton", "skipped"}
 
@@ -29,7 +29,7 @@ REPORT_KEYS = {"schema_version", "name", "created", "checkpoint", "options", "en
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("export_ckpt")
     cfg = load_config("tiny", ["data.synthetic.num_images=8", "data.synthetic.val_fraction=0.25",
-                               f"data.cache_dir={root / 'cache'}"])
+                               f"data.synthetic.image_size={2 * IMGSZ}", f"data.cache_dir={root / 'cache'}"])
     torch.manual_seed(0)
     model = build_model(cfg.model)
     names = [f"class_{i}" for i in range(cfg.model.detector.num_classes)]

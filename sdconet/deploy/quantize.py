@@ -51,12 +51,17 @@ def modelopt_unavailable_reason(python: str | Path | None = None) -> str | None:
     if not interpreter.exists():
         return (f"ModelOpt interpreter {interpreter} not found (create it as in docs/export.md, or set "
                 f"{MODELOPT_PYTHON_ENV})")
-    probe = subprocess.run([str(interpreter), "-c", "import modelopt.onnx.quantization"], capture_output=True,
-                           text=True, timeout=600)
-    if probe.returncode != 0:
+    key = (str(interpreter), interpreter.stat().st_mtime_ns)
+    if key not in _PROBED:  # the probe imports ModelOpt (~10 s): once per interpreter and process
+        probe = subprocess.run([str(interpreter), "-c", "import modelopt.onnx.quantization"], capture_output=True,
+                               text=True, timeout=600)
         last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
-        return f"{interpreter} cannot import modelopt.onnx.quantization: {last}"
-    return None
+        _PROBED[key] = (None if probe.returncode == 0
+                        else f"{interpreter} cannot import modelopt.onnx.quantization: {last}")
+    return _PROBED[key]
+
+
+_PROBED: dict[tuple[str, int], str | None] = {}
 
 
 def fit_to_input(image: torch.Tensor, imgsz: int) -> torch.Tensor:
