@@ -1,5 +1,6 @@
 """The trainer with the real tiny SDCoNet on small synthetic images: exact resume, overfitting, the CLI, predict."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,16 @@ from sdconet.scene.tiling import tile_starts
 from sdconet.engine.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
+CLI_ENV = dict(os.environ, OMP_NUM_THREADS="1")  # the CLI runs the tiny model too: one thread (see _one_thread)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # many tiny ops: one thread is several times faster than two on a shared CPU (as in test_model.py)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +84,7 @@ MAX_OVERFIT_STEPS = 30  # measured: below a third after ~7 steps at lr 1e-3
 
 def run_cli(*args, cwd=REPO):
     result = subprocess.run([sys.executable, "train/run.py", *map(str, args)], cwd=cwd, capture_output=True,
-                            text=True, timeout=900)
+                            text=True, timeout=900, env=CLI_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -102,13 +113,13 @@ def test_cli_one_epoch_resume_then_eval_only_reproduces_ap(tmp_path, data_overri
 
 def test_cli_rejects_bad_input_with_a_clear_message(tmp_path):
     result = subprocess.run([sys.executable, "train/run.py", "train.epochs=abc", "--out", tmp_path],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+                            cwd=REPO, capture_output=True, text=True, timeout=300, env=CLI_ENV)
     assert result.returncode == 2 and "train.epochs" in result.stderr and "Traceback" not in result.stderr
     result = subprocess.run([sys.executable, "train/run.py", "--eval-only", "--checkpoint", tmp_path / "none"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+                            cwd=REPO, capture_output=True, text=True, timeout=300, env=CLI_ENV)
     assert result.returncode == 2 and "checkpoint not found" in result.stderr
     result = subprocess.run([sys.executable, "train/run.py", "--eval-only", "--schedule", "det_only"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+                            cwd=REPO, capture_output=True, text=True, timeout=300, env=CLI_ENV)
     assert result.returncode == 2 and "--schedule would have no effect" in result.stderr
 
 
