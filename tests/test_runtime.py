@@ -17,6 +17,15 @@ IMGSZ = 64
 NAMES = TINY_CLASS_NAMES
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # many tiny ops: one thread is several times faster than two on a shared CPU (as in test_model.py)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tiny_random_checkpoint):
     return tiny_random_checkpoint
