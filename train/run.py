@@ -196,14 +196,14 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(f"--nproc must be >= 1, got {args.nproc}")
     if args.nproc > 1 and args.eval_only:
         build_parser().error("--nproc goes with training; --eval-only runs in one process")
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    if args.checkpoint and not args.eval_only:
+        build_parser().error("--checkpoint goes with --eval-only (use --resume to continue training)")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # after the usage checks: one error, not one per rank
         try:
             return launch_data_parallel(args, list(sys.argv[1:] if argv is None else argv))
         except (ConfigError, CheckpointError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    if args.checkpoint and not args.eval_only:
-        build_parser().error("--checkpoint goes with --eval-only (use --resume to continue training)")
     if args.eval_only:
         ignored = [flag for flag, value in (("--epochs", args.epochs), ("--schedule", args.schedule),
                                             ("--resume", args.resume)) if value is not None]
