@@ -30,6 +30,7 @@ from sdconet.engine.checkpoint import (CheckpointError, LAST_NAME, read_checkpoi
 from sdconet.engine.distributed import cleanup_distributed, init_distributed, resolve_device  # noqa: E402
 from sdconet.engine.metrics import COCO_METRICS  # noqa: E402
 from sdconet.engine.routing import SCHEDULES, scale_epochs  # noqa: E402
+from sdconet.utils.cpu import threads_per_process  # noqa: E402
 from sdconet.utils.logging import setup_logging  # noqa: E402
 
 DEFAULT_CONFIG = "demo"
@@ -56,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "checkpoint's config is used (--config is ignored), overrides and flags still apply")
     parser.add_argument("--nproc", type=int, default=1, metavar="N",
                         help="data-parallel processes on this machine (default 1); more relaunches this command under "
-                             "torch.distributed.run (one per GPU, or on a CPU cpu_count/N threads each; the tiny demo "
-                             "model does not scale past one thread, so on 2 cores --nproc 2 about halves the time). "
+                             "torch.distributed.run (one per GPU, or on a CPU usable CPUs/N threads each; the tiny demo"
+                             " model does not scale past one thread, so on 2 cores --nproc 2 about halves the time). "
                              "train.batch_size stays per process")
     parser.add_argument("--eval-only", action="store_true", help="evaluate a checkpoint instead of training")
     parser.add_argument("--checkpoint", metavar="CKPT",
@@ -182,7 +183,7 @@ def launch_data_parallel(args: argparse.Namespace, argv: list[str]) -> int:
     if not args.out:
         child += ["--out", str(run_directory(args, cfg))]
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_process(args.nproc)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                str(Path(__file__).resolve()), *child]
     print(f"launching {args.nproc} data-parallel processes ({env['OMP_NUM_THREADS']} thread(s) each): "

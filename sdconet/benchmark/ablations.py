@@ -9,7 +9,7 @@ once per seed, evaluates the last epoch on the validation set, and writes
   seeds and the mean and sample standard deviation (ddof 1; null for a single seed) of each metric;
 * a markdown table (same stem, ``.md``) and a bar chart with one-standard-deviation error bars (``.png``).
 
-``--jobs N`` trains N runs at once in separate processes with ``cpu_count // N`` threads each: the tiny demo model
+``--jobs N`` trains N runs at once in separate processes with ``usable CPUs // N`` threads each: the tiny demo model
 does not scale past one or two threads (a demo epoch takes about as long on 1 thread as on 2), so on a small CPU
 two single-threaded runs finish in about half the wall time of two consecutive ones.
 
@@ -23,10 +23,10 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import multiprocessing
-import os
 import json
 import math
+import multiprocessing
+import os
 import statistics
 import sys
 import time
@@ -35,6 +35,7 @@ from typing import Any, Sequence
 
 from sdconet.config import ConfigError, load_config
 from sdconet.engine.routing import SCHEDULES
+from sdconet.utils.cpu import threads_per_process
 from sdconet.utils.io import save_figure, write_text_atomically
 
 METRICS = ("AP", "AP50", "APs", "PSNR")
@@ -170,7 +171,7 @@ def _limit_threads(threads: int) -> None:
 
 def _executor(jobs: int) -> concurrent.futures.Executor:
     """``jobs`` worker processes (spawned: no forked torch/OpenMP state), each with its share of the cores."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads_per_process(jobs)
     return concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                                                   initializer=_limit_threads, initargs=(threads,))
 
@@ -188,7 +189,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=Path("runs/ablations"),
                         help="run directories: OUT_DIR/<schedule>_seed<s> (default runs/ablations)")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process with "
-                        "cpu_count/JOBS threads (default 1: one run at a time in this process)")
+                        "usable CPUs/JOBS threads (default 1: one run at a time in this process)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides applied to every run (e.g. train.epochs=1)")
     return parser.parse_args(argv)

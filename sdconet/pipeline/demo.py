@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from sdconet.benchmark.report import REQUIRED_KEYS, markdown_table
 from sdconet.pipeline.stages import Stage, StageFailed, StageRunner
+from sdconet.utils.cpu import usable_cpus
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXPORT_NAME = "sdconet"
@@ -143,7 +143,7 @@ def default_train_processes() -> int:
     single-threaded DDP processes train it in about half the time of one process with two threads."""
     import torch
 
-    return 2 if not torch.cuda.is_available() and (os.cpu_count() or 1) >= 2 else 1
+    return 2 if not torch.cuda.is_available() and usable_cpus() >= 2 else 1
 
 
 def build_stages(layout: DemoLayout, python: str = sys.executable, train_args: Sequence[str] = (),

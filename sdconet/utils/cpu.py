@@ -54,3 +54,17 @@ def has_native_bf16(cpuinfo: str | os.PathLike = CPUINFO) -> bool:
 def has_int8_dot(cpuinfo: str | os.PathLike = CPUINFO) -> bool:
     """AVX512-VNNI, AVX-VNNI or AMX-INT8: an int8 dot-product unit."""
     return any(flag in cpu_flags(cpuinfo) for flag in INT8_DOT_FLAGS)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask where the OS has one (a container's cpuset or ``taskset`` can
+    allow far fewer than the host's ``os.cpu_count()``), else ``os.cpu_count()``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS, Windows)
+        return os.cpu_count() or 1
+
+
+def threads_per_process(processes: int) -> int:
+    """Intra-op threads for each of ``processes`` processes sharing :func:`usable_cpus` (at least 1)."""
+    return max(1, usable_cpus() // processes)
