@@ -31,7 +31,7 @@ from typing import Iterator
 
 import numpy as np
 
-from sdconet.deploy.exporter import MSDA_EXCLUDE_PATTERN
+from sdconet.deploy.exporter import MSDA_EXCLUDE_PATTERN, fused_cpu_kernel_ready
 from sdconet.deploy.msda_plugin import TRT_PLUGIN_OP_TYPE
 from sdconet.kernels.trt_plugin import SDCONET_MSDA_OP_TYPE
 from sdconet.utils.logging import get_logger
@@ -370,9 +370,11 @@ def main(argv: list[str] | None = None) -> int:
                 results[backend]["timing"] = time_against_fp32(args.onnx, path, calib[:1], iters=args.time,
                                                                threads=args.threads)
         else:
-            # the plugin-mode sibling keeps the fused MSDA op in the INT8 IR (the exporter writes both)
+            # the plugin-mode sibling keeps the fused MSDA op in the INT8 IR (the exporter writes both); without
+            # the fused kernel the pure ONNX given is quantized, as the exporter does
             plugin = args.onnx.with_name(f"{stem}.plugin.onnx")
-            source = plugin if plugin.is_file() and not has_msda_plugin_nodes(args.onnx) else args.onnx
+            source = (plugin if plugin.is_file() and not has_msda_plugin_nodes(args.onnx)
+                      and fused_cpu_kernel_ready(f"OpenVINO INT8 of {args.onnx}") else args.onnx)
             path = out_dir / f"{stem.removesuffix('.plugin')}.openvino_int8.xml"
             results[backend] = quantize_openvino_int8(source, path, calib) | {"path": str(path)}
     print(json.dumps(results, indent=2, default=str))

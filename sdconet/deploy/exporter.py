@@ -451,7 +451,8 @@ class Exporter:
                 from sdconet.runtime.openvino_runner import OpenVINORunner
 
                 path = self.out / f"{self.name}.openvino_int8.xml"
-                source = plugin_path if plugin_path is not None and fused_cpu_kernel_ready() else pure_path
+                fused = plugin_path is not None and fused_cpu_kernel_ready("OpenVINO INT8 of the pure ONNX")
+                source = plugin_path if fused else pure_path
                 summary = cpu_quantize.quantize_openvino_int8(source, path, calib)
                 self.report.add_artifact("openvino_int8", path, quantization=summary)
                 self.report.add_artifact("openvino_int8_weights", path.with_suffix(".bin"))
@@ -542,19 +543,20 @@ class Exporter:
         return None, runtime
 
 
-def fused_cpu_kernel_ready() -> bool:
-    """openvino is installed and the fused MSDA CPU kernel builds here (logged when not)."""
+def fused_cpu_kernel_ready(fallback: str = "Triton cpu runtime: onnxruntime") -> bool:
+    """openvino is installed and the fused MSDA CPU kernel builds here; when not, the log says why and what the
+    caller does instead (``fallback``)."""
     try:
         import openvino  # noqa: F401
 
         from sdconet.kernels.cpu import KernelBuildError, extension_path
     except ImportError as err:
-        LOG.info("Triton cpu runtime: onnxruntime (%s)", err)
+        LOG.info("%s (%s)", fallback, err)
         return False
     try:
         extension_path()
     except KernelBuildError as err:
-        LOG.warning("Triton cpu runtime: onnxruntime, the fused MSDA CPU kernel cannot be built (%s)", err)
+        LOG.warning("%s, the fused MSDA CPU kernel cannot be built (%s)", fallback, err)
         return False
     return True
 
