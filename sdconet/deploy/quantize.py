@@ -34,6 +34,8 @@ LOG = get_logger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODELOPT_PYTHON_ENV = "SDCONET_MODELOPT_PYTHON"
 DEFAULT_MODELOPT_PYTHON = REPO_ROOT / ".venv-modelopt" / "bin" / "python"
+# modelopt_unavailable_reason's answers per (interpreter, its mtime)
+_PROBED: dict[tuple[str, int], str | None] = {}
 
 
 class QuantizationError(RuntimeError):
@@ -59,9 +61,6 @@ def modelopt_unavailable_reason(python: str | Path | None = None) -> str | None:
         _PROBED[key] = (None if probe.returncode == 0
                         else f"{interpreter} cannot import modelopt.onnx.quantization: {last}")
     return _PROBED[key]
-
-
-_PROBED: dict[tuple[str, int], str | None] = {}
 
 
 def fit_to_input(image: torch.Tensor, imgsz: int) -> torch.Tensor:

@@ -246,8 +246,8 @@ class OpenVINORunner(Runner):
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"model": str(self.path), "msda": self.msda, "hint": self.hint,
-                                     "threads": self.threads, "streams": self.streams, "extension": str(self.extension) if self.extension
-                                     else None}
+                                     "threads": self.threads, "streams": self.streams,
+                                     "extension": str(self.extension) if self.extension else None}
 
     def close(self) -> None:
         self._queue = None
