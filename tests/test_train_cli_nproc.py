@@ -17,7 +17,8 @@ def test_nproc_is_stripped_from_the_relaunched_command():
 
 def test_bad_nproc_is_refused_before_anything_starts(tmp_path):
     for args, message in ((["--nproc", "0"], "--nproc must be >= 1"),
-                          (["--nproc", "2", "--eval-only"], "--nproc goes with training")):
+                          (["--nproc", "2", "--eval-only"], "--nproc goes with training"),
+                          (["--nproc", "2", "--checkpoint", "x"], "--checkpoint goes with --eval-only")):
         result = subprocess.run([sys.executable, "train/run.py", *args, "--out", str(tmp_path)], cwd=REPO,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and message in result.stderr
