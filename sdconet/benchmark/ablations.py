@@ -236,11 +236,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed = []
             for index, future in enumerate(concurrent.futures.as_completed(futures), 1):
                 try:
-                    record_done(index, future.result())
+                    record = future.result()
                 except Exception as err:  # one failed run must not throw away the others still training
                     failed.append(futures[future])
                     print(f"[{index}/{len(plan)}] {futures[future][0]} seed {futures[future][1]} failed: "
                           f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
+                    continue
+                record_done(index, record)  # outside the try: a JSON that cannot be written is no failed run
         # records arrive in completion order; keep the file in plan order so reruns diff cleanly
         result["records"].sort(key=lambda r: (r["seed"], ROW_ORDER.index(r["schedule"])))
         if failed:
