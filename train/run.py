@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -188,7 +189,16 @@ def launch_data_parallel(args: argparse.Namespace, argv: list[str]) -> int:
                str(Path(__file__).resolve()), *child]
     print(f"launching {args.nproc} data-parallel processes ({env['OMP_NUM_THREADS']} thread(s) each): "
           + " ".join(command), flush=True)
-    return subprocess.run(command, env=env).returncode
+    process = subprocess.Popen(command, env=env)
+    # a SIGTERM to this launcher alone (a supervisor, a CI timeout) must reach torch.distributed.run, which stops the
+    # ranks; left to the default handler it would orphan them. Ctrl-C already reaches the whole process group.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
+    try:
+        return process.wait()
+    except KeyboardInterrupt:  # the ranks got the same Ctrl-C: let them stop rather than kill them mid-checkpoint
+        return process.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
