@@ -17,6 +17,16 @@ if not torch.cuda.is_available():
 from serving_fixtures import cpu_repo, detector_onnx, server  # noqa: E402,F401
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one intra-op thread for a module of many tiny ops, which run several times faster on one thread than
+    on two on a shared CPU. A module opts in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 # class names of the tiny config's 6 classes, for checkpoints made in tests
 TINY_CLASS_NAMES = ["car", "ship", "plane", "tank", "house", "bridge"]
 

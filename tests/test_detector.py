@@ -18,13 +18,7 @@ TRAIN_KEYS = {"pred_logits", "pred_boxes", "aux_outputs", "enc_outputs", "dn_out
 TINY_SHAPES = [(16, 16), (8, 8), (4, 4), (2, 2)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # many tiny ops: one thread is several times faster than two on a shared CPU (as in test_model.py)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many tiny ops (conftest.py)
 
 
 def _tiny(*overrides):

@@ -25,13 +25,7 @@ REPORT_KEYS = {"schema_version", "name", "created", "checkpoint", "options", "en
                "parity", "int8", "engine", "accuracy", "triton", "skipped"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # many tiny ops: one thread is several times faster than two on a shared CPU (as in test_model.py)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many tiny ops (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,7 @@ from sdconet.models.sr_decoder import SRDecoder
 from sdconet.models.summary import main as summary_main
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # many tiny ops: one thread is several times faster than two on a shared CPU
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many tiny ops (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ TOKENS_512 = sum(h * w for h, w in SHAPES_512)
 HEADS, DIM, QUERIES, LEVELS, POINTS = 8, 32, 300, 4, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # many tiny ops: one thread is several times faster than two on a shared CPU (as in test_model.py)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many tiny ops (conftest.py)
 
 
 def round_float_tensors(model: onnx.ModelProto, to: int, keep_fp32: set[str] = frozenset()) -> onnx.ModelProto:

@@ -20,13 +20,7 @@ from sdconet.engine.trainer import Trainer, TrainingDiverged
 IMAGE = 32  # HR side; LR is 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # many tiny ops: one thread is several times faster than two on a shared CPU (as in test_model.py)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many tiny ops (conftest.py)
 
 
 class StandInModel(nn.Module):

@@ -19,16 +19,10 @@ from sdconet.scene.tiling import tile_starts
 from sdconet.engine.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-CLI_ENV = dict(os.environ, OMP_NUM_THREADS="1")  # the CLI runs the tiny model too: one thread (see _one_thread)
+CLI_ENV = dict(os.environ, OMP_NUM_THREADS="1")  # the CLI runs the tiny model too: one thread (see one_torch_thread)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # many tiny ops: one thread is several times faster than two on a shared CPU (as in test_model.py)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many tiny ops (conftest.py)
 
 
 @pytest.fixture(scope="module")
