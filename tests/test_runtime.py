@@ -249,7 +249,7 @@ def test_triton_runner_matches_onnxruntime(export, padded_batch, tmp_path):
         pytest.skip(f"no runnable tritonserver here: {err}")
     with open_runner("onnxruntime", model=export / "tiny.onnx", threads=1) as reference_runner:
         reference = sorted_by_score(reference_runner.run(padded_batch))
-    with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) as server:
+    with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0) as server:  # distinct free ports
         for protocol, url in (("http", server.endpoints.http), ("grpc", server.endpoints.grpc)):
             # http: names and precision from the manifest; grpc: names from the server's postprocess config
             manifest = {"repo": repo} if protocol == "http" else {}
