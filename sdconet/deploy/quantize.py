@@ -34,8 +34,7 @@ LOG = get_logger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODELOPT_PYTHON_ENV = "SDCONET_MODELOPT_PYTHON"
 DEFAULT_MODELOPT_PYTHON = REPO_ROOT / ".venv-modelopt" / "bin" / "python"
-# modelopt_unavailable_reason's answers per (interpreter, its mtime)
-_PROBED: dict[tuple[str, int], str | None] = {}
+_PROBED: dict[str, None] = {}  # interpreters whose ModelOpt import succeeded
 
 
 class QuantizationError(RuntimeError):
@@ -53,14 +52,16 @@ def modelopt_unavailable_reason(python: str | Path | None = None) -> str | None:
     if not interpreter.exists():
         return (f"ModelOpt interpreter {interpreter} not found (create it as in docs/export.md, or set "
                 f"{MODELOPT_PYTHON_ENV})")
-    key = (str(interpreter), interpreter.stat().st_mtime_ns)
-    if key not in _PROBED:  # the probe imports ModelOpt (~10 s): once per interpreter and process
-        probe = subprocess.run([str(interpreter), "-c", "import modelopt.onnx.quantization"], capture_output=True,
-                               text=True, timeout=600)
+    key = str(interpreter)
+    if key in _PROBED:  # the probe imports ModelOpt (~10 s): a success is remembered per interpreter and process
+        return None
+    probe = subprocess.run([str(interpreter), "-c", "import modelopt.onnx.quantization"], capture_output=True,
+                           text=True, timeout=600)
+    if probe.returncode != 0:  # not cached: installing ModelOpt meanwhile must be seen by the next call
         last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
-        _PROBED[key] = (None if probe.returncode == 0
-                        else f"{interpreter} cannot import modelopt.onnx.quantization: {last}")
-    return _PROBED[key]
+        return f"{interpreter} cannot import modelopt.onnx.quantization: {last}"
+    _PROBED[key] = None
+    return None
 
 
 def fit_to_input(image: torch.Tensor, imgsz: int) -> torch.Tensor:

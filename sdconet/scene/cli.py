@@ -346,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bands", type=int, nargs="+", metavar="N", default=None,
                         help="band numbers (1-based, as gdal_translate -b) read as R G B, e.g. --bands 3 2 1 for a "
                              "B,G,R,NIR file, or one band read as grey (default: from the colour interpretation: "
-                             "1/3 bands, 4 = RGB+alpha or RGB+NIR; docs/scenes.md)")
+                             "1/3 bands, 4 = RGB+alpha or RGB+NIR; docs/scenes.md). Put it after the scene paths or before another option: "
+                             "it takes every number that follows")
     parser.add_argument("--max-unwindowed-pixels", type=int, default=None,
                         help="largest PNG/JPEG/strip TIFF decoded whole (default: the reader's limit)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

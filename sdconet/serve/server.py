@@ -272,7 +272,9 @@ def port_holders(port: int) -> list[PortHolder]:
                     repo = arg.split("=", 1)[1]
         except OSError:
             pass
-        stale = launcher is not None and _parent_pid(pid) != launcher
+        # stale = its launcher is gone; a live launcher whose server is a grandchild (a --tritonserver wrapper
+        # script that forks) is not
+        stale = launcher is not None and _parent_pid(pid) != launcher and not _pid_alive(launcher)
         holders.append(PortHolder(pid, label, launcher, stale, repo))
     return holders
 
@@ -284,6 +286,14 @@ def stop_stale_server(holder: PortHolder, timeout_s: float = 30.0) -> None:
         raise ServerError(f"refusing to stop {holder.describe()}: not a stale tritonserver of this project")
     log.warning("stopping %s", holder.describe())
     try:
+        if os.getpgid(holder.pid) != holder.pid:  # not a group leader (started by something else): the process only
+            os.kill(holder.pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while _pid_alive(holder.pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _pid_alive(holder.pid):
+                os.kill(holder.pid, signal.SIGKILL)
+            return
         os.killpg(holder.pid, signal.SIGTERM)  # the server leads its own process group (start_new_session)
     except ProcessLookupError:
         return
