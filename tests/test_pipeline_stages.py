@@ -68,3 +68,44 @@ def test_background_process_is_stopped_when_its_start_hook_fails(tmp_path):
     assert started[0].poll() is not None, "the background process outlived the failed stage"
     assert "not ready after 0 s" in runner.log_file(stage).read_text()
     assert not runner.is_done(stage)
+
+
+def test_sigterm_to_the_runner_stops_the_stage_it_runs(tmp_path):
+    """A SIGTERM sent to the demo process alone reaches the running stage (no orphan keeps training or serving), and
+    the stage counts as failed: no done-marker, so a rerun starts it again."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    script = f"""
+import sys
+from pathlib import Path
+from sdconet.pipeline.stages import Stage, StageFailed, StageRunner
+child = [sys.executable, "-c", "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"]
+try:
+    StageRunner(Path({str(tmp_path / 'work')!r})).run(Stage("long", child))
+except StageFailed as err:
+    print("failed:", err)
+"""
+    runner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and runner.poll() is None, "the stage never started"
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    runner.send_signal(signal.SIGTERM)
+    out, _ = runner.communicate(timeout=30)
+    assert "failed: stage 'long' failed" in out
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the stage's process outlived a SIGTERM to the runner")
+    assert not (tmp_path / "work" / ".done" / "long").exists()

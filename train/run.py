@@ -16,8 +16,6 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +31,7 @@ from sdconet.engine.metrics import COCO_METRICS  # noqa: E402
 from sdconet.engine.routing import SCHEDULES, scale_epochs  # noqa: E402
 from sdconet.utils.cpu import threads_per_process  # noqa: E402
 from sdconet.utils.logging import setup_logging  # noqa: E402
+from sdconet.utils.process import run_forwarding_sigterm  # noqa: E402
 
 DEFAULT_CONFIG = "demo"
 
@@ -189,16 +188,8 @@ def launch_data_parallel(args: argparse.Namespace, argv: list[str]) -> int:
                str(Path(__file__).resolve()), *child]
     print(f"launching {args.nproc} data-parallel processes ({env['OMP_NUM_THREADS']} thread(s) each): "
           + " ".join(command), flush=True)
-    process = subprocess.Popen(command, env=env)
-    # a SIGTERM to this launcher alone (a supervisor, a CI timeout) must reach torch.distributed.run, which stops the
-    # ranks; left to the default handler it would orphan them. Ctrl-C already reaches the whole process group.
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
-    try:
-        return process.wait()
-    except KeyboardInterrupt:  # the ranks got the same Ctrl-C: let them stop rather than kill them mid-checkpoint
-        return process.wait()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    # a SIGTERM to this launcher alone must reach torch.distributed.run, which stops the ranks
+    return run_forwarding_sigterm(command, env=env)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from sdconet.utils.logging import get_logger
+from sdconet.utils.process import run_forwarding_sigterm
 
 log = get_logger(__name__)
 
@@ -77,7 +78,9 @@ class StageRunner:
                     stage.before()
                 argv = [str(a) for a in (stage.argv() if callable(stage.argv) else stage.argv)]
                 self._say(f"[run ] {stage.name}: {' '.join(argv)}\n       log: {log_file}")
-                proc = subprocess.run(argv, cwd=self.cwd, stdout=handle, stderr=subprocess.STDOUT, env=env)
+                # a SIGTERM to the demo stops the stage it runs too (no orphaned training or server)
+                returncode = run_forwarding_sigterm(argv, cwd=self.cwd, stdout=handle, stderr=subprocess.STDOUT,
+                                                    env=env)
             except Exception as err:  # a hook or the argument builder failed: reported like a failed command
                 handle.write(f"[stage runner] stage '{stage.name}' could not run: {err!r}\n")
                 raise StageFailed(stage.name, log_file, -1) from err
@@ -89,8 +92,8 @@ class StageRunner:
                         handle.write(f"[stage runner] stage '{stage.name}' could not clean up: {err!r}\n")
                         raise StageFailed(stage.name, log_file, -1) from err
         self.timings[stage.name] = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise StageFailed(stage.name, log_file, proc.returncode)
+        if returncode != 0:
+            raise StageFailed(stage.name, log_file, returncode)
         missing = [str(p) for p in stage.outputs if not Path(p).exists()]
         if missing:
             with open(log_file, "a") as handle:
