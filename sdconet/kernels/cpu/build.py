@@ -105,8 +105,12 @@ def build_extension(force: bool = False, verbose: bool = False) -> Path:
 
 
 def extension_path() -> Path:
-    """The built library, building it now if needed (lazy first use)."""
-    return build_extension()
+    """The built library, building it now if needed (lazy first use); recorded in this process's provenance."""
+    from sdconet.utils.provenance import record_kernel
+
+    path = build_extension()
+    record_kernel(path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
