@@ -265,6 +265,11 @@ def test_shared_memory_of_killed_servers_is_removed_and_live_regions_kept(tmp_pa
     # a region a live process names on its command line (a stale server's stub) stays, even with its launcher gone
     in_use = f"sdconet{dead}_inuse123_"
     user = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"{in_use}0d0e"])
+    cmdline = Path(f"/proc/{user.pid}/cmdline")
+    deadline = time.monotonic() + 30
+    # the check reads the user's command line: wait until the child has exec'd python (a fork is still the test's)
+    while in_use.encode() not in cmdline.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.01)
     try:
         regions = {"killed": f"sdconet{dead}_abcd1234_6f1c", "killed2": f"sdconet{dead}_abcd1234_77aa",
                    "live launcher": f"sdconet{os.getpid()}_efgh5678_0a0b", "in use": f"{in_use}0d0e",

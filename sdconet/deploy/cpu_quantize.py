@@ -316,7 +316,7 @@ def time_against_fp32(fp32_path: str | Path, int8_path: str | Path, images: np.n
             session.run(None, feeds[name])
             times[name].append(time.perf_counter() - start)
     p50 = {name: float(np.median(values) * 1000.0) for name, values in times.items()}
-    return {"fp32_ms": round(p50["fp32"], 1), "int8_ms": round(p50["int8"], 1),
+    return {"fp32_ms": round(p50["fp32"], 3), "int8_ms": round(p50["int8"], 3),
             "int8_over_fp32": round(p50["int8"] / p50["fp32"], 3), "iters": iters, "threads": threads,
             "batch": int(images.shape[0])}
 
