@@ -60,7 +60,7 @@ def detector_onnx(tmp_path_factory) -> Path:
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnx")
     from sdconet.config import load_config
-    from sdconet.deploy.inference_graph import build_inference_graph
+    from sdconet.engine.inference_graph import build_inference_graph
     from sdconet.deploy.onnx_export import check_model, export_module, save_model, simplify
 
     torch.manual_seed(0)
@@ -76,7 +76,7 @@ def detector_onnx(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def cpu_repo(tmp_path_factory, detector_onnx) -> Path:
-    from sdconet.deploy.triton_repo import RepositoryOptions, build_repository
+    from sdconet.serve.triton_repo import RepositoryOptions, build_repository
 
     return build_repository(tmp_path_factory.mktemp("serving") / "repo_cpu", onnx_path=detector_onnx, backend="cpu",
                             imgsz=IMGSZ, max_batch=MAX_BATCH, class_names=CLASS_NAMES,

@@ -79,7 +79,7 @@ def test_parity_with_pytorch_in_both_modes(export):
 def test_onnx_matches_pytorch_on_another_batch_size(export, checkpoint):
     """Independent of the exporter's own parity step: batch 3 (the export traced batch 2) on both graphs."""
     _, out = export
-    from sdconet.deploy.inference_graph import load_inference_graph
+    from sdconet.engine.inference_graph import load_inference_graph
 
     graph, _, _ = load_inference_graph(checkpoint, msda_impl="gather", with_saliency=True)
     images = torch.rand(3, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(5))

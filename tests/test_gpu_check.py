@@ -123,7 +123,7 @@ spec = importlib.util.spec_from_file_location("gpu_check", sys.argv[1])
 gpu_check = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gpu_check)
 assert gpu_check.timm_status()["usable"], gpu_check.timm_status()
-import sdconet.kernels.msda_triton, sdconet.deploy.inference_graph, sdconet.benchmark.timing  # noqa
+import sdconet.kernels.msda_triton, sdconet.engine.inference_graph, sdconet.benchmark.timing  # noqa
 gpu_check._load_msda_op()
 gpu_check.environment_facts()
 try:

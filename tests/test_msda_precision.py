@@ -161,7 +161,7 @@ def test_location_math_in_fp32_is_more_accurate(msda_512):
 def tiny_512():
     """Pure-ONNX tiny SDCoNet at 512² LR (the shape the float index math broke at) and a batch of inputs."""
     from sdconet.config import load_config
-    from sdconet.deploy.inference_graph import INPUT_NAME, build_inference_graph
+    from sdconet.engine.inference_graph import INPUT_NAME, build_inference_graph
     from sdconet.deploy.onnx_export import export_module, simplify_around_custom_nodes
     from sdconet.models import build_model
 

@@ -129,7 +129,7 @@ def test_wrong_input_size_and_batch_name_the_value(export, tmp_path):
 def test_torch_runner_precisions_and_defaults(checkpoint, padded_batch):
     cfg = load_config("tiny")
     runner = open_runner("torch", checkpoint=checkpoint, device="cpu")
-    from sdconet.engine.predict import training_image_size
+    from sdconet.scene.folder import training_image_size
 
     assert runner.imgsz == training_image_size(runner.cfg) // cfg.model.upscale
     assert runner.msda_impl == "gather"
@@ -234,10 +234,10 @@ def test_triton_runner_without_a_server_is_unavailable_and_closes_its_client(mon
 
 def test_triton_runner_matches_onnxruntime(export, padded_batch, tmp_path):
     pytest.importorskip("tritonclient.http")
-    from sdconet.deploy.triton_repo import RepositoryOptions, build_repository
+    from sdconet.serve.triton_repo import RepositoryOptions, build_repository
     from sdconet.serve.server import ServerUnavailable, TritonServer, free_port
 
-    from sdconet.deploy.triton_repo import load_manifest
+    from sdconet.serve.triton_repo import load_manifest
 
     # no class_names given: the builder reads them from the ONNX metadata
     repo = build_repository(tmp_path / "repo", onnx_path=export / "tiny.onnx", backend="cpu", imgsz=IMGSZ,

@@ -35,7 +35,7 @@ def checkpoint(tiny_random_checkpoint):
 @pytest.fixture(scope="module")
 def onnx_model(checkpoint, tmp_path_factory):
     """The pure-ONNX graph of the checkpoint at 64 px, with its metadata (no parity or simplification: fast)."""
-    from sdconet.deploy.inference_graph import load_inference_graph
+    from sdconet.engine.inference_graph import load_inference_graph
     from sdconet.deploy.onnx_export import export_module, save_model
     from sdconet.runtime.metadata import write_onnx_metadata
 
@@ -208,7 +208,7 @@ def test_whole_scene_metrics_use_maxdets_above_the_ground_truth_count(torch_run,
 
 
 class _FakeSceneClient:
-    """Stands in for sdconet.serve.scene_client.TritonSceneClient: what the CLI's triton backend relies on."""
+    """Stands in for sdconet.runtime.triton_client.TritonSceneClient: what the CLI's triton backend relies on."""
 
     sent: list = []
 
@@ -229,7 +229,7 @@ class _FakeSceneClient:
 
 
 def test_triton_backend_sends_scene_pixels_and_checks_the_served_options(scenes, tmp_path, monkeypatch, capsys):
-    import sdconet.serve.scene_client as scene_client
+    import sdconet.runtime.triton_client as scene_client
 
     monkeypatch.setattr(scene_client, "TritonSceneClient", _FakeSceneClient)
     base = [str(scenes / "a.png"), str(scenes / "c.png"), "--backend", "triton", "--url", "h:1", "--no-progress"]
@@ -265,7 +265,7 @@ def test_bands_flag_reads_the_rgb_bands_of_a_multiband_geotiff(tmp_path, monkeyp
     count fails that scene naming the file, the count and the value; --bands 0 ... is a usage error."""
     rasterio = pytest.importorskip("rasterio")
     from rasterio.transform import Affine
-    import sdconet.serve.scene_client as scene_client
+    import sdconet.runtime.triton_client as scene_client
 
     rng = np.random.default_rng(3)
     data = rng.integers(0, 256, (4, 60, 70), dtype=np.uint8)

@@ -13,7 +13,7 @@ from rasterio.transform import Affine  # noqa: E402
 from rasterio.warp import transform as warp_transform  # noqa: E402
 
 from sdconet.scene.outputs import RING_POINTS_PER_EDGE, write_atomically, write_scene_outputs  # noqa: E402
-from sdconet.scene.raster import open_scene  # noqa: E402
+from sdconet.data.raster import open_scene  # noqa: E402
 
 # Top-left corner 100 m west of the central meridian of UTM zone 33N (15 deg E): pixel column 200 lies on it.
 ORIGIN_E, ORIGIN_N, PIXEL = 499_900.0, 5_000_000.0, 0.5

@@ -25,7 +25,7 @@ pytest.importorskip("tritonclient.http")
 pytest.importorskip("tritonclient.grpc")
 from PIL import Image  # noqa: E402
 
-from sdconet.deploy.triton_repo import (  # noqa: E402
+from sdconet.serve.triton_repo import (  # noqa: E402
     DETECTOR_MODELS, MANIFEST_NAME, RepositoryError, RepositoryOptions, TEMPLATE_DIR, build_repository,
     check_config_against_onnx, parse_model_config)
 from sdconet.serve import processing  # noqa: E402

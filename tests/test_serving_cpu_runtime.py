@@ -25,7 +25,7 @@ pytest.importorskip("openvino", reason="the openvino cpu runtime needs the openv
 httpclient = pytest.importorskip("tritonclient.http")
 
 from sdconet.deploy.report import parity_figures  # noqa: E402
-from sdconet.deploy.triton_repo import (  # noqa: E402
+from sdconet.serve.triton_repo import (  # noqa: E402
     EXTENSION_NAME, MANIFEST_NAME, RepositoryError, RepositoryOptions, build_repository, parse_model_config)
 from sdconet.runtime import open_runner  # noqa: E402
 
@@ -43,7 +43,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     and the pure ONNX derived from it, with their sdconet.* metadata."""
     from sdconet.config import load_config
     from sdconet.deploy import msda_plugin
-    from sdconet.deploy.inference_graph import build_inference_graph
+    from sdconet.engine.inference_graph import build_inference_graph
     from sdconet.deploy.onnx_export import export_module, save_model, simplify_around_custom_nodes
     from sdconet.kernels.cpu import KernelBuildError, extension_path
     from sdconet.runtime.metadata import write_onnx_metadata
@@ -198,7 +198,7 @@ def _detector_module():
     import sys
     import types
 
-    from sdconet.deploy.triton_repo import TEMPLATE_DIR
+    from sdconet.serve.triton_repo import TEMPLATE_DIR
 
     sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
     spec = importlib.util.spec_from_file_location("sdconet_detector_cpu_model", TEMPLATE_DIR / "detector_cpu" /

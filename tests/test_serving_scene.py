@@ -24,7 +24,7 @@ from serving_fixtures import (  # noqa: E402
 
 
 def test_builder_writes_the_scene_model_with_the_project_defaults(tmp_path, detector_onnx):
-    from sdconet.deploy.triton_repo import RepositoryError, RepositoryOptions, build_repository, parse_model_config
+    from sdconet.serve.triton_repo import RepositoryError, RepositoryOptions, build_repository, parse_model_config
     from sdconet.runtime import DEFAULT_SCORE_THRESHOLD
     from sdconet.scene import merge, tiling
     from sdconet.scene.core import DEFAULT_OVERLAP
@@ -69,7 +69,7 @@ def reference(detector_onnx, scene_file, server):
     """The scene core with ONNX Runtime on the same ONNX, with the tiling options the server reports."""
     from sdconet.runtime.onnxruntime_runner import OnnxRuntimeRunner
     from sdconet.scene.core import SceneInferencer, SceneOptions
-    from sdconet.scene.raster import open_scene
+    from sdconet.data.raster import open_scene
 
     with TritonSceneClient(server.endpoints.http) as client:
         served = client.server_options()

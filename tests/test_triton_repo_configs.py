@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
 
 from sdconet.deploy.exporter import ExportOptions, repository_python_env  # noqa: E402
-from sdconet.deploy.triton_repo import (DETECTOR_MODELS, MANIFEST_NAME, RepositoryError, RepositoryOptions,  # noqa: E402
+from sdconet.serve.triton_repo import (DETECTOR_MODELS, MANIFEST_NAME, RepositoryError, RepositoryOptions,  # noqa: E402
                                         build_repository, parse_model_config)
 from sdconet.serve.server import TritonServer, tensorrt_plugin_args  # noqa: E402
 
@@ -201,7 +201,7 @@ def test_both_python_models_use_the_shared_single_input_check(tmp_path, detector
     sdconet_processing.image_input (their old messages kept), and serve one that carries exactly one."""
     from PIL import Image
 
-    from sdconet.deploy.triton_repo import TEMPLATE_DIR
+    from sdconet.serve.triton_repo import TEMPLATE_DIR
     from sdconet.serve import processing
 
     repo = _build(tmp_path, detector_onnx, "onnx", python_env=None)

@@ -171,7 +171,7 @@ def _open_local_runner(backend: str, args: argparse.Namespace):
 def scene_throughput(runner, scene_path: Path, batch: int, overlap: int | None, repeats: int = 1) -> dict[str, Any]:
     """Best of ``repeats`` whole-scene runs of ``scene_path`` through ``runner`` in tile batches of ``batch``."""
     from sdconet.scene.core import SceneInferencer, SceneOptions
-    from sdconet.scene.raster import open_scene
+    from sdconet.data.raster import open_scene
 
     inferencer = SceneInferencer(runner, SceneOptions(batch=batch, overlap=overlap, progress=False))
     runner.run(np.zeros((batch, 3, inferencer.tile, inferencer.tile), np.float32))  # warm-up: first-call setup
@@ -191,8 +191,8 @@ def triton_concurrency(url: str, scene_path: Path, concurrency: int, scenes_per_
     """``concurrency`` clients each sending ``scenes_per_client`` copies of the scene to ``sdconet_scene``."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from sdconet.scene.raster import Window, open_scene
-    from sdconet.serve.scene_client import TritonSceneClient
+    from sdconet.data.raster import Window, open_scene
+    from sdconet.runtime.triton_client import TritonSceneClient
 
     with open_scene(scene_path) as reader:
         rgb, _ = reader.read(Window(0, 0, reader.height, reader.width))

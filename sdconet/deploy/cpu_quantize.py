@@ -31,8 +31,8 @@ from typing import Iterator
 
 import numpy as np
 
-from sdconet.deploy.exporter import MSDA_EXCLUDE_PATTERN, fused_cpu_kernel_ready
-from sdconet.deploy.msda_plugin import TRT_PLUGIN_OP_TYPE
+from sdconet.deploy.msda_plugin import MSDA_EXCLUDE_PATTERN, TRT_PLUGIN_OP_TYPE
+from sdconet.kernels.cpu import fused_cpu_kernel_ready
 from sdconet.kernels.trt_plugin import SDCONET_MSDA_OP_TYPE
 from sdconet.utils.logging import get_logger
 from sdconet.utils.cpu import has_int8_dot

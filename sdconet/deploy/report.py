@@ -59,7 +59,7 @@ def environment() -> dict:
     import onnxruntime
     import torch
 
-    from sdconet.deploy.tensorrt_build import tensorrt_version
+    from sdconet.utils.tensorrt import tensorrt_version
 
     try:
         import onnxsim

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
 import time
@@ -36,6 +35,7 @@ from sdconet.runtime.base import DEFAULT_SCORE_THRESHOLD
 from sdconet.scene.core import INPUTS, SceneInferencer, SceneOptions, SceneResult
 from sdconet.scene.merge import DEFAULT_MERGE_RULE, MERGE_RULES
 from sdconet.utils.logging import get_logger, setup_logging
+from sdconet.utils.process import pid_alive
 
 logger = get_logger(__name__)
 
@@ -121,7 +121,7 @@ class TritonScenes:
     """The served scene model ``sdconet_scene`` (tiling and merging on the server)."""
 
     def __init__(self, url: str, options: SceneOptions, protocol: str, timeout_s: float, retries: int) -> None:
-        from sdconet.serve.scene_client import TritonSceneClient
+        from sdconet.runtime.triton_client import TritonSceneClient
 
         if options.input != "lr":
             raise UsageError("--backend triton tiles scenes at their native resolution on the server: "
@@ -150,7 +150,7 @@ class TritonScenes:
                           "max_detections": self.options.max_detections}}
 
     def detect(self, reader) -> SceneResult:
-        from sdconet.scene.raster import Window
+        from sdconet.data.raster import Window
 
         started = time.perf_counter()
         limit = self.server.get("max_scene_pixels")
@@ -243,9 +243,9 @@ def read_marker(path: Path) -> Optional[dict[str, Any]]:
 def run_scene(backend, scene: Scene, out: Path, job: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Detect one scene and write its outputs, the done-marker last; or return the recorded entry of a scene
     already done with the same key."""
-    from sdconet.benchmark.timing import peak_rss_mb
+    from sdconet.utils.process import peak_rss_mb
     from sdconet.scene.outputs import write_scene_outputs
-    from sdconet.scene.raster import open_scene
+    from sdconet.data.raster import open_scene
     from sdconet.utils.io import write_text_atomically
 
     out_dir = out / scene.stem.parent
@@ -384,20 +384,15 @@ def remove_stale_temporaries(out: Path) -> int:
         match = _TEMPORARY.match(path.name)
         if match is None or not path.is_file():
             continue
-        try:
-            os.kill(int(match.group(1)), 0)
-            continue  # that process still runs
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # alive, another user's
+        if pid_alive(int(match.group(1))):
+            continue  # its writer still runs
         path.unlink(missing_ok=True)
         removed += 1
     return removed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from sdconet.scene.raster import DEFAULT_MAX_UNWINDOWED_PIXELS
+    from sdconet.data.raster import DEFAULT_MAX_UNWINDOWED_PIXELS
 
     args = build_parser().parse_args(argv)
     setup_logging()

@@ -112,7 +112,7 @@ class SceneInferencer:
 
     # -- one scene -------------------------------------------------------------------------------------------------
     def run(self, reader) -> SceneResult:
-        """Detections of the scene behind ``reader`` (a ``sdconet.scene.raster.SceneReader``)."""
+        """Detections of the scene behind ``reader`` (a ``sdconet.data.raster.SceneReader``)."""
         from tqdm import tqdm
 
         started = time.perf_counter()
@@ -161,14 +161,14 @@ class SceneInferencer:
 
     # -- steps -----------------------------------------------------------------------------------------------------
     def _file_window(self, reader, top: int, left: int, tile_h: int, tile_w: int):
-        from sdconet.scene.raster import Window
+        from sdconet.data.raster import Window
 
         s = self.scale
         return Window(top * s, left * s, tile_h * s, tile_w * s)
 
     def _network_input(self, reader, top: int, left: int, tile_h: int, tile_w: int) -> np.ndarray:
         """[3, tile_h, tile_w] float32 in [0, 1]: the LR tile (nodata pixels set to 0, like the padding)."""
-        from sdconet.scene.raster import Window
+        from sdconet.data.raster import Window
 
         if self.scale == 1:
             rgb, valid = reader.read(Window(top, left, tile_h, tile_w))

@@ -17,7 +17,7 @@
   antimeridian are not split.
 * ``<stem>.json``: ``{"file", "width", "height", "crs", "transform", "detections": [{"bbox_xyxy", "score", "label",
   "class_name"}], "saliency": file name or null, "geojson", "preview"}`` (``transform`` as in
-  :mod:`sdconet.scene.raster`).
+  :mod:`sdconet.data.raster`).
 * ``<stem>_preview.png``: the scene decimated to ``preview_max_side`` with the boxes drawn.
 * ``<stem>_saliency.tif`` (georeferenced scenes: float32 GeoTIFF, the scene's CRS and its transform scaled by the
   saliency cell size) or ``<stem>_saliency.png`` (8-bit grey, value x 255), when a saliency map is given; cell
@@ -34,7 +34,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from sdconet.scene.raster import SceneReader
+from sdconet.data.raster import SceneReader
 from sdconet.utils.io import write_atomically, write_text_atomically
 
 GEOJSON_CRS_CHOICES = ("wgs84", "native")

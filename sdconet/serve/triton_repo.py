@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from sdconet.runtime.base import DEFAULT_SCORE_THRESHOLD
-from sdconet.runtime.metadata import ORT_DOMAINS
+from sdconet.runtime.metadata import (DETECTOR_MODELS, MANIFEST_NAME, ORT_DOMAINS, RepositoryError,  # noqa: F401
+                                      load_manifest)
 from sdconet.scene import merge as scene_merge, tiling as scene_tiling
 from sdconet.serve import processing
 from sdconet.serve.python_env import DETECTOR_CPU_MODULES, PREPROCESS_MODULES, inspect_python_env
@@ -37,11 +38,9 @@ log = get_logger(__name__)
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "triton_repo"
 BACKENDS = ("cpu", "onnx", "trt")
-DETECTOR_MODELS = {"cpu": "detector_cpu", "onnx": "detector_onnx", "trt": "detector_trt"}
 DETECTOR_PLATFORMS = {"cpu": "python", "onnx": "onnxruntime_onnx", "trt": "tensorrt_plan"}
 ENSEMBLE_MODEL = "sdconet"
 SCENE_MODEL = "sdconet_scene"
-MANIFEST_NAME = "sdconet_repo.json"
 PROCESSING_MODULE_NAME = "sdconet_processing.py"
 # the pure-NumPy modules the scene model imports, copied next to its model.py under these names
 SCENE_MODULES = {"sdconet_tiling.py": scene_tiling, "sdconet_merge.py": scene_merge,
@@ -59,10 +58,6 @@ OPENVINO_MSDA_OPS = ("trt.plugins::MultiscaleDeformableAttnPlugin_TRT", "sdconet
 
 _ONNX_TO_TRITON = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 5: "TYPE_INT16", 6: "TYPE_INT32",
                    7: "TYPE_INT64", 9: "TYPE_BOOL", 10: "TYPE_FP16", 11: "TYPE_FP64", 16: "TYPE_BF16"}
-
-
-class RepositoryError(ValueError):
-    """The repository cannot be built or does not match the model; the message names the file/field/value."""
 
 
 @dataclass(frozen=True)
@@ -601,10 +596,3 @@ def scene_overlap(options: RepositoryOptions, imgsz: int) -> int:
     return options.scene_overlap if options.scene_overlap is not None else min(DEFAULT_OVERLAP, imgsz // 2)
 
 
-def load_manifest(repo_dir: str | Path) -> dict:
-    """The manifest a built repository carries; a clear error if ``repo_dir`` was not written by this builder."""
-    path = Path(repo_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise RepositoryError(f"{repo_dir} has no {MANIFEST_NAME}: build it with sdconet.deploy.triton_repo."
-                              f"build_repository (export/build_engine.py --triton-repo)")
-    return json.loads(path.read_text())
