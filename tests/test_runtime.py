@@ -12,6 +12,7 @@ from sdconet.deploy.exporter import ExportOptions, run_export
 from sdconet.runtime import RUNNERS, RunnerError, RunnerUnavailable, open_runner, pad_to_input, sorted_by_score
 from sdconet.runtime.metadata import PREFIX, onnx_model_info, read_onnx_metadata, write_onnx_metadata
 from conftest import TINY_CLASS_NAMES
+from needs import unavailable
 
 IMGSZ = 64
 NAMES = TINY_CLASS_NAMES
@@ -221,7 +222,7 @@ def test_torch_runner_on_a_prebuilt_graph_without_cfg_needs_class_names():
 
 
 def test_triton_runner_without_a_server_is_unavailable_and_closes_its_client(monkeypatch):
-    http = pytest.importorskip("tritonclient.http")
+    import tritonclient.http as http
     from sdconet.serve.server import free_port
 
     closed = []
@@ -233,7 +234,6 @@ def test_triton_runner_without_a_server_is_unavailable_and_closes_its_client(mon
 
 
 def test_triton_runner_matches_onnxruntime(export, padded_batch, tmp_path):
-    pytest.importorskip("tritonclient.http")
     from sdconet.deploy.triton_repo import RepositoryOptions, build_repository
     from sdconet.serve.server import ServerUnavailable, TritonServer, free_port
 
@@ -246,7 +246,7 @@ def test_triton_runner_matches_onnxruntime(export, padded_batch, tmp_path):
     try:
         TritonServer(repo).preflight()
     except ServerUnavailable as err:
-        pytest.skip(f"no runnable tritonserver here: {err}")
+        unavailable(f"no runnable tritonserver here: {err}")
     with open_runner("onnxruntime", model=export / "tiny.onnx", threads=1) as reference_runner:
         reference = sorted_by_score(reference_runner.run(padded_batch))
     with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0) as server:  # distinct free ports

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("tritonclient.http")
+import onnxruntime  # noqa: E402,F401
+import tritonclient.http  # noqa: E402,F401
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from sdconet.serve.client import SDCoNetClient, is_retryable  # noqa: E402

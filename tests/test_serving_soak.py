@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("tritonclient.http")
+import tritonclient.http  # noqa: E402,F401
 from sdconet.serve.client import RetryPolicy, SDCoNetClient, call_with_retries, is_retryable  # noqa: E402
 from sdconet.serve.server import free_ports, process_group_members, stub_pids  # noqa: E402
 from sdconet.serve.soak import BAD_KINDS, _growth, is_bad, run_soak, write_report  # noqa: E402
