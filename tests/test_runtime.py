@@ -143,6 +143,16 @@ def test_torch_runner_precisions_and_defaults(checkpoint, padded_batch):
     assert bf16.precision == "bf16"
     out = bf16.run(padded_batch)
     assert out["boxes"].dtype == np.float32 and out["boxes"].shape == fp32["boxes"].shape
+    # parity with fp32 within bf16's 8 mantissa bits (measured on this seeded untrained model: saliency 0.0027,
+    # scores 0.009 at scores of 0.015-0.05). Its near-tied scores reorder the ranked list, so scores are compared
+    # sorted and boxes through each image's best detection, which bf16 must find with the same label and box.
+    assert np.abs(out["saliency"] - fp32["saliency"]).max() <= 1e-2
+    assert np.abs(np.sort(out["scores"], 1) - np.sort(fp32["scores"], 1)).max() <= 2e-2
+    for image in range(len(padded_batch)):
+        same = out["labels"][image] == fp32["labels"][image, 0]
+        assert same.any(), image
+        error = np.abs(out["boxes"][image][same] - fp32["boxes"][image, 0]).max(axis=1).min()
+        assert error <= 1.0, (image, error)  # within 1 px of a 64 px input
     any_size = open_runner("torch", checkpoint=checkpoint, device="cpu", imgsz=None)
     assert any_size.run(np.zeros((1, 3, 96, 96), np.float32))["boxes"].shape[0] == 1
 
