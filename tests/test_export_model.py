@@ -142,6 +142,7 @@ def test_onnx_detections_in_annotation_pixels_match_pytorch_evaluation(export, c
 
 def test_int8_qdq_runs_on_cpu_and_ap_is_compared(export, checkpoint, tmp_path):
     from needs import require_modelopt
+    from sdconet.deploy import quantize
 
     require_modelopt()  # a .venv-modelopt that exists but cannot import ModelOpt fails under CI=true
     _, out = export
