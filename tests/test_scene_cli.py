@@ -39,7 +39,6 @@ def onnx_model(checkpoint, tmp_path_factory):
     from sdconet.deploy.onnx_export import export_module, save_model
     from sdconet.runtime.metadata import write_onnx_metadata
 
-    pytest.importorskip("onnxruntime")
     graph, _, meta = load_inference_graph(checkpoint, msda_impl="gather", with_saliency=True)
     model = export_module(graph, torch.rand(1, 3, IMGSZ, IMGSZ), input_name="images",
                           output_names=graph.output_names)
@@ -263,7 +262,7 @@ def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
 def test_bands_flag_reads_the_rgb_bands_of_a_multiband_geotiff(tmp_path, monkeypatch, capsys):
     """--bands 3 2 1 on a 4-band B, G, R, NIR GeoTIFF: the scene sent is R, G, B; a band number beyond the file's
     count fails that scene naming the file, the count and the value; --bands 0 ... is a usage error."""
-    rasterio = pytest.importorskip("rasterio")
+    import rasterio
     from rasterio.transform import Affine
     import sdconet.runtime.triton_client as scene_client
 

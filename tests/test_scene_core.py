@@ -78,7 +78,7 @@ def test_nms_and_pairs_match_a_brute_force_reference():
             if inter / union >= 0.3:
                 expected.add((i, j))
     assert found == expected and expected
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
     import torch
 
     reference = torchvision.ops.batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores),
@@ -176,7 +176,6 @@ def _square_scene(height: int, width: int, squares: list[tuple[int, int, int]]) 
 
 
 def test_inferencer_finds_squares_across_seams_once_in_scene_pixels():
-    pytest.importorskip("scipy")
     # 64 px tiles overlapping by 16: starts 0, 48, 96, 136 on a 200 px side; squares cut by seams and in overlaps
     squares = [(40, 40, 20), (50, 100, 12), (120, 20, 30), (150, 130, 25), (5, 170, 10), (90, 60, 8)]
     scene = ArrayScene(_square_scene(200, 190, squares))
@@ -192,7 +191,6 @@ def test_inferencer_finds_squares_across_seams_once_in_scene_pixels():
 
 
 def test_scene_smaller_than_a_tile_and_odd_sizes_are_padded_not_resized():
-    pytest.importorskip("scipy")
     runner = SquareFinder()
     scene = ArrayScene(_square_scene(37, 51, [(30, 44, 7)]))  # a square touching the bottom-right corner
     result = SceneInferencer(runner, SceneOptions(progress=False)).run(scene)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-rasterio = pytest.importorskip("rasterio")
+import rasterio  # noqa: E402
 from rasterio.transform import Affine  # noqa: E402
 from rasterio.warp import transform as warp_transform  # noqa: E402
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-rasterio = pytest.importorskip("rasterio")
+import rasterio  # noqa: E402
 from rasterio.enums import ColorInterp  # noqa: E402
 from rasterio.transform import Affine  # noqa: E402
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-rasterio = pytest.importorskip("rasterio")
+import rasterio  # noqa: E402
 
 from sdconet.data import scene_synth  # noqa: E402
 from sdconet.data.__main__ import main  # noqa: E402

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-torch = pytest.importorskip("torch")
-pytest.importorskip("tritonclient.http")
-pytest.importorskip("tritonclient.grpc")
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+import tritonclient.grpc  # noqa: E402,F401
+import tritonclient.http  # noqa: E402,F401
 from PIL import Image  # noqa: E402
 
 from sdconet.serve.triton_repo import (  # noqa: E402
@@ -35,6 +35,7 @@ from sdconet.serve.server import (  # noqa: E402
     PortInUseError, ServerError, ServerUnavailable, TritonServer, find_tritonserver, free_ports, port_holders,
     port_is_free, process_group_members)
 
+from needs import unavailable  # noqa: E402
 from serving_fixtures import (  # noqa: E402  (shared with the other serving tests through conftest.py)
     CLASS_NAMES, IMGSZ, MAX_BATCH, MAX_IMAGE_PIXELS, SCORE_THRESHOLD, png_bytes, require_server as _require_server,
     scene)
@@ -239,7 +240,7 @@ def test_bundled_server_refuses_gpu_backends_before_starting(tmp_path, detector_
     try:
         binary, bundled = find_tritonserver()
     except ServerUnavailable as err:
-        pytest.skip(str(err))
+        unavailable(str(err))
     if not bundled:
         pytest.skip(f"tritonserver on PATH ({binary}) has real backends; this checks the nvidia-pytriton one")
     repo = _build(tmp_path, detector_onnx, "onnx")

@@ -15,14 +15,14 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx  # noqa: F401  (make setup installs every one of these: a broken install fails, never skips)
+import onnxruntime  # noqa: F401
+import openvino  # noqa: F401
 import pytest
+import torch
+import tritonclient.http as httpclient
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
-pytest.importorskip("openvino", reason="the openvino cpu runtime needs the openvino package (pip install "
-                                       "'sdconet[cpu]')")
-httpclient = pytest.importorskip("tritonclient.http")
+from needs import unavailable
 
 from sdconet.deploy.report import parity_figures  # noqa: E402
 from sdconet.serve.triton_repo import (  # noqa: E402
@@ -51,7 +51,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     try:
         extension_path()
     except KernelBuildError as err:
-        pytest.skip(f"the fused MSDA CPU kernel cannot be built here: {err}")
+        unavailable(f"the fused MSDA CPU kernel cannot be built here: {err}")
     out = tmp_path_factory.mktemp("cpu_runtime_models")
     torch.manual_seed(0)
     graph = build_inference_graph(load_config("tiny", ["model.sr=false"]), None, msda_impl="plugin",

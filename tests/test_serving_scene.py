@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("tritonclient.http")
+import onnxruntime  # noqa: E402,F401
+import tritonclient.http  # noqa: E402,F401
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from sdconet.serve.client import SDCoNetClient, is_retryable  # noqa: E402
-from sdconet.serve.scene_client import SCENE_MODEL, TritonSceneClient  # noqa: E402
+from sdconet.runtime.triton_client import SCENE_MODEL, TritonSceneClient  # noqa: E402
 from serving_fixtures import (  # noqa: E402
     CLASS_NAMES, IMGSZ, MAX_BATCH, MAX_SCENE_PIXELS, SCENE_MAX_TILES, SCORE_THRESHOLD, png_bytes, scene)
 

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
+import tritonclient.grpc  # noqa: E402,F401
 
 from sdconet.deploy.exporter import ExportOptions, repository_python_env  # noqa: E402
 from sdconet.serve.triton_repo import (DETECTOR_MODELS, MANIFEST_NAME, RepositoryError, RepositoryOptions,  # noqa: E402
