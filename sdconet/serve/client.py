@@ -227,12 +227,14 @@ class SDCoNetClient:
         else:
             self._client = self._module.InferenceServerClient(self.url)
 
-    def infer(self, inputs: list):
-        """One request to ``model_name`` with retries (see :class:`RetryPolicy`) -> the raw result."""
+    def infer(self, inputs: list, parameters: Optional[dict] = None):
+        """One request to ``model_name`` with retries (see :class:`RetryPolicy`) -> the raw result; ``parameters``
+        are Triton request parameters (the model reads them with ``request.parameters()``)."""
         if self.protocol == "http":
-            call = lambda: self._client.infer(self.model_name, inputs)  # noqa: E731
+            call = lambda: self._client.infer(self.model_name, inputs, parameters=parameters)  # noqa: E731
         else:
-            call = lambda: self._client.infer(self.model_name, inputs, client_timeout=self.timeout_s)  # noqa: E731
+            call = lambda: self._client.infer(self.model_name, inputs, client_timeout=self.timeout_s,  # noqa: E731
+                                              parameters=parameters)
         return call_with_retries(call, self.retry, f"{self.model_name} at {self.url}")
 
     def detect(self, image: ImageInput) -> Detections:
