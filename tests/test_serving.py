@@ -20,7 +20,7 @@ import pytest
 
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
+import torch  # noqa: E402,F401
 import tritonclient.grpc  # noqa: E402,F401
 import tritonclient.http  # noqa: E402,F401
 from PIL import Image  # noqa: E402

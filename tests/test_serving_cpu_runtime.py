@@ -146,7 +146,6 @@ def _loaded_libraries(server, model: str) -> set[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 def test_openvino_repository_carries_model_extension_and_manifest(cpu_repos, models):
     from sdconet.kernels.cpu import extension_path
-    import openvino
 
     repo = cpu_repos["openvino"]
     version_dir = repo / "detector_cpu" / "1"

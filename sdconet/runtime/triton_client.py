@@ -14,20 +14,24 @@ talks to the detector models behind the ensemble.)
         detections = client.detect("scene.png")          # a path, encoded bytes or an [H, W, 3] uint8 RGB array
     with TritonSceneClient("127.0.0.1:8000", retries=3) as client:
         result = client.detect_scene("scene.png")   # result["boxes"], ["scores"], ["labels"], ["class_names"], ["tiles"]
+        # per request, within the server's limits: a lower threshold (e.g. for AP), another overlap or merge rule
+        result = client.detect_scene(pixels, valid=mask, score_threshold=0.001, overlap=26)
 
 A scene path is sent as the file's encoded bytes, so the request stays as small as the file and the server checks its
 pixel limit from the header before decoding; send an array only for pixels you decoded yourself (e.g. a GeoTIFF
 window read by ``sdconet.data.raster``). ``server_options()`` reports the tile size, overlap, merge rule and limits
-the server was built with.
+the server was built with, its class list and the detector's SHA-256. ``result["class_names"]`` holds one name per
+detection; ``server_options()["class_names"]`` is the model's list.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -232,12 +236,14 @@ class SDCoNetClient:
         else:
             self._client = self._module.InferenceServerClient(self.url)
 
-    def infer(self, inputs: list):
-        """One request to ``model_name`` with retries (see :class:`RetryPolicy`) -> the raw result."""
+    def infer(self, inputs: list, parameters: Optional[dict] = None):
+        """One request to ``model_name`` with retries (see :class:`RetryPolicy`) -> the raw result; ``parameters``
+        are Triton request parameters (the model reads them with ``request.parameters()``)."""
         if self.protocol == "http":
-            call = lambda: self._client.infer(self.model_name, inputs)  # noqa: E731
+            call = lambda: self._client.infer(self.model_name, inputs, parameters=parameters)  # noqa: E731
         else:
-            call = lambda: self._client.infer(self.model_name, inputs, client_timeout=self.timeout_s)  # noqa: E731
+            call = lambda: self._client.infer(self.model_name, inputs, client_timeout=self.timeout_s,  # noqa: E731
+                                              parameters=parameters)
         return call_with_retries(call, self.retry, f"{self.model_name} at {self.url}")
 
     def detect(self, image: ImageInput) -> Detections:
@@ -353,7 +359,10 @@ SCENE_MODEL = "sdconet_scene"
 SceneInput = Union[str, Path, bytes, np.ndarray]
 # model config parameters of sdconet_scene that describe how it tiles and what it refuses
 _OPTION_TYPES = {"imgsz": int, "overlap": int, "tiles_per_request": int, "max_scene_pixels": int, "max_tiles": int,
-                 "max_detections": int, "merge_rule": str, "score_threshold": float, "detector": str}
+                 "max_detections": int, "merge_rule": str, "score_threshold": float, "detector": str,
+                 "class_names": json.loads, "detector_sha256": str}
+# what a scene request may set per request (sdconet_scene checks them against its limits)
+REQUEST_PARAMETERS = ("tile", "overlap", "score_threshold", "merge_rule", "merge_threshold")
 
 
 class TritonSceneClient:
@@ -377,21 +386,40 @@ class TritonSceneClient:
     def url(self) -> str:
         return self._client.url
 
-    def detect_scene(self, scene: SceneInput) -> dict:
+    def detect_scene(self, scene: SceneInput, valid: Optional[np.ndarray] = None, **parameters: Any) -> dict:
         """Detections of one whole scene: ``{"boxes": [n, 4] float32 xyxy scene pixels, "scores": [n] float32,
-        "labels": [n] int64, "class_names": list[str], "tiles": int}``, in descending score order."""
+        "labels": [n] int64, "class_names": one str per detection, "tiles": tiles run, "tiles_skipped": tiles with
+        no valid pixel}``, in descending score order. ``valid`` ([H, W] bool, with an array scene): False marks
+        nodata, sent as zeros and never run alone. ``parameters``: any of ``REQUEST_PARAMETERS`` (None = the
+        server's)."""
+        unknown = sorted(set(parameters) - set(REQUEST_PARAMETERS))
+        if unknown:
+            raise TypeError(f"unknown scene parameter(s) {unknown}; known: {', '.join(REQUEST_PARAMETERS)}")
         if isinstance(scene, (str, Path)):
             path = Path(scene)
             if not path.is_file():
                 raise FileNotFoundError(f"scene file {path} does not exist")
             scene = path.read_bytes()
-        result = self._client.infer(make_inputs(self._client._module, scene))
+        inputs = make_inputs(self._client._module, scene)
+        if valid is not None:
+            if not isinstance(scene, np.ndarray):
+                raise ValueError("a valid mask goes with an array scene ([H, W, 3] uint8), not with encoded bytes")
+            valid = np.asarray(valid, dtype=bool)
+            if valid.shape != scene.shape[:2]:
+                raise ValueError(f"valid mask {list(valid.shape)} does not match the scene {list(scene.shape[:2])}")
+            mask = self._client._module.InferInput("VALID", [1, *valid.shape], "BOOL")
+            mask.set_data_from_numpy(np.ascontiguousarray(valid)[None])
+            inputs.append(mask)
+        sent = {key: value for key, value in parameters.items() if value is not None}
+        result = self._client.infer(inputs, parameters=sent or None)
         detections = parse_result(result)[0]
         return {"boxes": detections.boxes.reshape(-1, 4), "scores": detections.scores, "labels": detections.labels,
-                "class_names": detections.class_names, "tiles": int(result.as_numpy("num_tiles")[0, 0])}
+                "class_names": detections.class_names, "tiles": int(result.as_numpy("num_tiles")[0, 0]),
+                "tiles_skipped": int(result.as_numpy("num_tiles_skipped")[0, 0])}
 
     def server_options(self) -> dict:
-        """Tile size, overlap, merge rule, score threshold and limits of the served scene model."""
+        """Tile size, overlap, merge rule, score threshold, limits, class list and detector SHA-256 of the served
+        scene model (keys of ``_OPTION_TYPES`` the server has)."""
         parameters = self._client.model_config().get("parameters", {})
         return {key: cast(parameters[key]["string_value"]) for key, cast in _OPTION_TYPES.items()
                 if key in parameters}

@@ -32,6 +32,7 @@ from sdconet.runtime.metadata import (DETECTOR_MODELS, MANIFEST_NAME, ORT_DOMAIN
 from sdconet.scene import merge as scene_merge, tiling as scene_tiling
 from sdconet.serve import processing
 from sdconet.serve.python_env import DETECTOR_CPU_MODULES, PREPROCESS_MODULES, inspect_python_env
+from sdconet.utils.io import sha256_of
 from sdconet.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -513,6 +514,10 @@ def build_repository(repo_dir: str | Path, *, onnx_path: str | Path | None = Non
                          f'"{_pbtxt_string(str(options.python_env))}" }} }}')
 
     detector = DETECTOR_MODELS[backend]
+    # the identity of what the detector runs (engine, cpu model or ONNX): in the manifest and the scene model's
+    # parameters, so a client's resume marker can tell two deployments of different weights apart
+    artifact = engine_path if backend == "trt" else (cpu.model if cpu is not None else onnx_path)
+    detector_sha256 = sha256_of(artifact)
     num_detections = next(spec for spec in outputs if spec.name == "boxes").dims[0]
     values = {
         "max_batch_size": max_batch, "imgsz": imgsz, "num_detections": num_detections,
@@ -530,7 +535,7 @@ def build_repository(repo_dir: str | Path, *, onnx_path: str | Path | None = Non
         "scene_tiles_per_request": options.scene_tiles_per_request or max(1, max_batch // 2),
         "scene_requests_in_flight": options.scene_requests_in_flight, "max_scene_pixels": options.max_scene_pixels,
         "scene_max_tiles": options.scene_max_tiles, "scene_max_detections": options.scene_max_detections,
-        "scene_merge_rule": options.scene_merge_rule,
+        "scene_merge_rule": options.scene_merge_rule, "detector_sha256": detector_sha256,
         "cpu_runtime": cpu.runtime if cpu else "", "cpu_model_file": cpu.model_file if cpu else "",
         "cpu_precision": cpu.precision if cpu else "", "cpu_openvino_version": cpu.openvino_version if cpu else "",
         "cpu_extension": EXTENSION_NAME if cpu and cpu.extension else "",
@@ -574,6 +579,7 @@ def build_repository(repo_dir: str | Path, *, onnx_path: str | Path | None = Non
             "class_names": list(class_names), "score_threshold": float(score_threshold),
             "source_onnx": str(onnx_path.resolve()),
             "source_engine": str(engine_path.resolve()) if engine_path is not None else None,
+            "detector_artifact": {"file": str(Path(artifact).resolve()), "sha256": detector_sha256},
             "python_env_version": python_env_version, "plugin_libs": plugin_libs, "options": asdict(options),
             "cpu_runtime": cpu.manifest() if cpu is not None else None,
         }
