@@ -301,6 +301,207 @@ def test_an_explicit_port_in_use_names_its_holder(cpu_repo):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Healing policy (no server): a stand-in answering as Triton 2.51 does (the same JSON the real-server tests below
+# check on the real server: repository index entries, /v2/models/stats entries)
+# ---------------------------------------------------------------------------------------------------------------------
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _FakeTriton:
+    """The HealTarget calls, one stub per model. ``dies_after_reload``: models whose new stub crashes at once;
+    ``canary_answers``: what the next canary of a model gets (default ok, which counts as a success and an
+    execution, as on the real server); ``busy``: models completing executions during a canary."""
+
+    def __init__(self, models: list[str], clock: _Clock):
+        self.models, self.clock = models, clock
+        self.index = {m: {"name": m, "version": "1", "state": "READY"} for m in models}
+        self.alive = {m: 1 for m in models}
+        self.success = {m: 0 for m in models}
+        self.executions = {m: 0 for m in models}
+        self.dies_after_reload: set[str] = set()
+        self.canary_answers: dict = {}
+        self.busy: set[str] = set()
+        self.calls: list[tuple[float, str, str]] = []
+
+    def python_models(self):
+        return list(self.models)
+
+    def missing_stubs(self):
+        return {m: (1, 0) for m in self.models if not self.alive[m]}  # processes, whatever the index says
+
+    def repository_index(self):
+        return list(self.index.values())
+
+    def model_statistics(self):
+        return {"model_stats": [{"name": m, "version": "1", "last_inference": 0, "inference_count": self.success[m],
+                                 "execution_count": self.executions[m],
+                                 "inference_stats": {"success": {"count": self.success[m], "ns": 0},
+                                                     "fail": {"count": 0, "ns": 0}}}
+                                for m in self.models if self.index[m]["state"] == "READY"]}
+
+    def canary(self, model, timeout_s):
+        from sdconet.serve.healing import CanaryResult
+
+        self.calls.append((self.clock.now, "canary", model))
+        answer = self.canary_answers.pop(model, CanaryResult("ok"))
+        if answer.status == "ok":
+            self.success[model] += 1
+            self.executions[model] += 1
+        if model in self.busy:
+            self.executions[model] += 3
+        return answer
+
+    def kill_stubs(self, model):
+        self.calls.append((self.clock.now, "kill", model))
+        self.alive[model] = 0
+        return [1234]
+
+    def reload_model(self, model):
+        self.calls.append((self.clock.now, "reload", model))
+        self.alive[model] = 0 if model in self.dies_after_reload else 1
+
+
+def _calls(fake: _FakeTriton, kind: str) -> list[tuple[float, str]]:
+    return [(t, model) for t, what, model in fake.calls if what == kind]
+
+
+def test_reload_budget_backs_off_exponentially_then_escalates():
+    from sdconet.serve.healing import Healer, HealPolicy, ReloadBudgetExhausted
+
+    clock = _Clock()
+    fake = _FakeTriton(["detector_cpu", "preprocess"], clock)
+    healer = Healer(fake, HealPolicy(reload_budget=3, backoff_s=2.0, canary_interval_s=0), clock)
+    fake.alive["detector_cpu"] = 0  # a stub that dies on every request: each new one dies at once
+    fake.dies_after_reload.add("detector_cpu")
+    with pytest.raises(ReloadBudgetExhausted, match=r"model 'detector_cpu' failed again \(0 of 1 python backend "
+                                                    r"stub\(s\) alive .*\) after 3 reload\(s\) in 7 s: reload "
+                                                    r"budget exhausted") as exhausted:
+        for second in range(60):  # the launcher's watch: one heal() a second
+            clock.now = float(second)
+            healer.heal()
+    assert exhausted.value.model == "detector_cpu" and clock.now == 7.0
+    # reloads at 0, then after 2 s, then after 4 s more; the 4th need (t = 7) escalates instead of reloading
+    assert _calls(fake, "reload") == [(0.0, "detector_cpu"), (2.0, "detector_cpu"), (6.0, "detector_cpu")]
+    assert not _calls(fake, "kill")  # a dead stub needs no kill
+
+
+def test_reload_budget_refills_after_a_healthy_spell():
+    from sdconet.serve.healing import Healer, HealPolicy
+
+    clock = _Clock()
+    fake = _FakeTriton(["postprocess"], clock)
+    healer = Healer(fake, HealPolicy(reload_budget=2, backoff_s=2.0, budget_reset_s=300, canary_interval_s=0), clock)
+    for crash_at in (0.0, 400.0, 800.0, 1200.0):  # one crash every 400 s: each one is healed, none escalates
+        clock.now = crash_at
+        fake.alive["postprocess"] = 0
+        assert healer.heal() == ["postprocess"]
+        clock.now += 1
+        assert healer.heal() == []
+    assert [t for t, _ in _calls(fake, "reload")] == [0.0, 400.0, 800.0, 1200.0]
+
+
+def test_healer_leaves_a_model_its_key_holder_unloaded_alone(caplog):
+    import logging
+
+    from sdconet.serve.healing import Healer, HealPolicy
+
+    clock = _Clock()
+    fake = _FakeTriton(["postprocess", "preprocess"], clock)
+    healer = Healer(fake, HealPolicy(canary_interval_s=5.0), clock)
+    # what the real index answers after an unload through the repository API (measured on 2.51)
+    fake.index["postprocess"] = {"name": "postprocess", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}
+    fake.alive["postprocess"] = 0
+    with caplog.at_level(logging.WARNING, logger="sdconet.serve.healing"):
+        for second in range(30):
+            clock.now = float(second)
+            assert healer.heal() == []
+    assert not _calls(fake, "reload") and ("canary", "postprocess") not in [c[1:] for c in fake.calls]
+    assert [r.getMessage() for r in caplog.records] == [
+        "model 'postprocess' is UNAVAILABLE (unloaded): not healing it (unloaded or being loaded through the "
+        "repository API, or failed to load)"]  # said once, not every second
+    fake.index["postprocess"] = {"name": "postprocess", "version": "1", "state": "READY"}  # loaded again
+    fake.alive["postprocess"] = 1
+    clock.now = 40.0
+    assert healer.heal() == []
+    fake.alive["postprocess"] = 0  # and healed again once it is back
+    clock.now = 41.0
+    assert healer.heal() == ["postprocess"]
+
+
+def test_canary_verdicts_hung_unhealthy_busy_and_quiet():
+    from sdconet.serve.healing import CanaryResult, Healer, HealPolicy
+
+    clock = _Clock()
+    fake = _FakeTriton(["a", "b", "c"], clock)
+    healer = Healer(fake, HealPolicy(canary_interval_s=5.0, canary_timeout_s=10.0, backoff_s=0.0), clock)
+    assert healer.heal() == [] and sorted(_calls(fake, "canary")) == [(0.0, "a"), (0.0, "b"), (0.0, "c")]
+    clock.now = 3.0
+    assert healer.heal() == [] and len(_calls(fake, "canary")) == 3  # not due yet
+    # round 2: a served a real request meanwhile (no canary); b hangs; c times out but is busy executing
+    fake.success["a"] += 1
+    fake.canary_answers["b"] = CanaryResult("timeout", "timed out")
+    fake.canary_answers["c"] = CanaryResult("timeout", "timed out")
+    fake.busy.add("c")
+    clock.now = 5.0
+    assert healer.heal() == ["b"]
+    assert sorted(m for t, m in _calls(fake, "canary") if t == 5.0) == ["b", "c"]
+    assert [c[1:] for c in fake.calls if c[0] == 5.0 and c[1] != "canary"] == [("kill", "b"), ("reload", "b")]
+    # round 3: c answers "not healthy" (a stopped stub: alive in the process table): killed, then reloaded
+    fake.busy.clear()
+    fake.canary_answers["c"] = CanaryResult("unhealthy", "Stub process 'c_0_0' is not healthy.")
+    clock.now = 10.0
+    assert healer.heal() == ["c"]
+    assert [c[1:] for c in fake.calls if c[0] == 10.0 and c[1] != "canary"] == [("kill", "c"), ("reload", "c")]
+    # an error answer from the model's own code proves its stub runs; no answer at all gives no verdict
+    fake.canary_answers["a"] = CanaryResult("ok", "POST /v2/models/a/infer answered HTTP 400 empty image")
+    fake.canary_answers["b"] = CanaryResult("error", "connection refused")
+    clock.now = 15.0
+    assert healer.heal() == []
+
+
+def test_canary_request_reaches_the_model_code():
+    """Built from the config Triton serves: every required input, or the first when all are optional."""
+    from sdconet.serve.healing import canary_request
+
+    preprocess = {"name": "preprocess", "max_batch_size": 8, "input": [
+        {"name": "IMAGE_BYTES", "data_type": "TYPE_STRING", "dims": ["1"], "optional": True},
+        {"name": "IMAGE", "data_type": "TYPE_UINT8", "dims": ["-1", "-1", "3"], "optional": True}]}
+    assert json.loads(canary_request(preprocess)) == {
+        "inputs": [{"name": "IMAGE_BYTES", "shape": [1, 1], "datatype": "BYTES", "data": [""]}]}
+    post = {"name": "postprocess", "max_batch_size": 8, "input": [
+        {"name": "boxes", "data_type": "TYPE_FP32", "dims": ["50", "4"]},
+        {"name": "labels", "data_type": "TYPE_INT32", "dims": ["50"]}]}
+    body = json.loads(canary_request(post))["inputs"]
+    assert [(t["name"], t["shape"], t["datatype"], len(t["data"])) for t in body] == [
+        ("boxes", [1, 50, 4], "FP32", 200), ("labels", [1, 50], "INT32", 50)]
+
+
+def test_admin_key_file_is_created_private_and_refused_when_others_can_read_it(tmp_path):
+    from sdconet.serve.server import admin_key_from_file, check_admin_key
+
+    path = tmp_path / "admin.key"
+    key = admin_key_from_file(path)
+    assert path.stat().st_mode & 0o777 == 0o600 and check_admin_key(key) == key and len(key) >= 32
+    assert admin_key_from_file(path) == key  # kept: a restarted launcher reuses it
+    path.chmod(0o644)
+    with pytest.raises(ServerError, match=r"admin key file .* is readable by others \(mode 644\); chmod 600"):
+        admin_key_from_file(path)
+    with pytest.raises(ValueError, match="16..256 characters"):
+        check_admin_key("short:key=x")
+    server = TritonServer(tmp_path, binary=tmp_path / "tritonserver", admin_key=key)  # command() only
+    command = server.command()
+    assert f"--http-restricted-api=model-repository,shared-memory,trace,logging:sdconet-admin-key={key}" in command
+    assert f"--grpc-restricted-protocol=model-repository,shared-memory,trace,logging:sdconet-admin-key={key}" \
+        in command
+    assert TritonServer(tmp_path, binary=tmp_path / "tritonserver").admin_key != key  # fresh per server
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The real server (bundled tritonserver, cpu deployment)
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")

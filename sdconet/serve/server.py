@@ -27,7 +27,15 @@ failure on it raises :class:`PortInUseError` naming the port and what holds it.
 Crashed python backend stubs: Triton 2.51 does not restart a stub that died (the model stays READY while every request
 fails with "Stub process '<model>_0_0' is not healthy"). The server therefore runs in explicit model-control mode
 (every model loaded at start), and :meth:`TritonServer.heal` -- called about once a second by the launcher's watch --
-counts each python model's live stubs and reloads a model whose stubs are missing, which starts fresh ones.
+reloads a model whose stubs died or hang, within a reload budget (:mod:`sdconet.serve.healing`).
+
+The repository API that explicit mode opens (load with config *and file* overrides, i.e. code execution through a
+python model; unload, i.e. denial of service) is restricted, with the shared-memory, trace and logging APIs, to
+requests carrying the server's admin key (``--http-restricted-api`` / ``--grpc-restricted-protocol``): a key of 32
+random bytes the server generates unless given, sent as header :data:`ADMIN_KEY_HEADER` (HTTP) or
+:data:`GRPC_ADMIN_KEY_HEADER` (gRPC metadata). Inference, health, metadata, model config and statistics stay open.
+tritonserver reads the key from its command line only, so local users who may read ``/proc/<pid>/cmdline`` see it;
+the launcher never logs it.
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ import importlib.util
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -54,6 +63,7 @@ from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 from sdconet.runtime.triton_client import DEFAULT_PORTS
+from sdconet.serve.healing import UNHEALTHY_MARKER, CanaryResult, Healer, HealPolicy, canary_request
 from sdconet.serve.python_env import inspect_python_env
 from sdconet.utils.logging import get_logger
 from sdconet.utils.process import pid_alive
@@ -66,6 +76,14 @@ BUNDLED_BACKENDS = ("python",)
 # environment variable every started server carries: the pid of the process that started it (stale-server check)
 LAUNCHER_PID_ENV = "SDCONET_LAUNCHER_PID"
 PORT_RETRIES = 3  # fresh-port attempts after a bind failure on picked (port 0) ports
+# the admin key's header; Triton's gRPC endpoint expects its own prefix on the metadata key (measured on 2.51)
+ADMIN_KEY_HEADER = "sdconet-admin-key"
+GRPC_ADMIN_KEY_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"
+# the APIs only the admin key may call: model load/unload/index, shared-memory registration (maps /dev/shm regions
+# into the server), trace and log settings (write files)
+RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
+# what a key may hold: it goes into a tritonserver flag whose syntax is "<apis>:<key>=<value>"
+_ADMIN_KEY_CHARS = re.compile(r"^[A-Za-z0-9_\-.~]{16,256}$")
 # what Triton logs when it cannot bind an endpoint (its own message, and the OS's from gRPC / civetweb)
 _BIND_FAILURE = re.compile(r"already in use|address in use|failed to bind|could not bind|bind failed",
                            re.IGNORECASE)
@@ -477,6 +495,39 @@ def expected_stubs(repo: Path) -> dict[str, int]:
     return counts
 
 
+def check_admin_key(key: str) -> str:
+    """``key`` when it can serve as the admin key (16..256 characters of ``A-Z a-z 0-9 _ - . ~``), else ValueError."""
+    if not _ADMIN_KEY_CHARS.match(key):
+        raise ValueError(f"an admin key must be 16..256 characters of A-Z a-z 0-9 _ - . ~ (got {len(key)} "
+                         f"characters{'' if key.isascii() else ', not all ASCII'})")
+    return key
+
+
+def admin_key_from_file(path: str | Path) -> str:
+    """The admin key in ``path``, or a new one written there (mode 0600) when the file does not exist.
+
+    An existing file must be readable by its owner only: a key others can read protects nothing. Raises ServerError
+    naming the file."""
+    path = Path(path)
+    if path.exists():
+        mode = path.stat().st_mode
+        if mode & 0o077:
+            raise ServerError(f"admin key file {path} is readable by others (mode {mode & 0o777:o}); "
+                              f"chmod 600 {path}")
+        try:
+            return check_admin_key(path.read_text().strip())
+        except ValueError as err:
+            raise ServerError(f"admin key file {path}: {err}") from err
+    key = secrets.token_urlsafe(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # O_EXCL: never through a planted link
+    except OSError as err:
+        raise ServerError(f"cannot create admin key file {path}: {err}") from err
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+    return key
+
+
 class TritonServer:
     """A ``tritonserver`` process serving ``repo`` (context manager: start on enter, stop on exit).
 
@@ -490,12 +541,16 @@ class TritonServer:
         log_file: where the server's output goes; default a file in the server's scratch directory.
         log_verbose: Triton's ``--log-verbose`` level.
         exit_timeout_s: how long Triton may drain in-flight requests on SIGTERM before it is killed.
+        admin_key: the key the restricted APIs (:data:`RESTRICTED_APIS`) require; default a fresh random one
+            (:attr:`admin_key`). Give the same key to a restarted server so its key holders keep access.
+        heal_policy: reload budget, backoff and canary settings of :meth:`heal`.
     """
 
     def __init__(self, repo: str | Path, *, host: str = DEFAULT_HOST, http_port: int = DEFAULT_PORTS["http"],
                  grpc_port: int = DEFAULT_PORTS["grpc"], metrics_port: int = DEFAULT_PORTS["metrics"],
                  binary: str | Path | None = None, log_file: str | Path | None = None, log_verbose: int = 0,
-                 exit_timeout_s: int = 10):
+                 exit_timeout_s: int = 10, admin_key: Optional[str] = None,
+                 heal_policy: Optional[HealPolicy] = None):
         self.repo = Path(repo).absolute()
         if not self.repo.is_dir():
             raise ServerError(f"model repository {self.repo} does not exist")
@@ -511,6 +566,9 @@ class TritonServer:
         self.exit_timeout_s = exit_timeout_s
         self._expected_stubs = expected_stubs(self.repo)
         self._reloads = 0  # reload_model's marker
+        self.admin_key = check_admin_key(admin_key) if admin_key is not None else secrets.token_urlsafe(32)
+        self._healer = Healer(self, heal_policy or HealPolicy())
+        self._canary_bodies: dict[str, bytes] = {}
         self._scratch: Optional[Path] = None
         self._log_file = Path(log_file) if log_file is not None else None
         self._default_log = log_file is None  # the log lives in the scratch directory of each start
@@ -597,6 +655,12 @@ class TritonServer:
                                   f"in nvidia-pytriton does not have (python only); serve backend 'cpu' here, or "
                                   f"run NVIDIA's Triton container (tritonserver on PATH) for 'trt'/'onnx'")
 
+    def admin_headers(self, protocol: str = "http") -> dict[str, str]:
+        """The header that unlocks the restricted APIs, for tritonclient's ``headers=`` (``http`` or ``grpc``)."""
+        if protocol not in ("http", "grpc"):
+            raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
+        return {ADMIN_KEY_HEADER if protocol == "http" else GRPC_ADMIN_KEY_HEADER: self.admin_key}
+
     def command(self) -> list[str]:
         e = self.endpoints
         args = [str(self.binary), f"--model-repository={self.repo}",
@@ -606,7 +670,10 @@ class TritonServer:
                 f"--exit-timeout-secs={self.exit_timeout_s}", f"--log-verbose={self.log_verbose}",
                 "--strict-readiness=true", "--disable-auto-complete-config",
                 # explicit control, everything loaded at start: lets heal() reload a model whose stub died
-                "--model-control-mode=explicit", "--load-model=*"]
+                "--model-control-mode=explicit", "--load-model=*",
+                # ... which opens the repository API: only the admin key may load/unload (see the module docstring)
+                f"--http-restricted-api={','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={self.admin_key}",
+                f"--grpc-restricted-protocol={','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={self.admin_key}"]
         if self.bundled:
             args.append("--allow-gpu-metrics=false")  # CPU-only build: skip the NVML/DCGM probes
         args += tensorrt_plugin_args(self.repo)
@@ -651,7 +718,7 @@ class TritonServer:
                 self._log_file = self._scratch / "tritonserver.log"
             self._log_file.parent.mkdir(parents=True, exist_ok=True)
             self._log_handle = open(self._log_file, "w")
-            log.info("starting %s", " ".join(args))
+            log.info("starting %s", " ".join(args).replace(self.admin_key, "<admin key>"))
             # own session/process group: a terminal's Ctrl-C reaches us, and we shut the server down in order;
             # PDEATHSIG: it gets SIGTERM when we die without stopping it (SIGKILL, a crash)
             hook = _die_with_parent_hook()
@@ -731,6 +798,10 @@ class TritonServer:
         """Live python backend stub processes of ``model``."""
         return [] if self.process is None else stub_pids(self.process.pid, model)
 
+    def python_models(self) -> list[str]:
+        """The repository's python models (the ones with backend stubs to heal)."""
+        return sorted(self._expected_stubs)
+
     def missing_stubs(self) -> dict[str, tuple[int, int]]:
         """Python models with fewer live stubs than instances -> (expected, alive)."""
         if self.process is None:
@@ -743,47 +814,95 @@ class TritonServer:
         return {model: (count, alive.get(model, 0)) for model, count in self._expected_stubs.items()
                 if alive.get(model, 0) < count}
 
+    def _request(self, path: str, body: Optional[bytes] = None, *, admin: bool = False,
+                 timeout_s: float = 30.0) -> bytes:
+        """``GET`` (or ``POST`` ``body``) ``/v2/<path>`` -> the answer's body; the admin key goes along when
+        ``admin``. Raises ServerError naming the call and Triton's error on an HTTP error; URLError / timeouts pass."""
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        if admin:
+            headers.update(self.admin_headers("http"))
+        request = urllib.request.Request(f"http://{self.endpoints.http}/v2/{path}", data=body, headers=headers,
+                                         method="POST" if body is not None else "GET")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                return response.read()
+        except urllib.error.HTTPError as err:
+            raise ServerError(f"{request.method} /v2/{path} answered HTTP {err.code} "
+                              f"{err.read().decode(errors='replace')}") from err
+
+    def repository_index(self) -> list[dict]:
+        """``POST /v2/repository/index`` (admin key): ``[{"name", "version", "state", "reason"?}, ...]``."""
+        try:
+            return json.loads(self._request("repository/index", b"{}", admin=True))
+        except (urllib.error.URLError, OSError) as err:
+            raise ServerError(f"reading the repository index failed: {err}") from err
+
+    def model_statistics(self) -> dict:
+        """``GET /v2/models/stats``: every model's inference statistics."""
+        try:
+            return json.loads(self._request("models/stats"))
+        except (urllib.error.URLError, OSError) as err:
+            raise ServerError(f"reading the model statistics failed: {err}") from err
+
+    def canary(self, model: str, timeout_s: float) -> CanaryResult:
+        """One small inference straight to ``model`` (:func:`~sdconet.serve.healing.canary_request`, built once from
+        its config) -> ok / unhealthy / timeout / error (see :class:`~sdconet.serve.healing.CanaryResult`)."""
+        try:
+            if model not in self._canary_bodies:
+                self._canary_bodies[model] = canary_request(json.loads(self._request(f"models/{model}/config")))
+            self._request(f"models/{model}/infer", self._canary_bodies[model], timeout_s=timeout_s)
+            return CanaryResult("ok")
+        except ServerError as err:  # an error answer: from the model's code (it runs), or the backend's verdict
+            text = str(err)
+            return CanaryResult("unhealthy", text) if UNHEALTHY_MARKER in text else CanaryResult("ok", text)
+        except (TimeoutError, socket.timeout) as err:
+            return CanaryResult("timeout", str(err))
+        except (urllib.error.URLError, OSError) as err:
+            if isinstance(getattr(err, "reason", None), (TimeoutError, socket.timeout)):
+                return CanaryResult("timeout", str(err))
+            return CanaryResult("error", str(err))
+
+    def kill_stubs(self, model: str, timeout_s: float = 10.0) -> list[int]:
+        """SIGKILL ``model``'s backend stubs (a stuck stub holds its requests for ever; a reload alone leaves it);
+        returns their pids once they are gone."""
+        pids = self.stub_pids(model)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout_s
+        while set(self.stub_pids(model)) & set(pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return pids
+
     def reload_model(self, model: str, timeout_s: float = 120.0) -> None:
         """Reload ``model`` through the repository API (new instances, new stubs); raises ServerError on failure.
 
         A load of a loaded, unchanged model is a no-op, so the model's own config goes along as an override with
         one marker parameter changed (``sdconet_reload``, which no model reads): Triton then builds new instances
-        and swaps them in without an unload gap."""
-        base = f"http://{self.endpoints.http}/v2"
+        and swaps them in without an unload gap. The load carries the admin key."""
         try:
-            with urllib.request.urlopen(f"{base}/models/{model}/config", timeout=timeout_s) as response:
-                config = response.read().decode()
-        except (urllib.error.URLError, OSError) as err:
+            config = json.loads(self._request(f"models/{model}/config", timeout_s=timeout_s))
+        except (ServerError, urllib.error.URLError, OSError) as err:
             raise ServerError(f"reading the config of model '{model}' failed: {err}") from err
         self._reloads += 1
-        config = json.loads(config)
         config.setdefault("parameters", {})["sdconet_reload"] = {"string_value": str(self._reloads)}
         body = json.dumps({"parameters": {"config": json.dumps(config)}}).encode()
-        request = urllib.request.Request(f"{base}/repository/models/{model}/load", data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                if response.status != 200:
-                    raise ServerError(f"reloading model '{model}' answered HTTP {response.status}")
-        except urllib.error.HTTPError as err:
-            raise ServerError(f"reloading model '{model}' failed: HTTP {err.code} "
-                              f"{err.read().decode(errors='replace')}") from err
+            self._request(f"repository/models/{model}/load", body, admin=True, timeout_s=timeout_s)
+        except ServerError as err:
+            raise ServerError(f"reloading model '{model}' failed: {err}") from err
         except (urllib.error.URLError, OSError) as err:
             raise ServerError(f"reloading model '{model}' failed: {err}") from err
 
     def heal(self) -> list[str]:
-        """Reload every python model whose backend stub died; returns the models reloaded (logged as it goes).
+        """Reload every READY python model whose backend stub died or hangs, within its reload budget; returns the
+        models reloaded (logged as it goes). See :mod:`sdconet.serve.healing`.
 
-        Raises ServerError when a reload fails (the caller restarts the server)."""
-        healed = []
-        for model, (expected, alive) in self.missing_stubs().items():
-            log.warning("model '%s': %d of %d python backend stub(s) alive (a stub crashed or was killed); "
-                        "reloading the model", model, alive, expected)
-            started = time.monotonic()
-            self.reload_model(model)
-            log.warning("model '%s' reloaded in %.1f s; serving again", model, time.monotonic() - started)
-            healed.append(model)
-        return healed
+        Raises :class:`~sdconet.serve.healing.ReloadBudgetExhausted` when a model used up its budget, ServerError
+        when a reload fails: either way the caller restarts the server."""
+        return self._healer.heal()
 
     def stop(self, timeout_s: Optional[float] = None) -> int | None:
         """SIGTERM, wait (``exit_timeout_s`` + 10 s by default), then SIGKILL the process group. Returns the exit
