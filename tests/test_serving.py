@@ -611,6 +611,149 @@ def test_bad_requests_get_errors_and_the_server_carries_on(server, session, imag
         raw_client.close()
 
 
+def _post(url: str, headers: dict | None = None, body: bytes = b"{}") -> tuple[int, str]:
+    """A raw HTTP POST (no tritonclient): (status, body)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_repository_api_needs_the_admin_key_while_inference_stays_open(server, session, images):
+    """From raw clients: load/unload/index without the key (HTTP and gRPC) are refused and change nothing, inference
+    is served; with the key they work, and a model its holder unloaded is not "healed" back."""
+    import base64
+
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from sdconet.serve.healing import index_states
+
+    good, reference = png_bytes(images[0]), reference_detections(session, images[0])
+    base = f"http://{server.endpoints.http}/v2"
+    # what a hostile client would load: the postprocess model with a python file of its own
+    hostile = json.dumps({"parameters": {"config": json.dumps({"backend": "python"}),
+                                         "file:1/model.py": base64.b64encode(b"import os\n").decode()}}).encode()
+    for headers in ({}, {"sdconet-admin-key": "not-the-key-0123456789"}):
+        for path, body in (("repository/index", b"{}"), ("repository/models/postprocess/unload", b"{}"),
+                           ("repository/models/postprocess/load", hostile)):
+            code, answer = _post(f"{base}/{path}", headers, body)
+            assert code == 403 and "This API is restricted" in answer, (path, code, answer)
+    grpc = grpcclient.InferenceServerClient(server.endpoints.grpc)
+    try:
+        for call in (lambda: grpc.unload_model("postprocess"), lambda: grpc.load_model("postprocess"),
+                     lambda: grpc.get_model_repository_index(),
+                     lambda: grpc.unload_model("postprocess", headers={"sdconet-admin-key": server.admin_key})):
+            with pytest.raises(InferenceServerException, match="This protocol is restricted"):
+                call()
+        assert not server.missing_stubs()  # nothing was unloaded
+        for protocol, url in (("http", server.endpoints.http), ("grpc", server.endpoints.grpc)):
+            with SDCoNetClient(url, protocol=protocol) as client:
+                assert_same_detections(client.detect(good), reference)
+
+        # the key holder: index and unload over gRPC, load over raw HTTP
+        index = grpc.get_model_repository_index(headers=server.admin_headers("grpc"), as_json=True)["models"]
+        assert index_states(index) == {m: ("READY", "") for m in ["detector_cpu", "postprocess", "preprocess",
+                                                                  "sdconet", "sdconet_scene"]}
+        grpc.unload_model("postprocess", headers=server.admin_headers("grpc"))
+        deadline = time.monotonic() + 30
+        while server.stub_pids("postprocess") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        states = index_states(server.repository_index())
+        assert states["postprocess"] == ("UNAVAILABLE", "unloaded")
+        assert states["sdconet"] == ("UNAVAILABLE", "unloaded")  # the ensemble goes with it (Triton's choice)
+        assert server.missing_stubs() == {"postprocess": (1, 0)}
+        for _ in range(3):  # no reload, no error that would restart the server
+            assert server.heal() == []
+        assert server.missing_stubs() == {"postprocess": (1, 0)} and not server.stub_pids("postprocess")
+        code, answer = _post(f"{base}/repository/models/postprocess/load", server.admin_headers("http"))
+        assert code == 200, answer
+        assert index_states(server.repository_index())["sdconet"][0] == "READY"
+        with SDCoNetClient(server.endpoints.http) as client:
+            assert_same_detections(client.detect(good), reference)
+        assert server.heal() == [] and not server.missing_stubs()
+    finally:
+        grpc.close()
+    assert server.admin_key not in server.log_path.read_text()  # neither Triton nor the launcher logs it
+
+
+@pytest.fixture(scope="module")
+def sleepy_repo(tmp_path_factory) -> Path:
+    """One python model that answers x + 1, except the request that finds a ``hang`` file in the model's
+    directory: it removes the file and sleeps for an hour inside ``execute`` (a stub alive but stuck)."""
+    repo = tmp_path_factory.mktemp("sleepy") / "repo"
+    (repo / "sleepy" / "1").mkdir(parents=True)
+    (repo / "sleepy" / "config.pbtxt").write_text(
+        'name: "sleepy"\nbackend: "python"\nmax_batch_size: 4\n'
+        'input [ { name: "X" data_type: TYPE_INT32 dims: [ 1 ] } ]\n'
+        'output [ { name: "Y" data_type: TYPE_INT32 dims: [ 1 ] } ]\n'
+        'instance_group [ { kind: KIND_CPU count: 1 } ]\n'
+        f'parameters {{ key: "EXECUTION_ENV_PATH" value: {{ string_value: "{sys.prefix}" }} }}\n')
+    (repo / "sleepy" / "1" / "model.py").write_text(
+        "import time\nfrom pathlib import Path\n\nimport triton_python_backend_utils as pb_utils\n\n\n"
+        "class TritonPythonModel:\n"
+        "    def initialize(self, args):\n"
+        "        self.trigger = Path(args['model_repository']) / 'hang'\n\n"
+        "    def execute(self, requests):\n"
+        "        if self.trigger.exists():\n"
+        "            self.trigger.unlink()\n"
+        "            time.sleep(3600)\n"
+        "        return [pb_utils.InferenceResponse([pb_utils.Tensor(\n"
+        "            'Y', pb_utils.get_input_tensor_by_name(r, 'X').as_numpy() + 1)]) for r in requests]\n")
+    return repo
+
+
+def test_the_canary_heals_a_hung_and_a_stopped_stub(sleepy_repo):
+    """Neither stub is missing from the process table; the canary finds both. The hung one: a request sleeps in
+    ``execute``, the canary times out with no execution completed, the stub is killed (which also answers the stuck
+    request) and the model reloaded. The stopped one (SIGSTOP): Triton answers "is not healthy"."""
+    from sdconet.serve.healing import HealPolicy
+
+    _require_server(sleepy_repo)
+    body = json.dumps({"inputs": [{"name": "X", "shape": [1, 1], "datatype": "INT32", "data": [41]}]}).encode()
+    policy = HealPolicy(canary_interval_s=0.2, canary_timeout_s=2.0, backoff_s=0.0)
+    # exit_timeout_s: after a stub died mid-execute Triton 2.51 keeps the old model version until its exit timeout
+    with TritonServer(sleepy_repo, http_port=0, grpc_port=0, metrics_port=0, heal_policy=policy,
+                      exit_timeout_s=2) as server:
+        infer = f"http://{server.endpoints.http}/v2/models/sleepy/infer"
+        assert server.heal() == []  # the first canary round: answered
+        first = server.stub_pids("sleepy")
+        (sleepy_repo / "sleepy" / "hang").touch()
+        stuck: list[tuple[int, str, float]] = []
+        request = threading.Thread(target=lambda: stuck.append((*_post(infer, body=body), time.monotonic())))
+        request.start()
+        deadline = time.monotonic() + 30
+        while (sleepy_repo / "sleepy" / "hang").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the stub took the request and sleeps
+        assert not (sleepy_repo / "sleepy" / "hang").exists() and request.is_alive()
+        assert not server.missing_stubs() and server.stub_pids("sleepy") == first  # invisible to the count
+        time.sleep(policy.canary_interval_s)
+        assert server.heal() == ["sleepy"]
+        healed_at = time.monotonic()
+        request.join(timeout=30)
+        assert not request.is_alive() and stuck[0][0] == 500, stuck  # released with an error, not left hanging
+        assert stuck[0][2] - healed_at < 5
+        second = server.stub_pids("sleepy")
+        assert len(second) == 1 and set(second).isdisjoint(first)
+        assert json.loads(_post(infer, body=body)[1])["outputs"][0]["data"] == [42]
+
+        os.kill(second[0], signal.SIGSTOP)
+        assert not server.missing_stubs()
+        time.sleep(policy.canary_interval_s)
+        assert server.heal() == ["sleepy"]
+        third = server.stub_pids("sleepy")
+        assert len(third) == 1 and third != second and not _alive(second[0])  # killed (maybe a zombie)
+        assert json.loads(_post(infer, body=body)[1])["outputs"][0]["data"] == [42]
+        time.sleep(policy.canary_interval_s)
+        assert server.heal() == []  # healthy again: the canary answers
+
+
 def test_client_cli_writes_json_and_annotated_png(server, session, images, tmp_path):
     from sdconet.serve.client import main
 
