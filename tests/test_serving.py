@@ -966,6 +966,60 @@ def test_server_retries_on_new_ports_when_a_picked_port_is_taken_before_the_bind
             assert _server_ready(server.endpoints.http)
 
 
+def test_launcher_escalates_a_stub_that_keeps_dying_to_a_restart_then_stops(lifecycle_repo, tmp_path):
+    """Every preprocess stub is killed a second after it starts: the launcher reloads it within its budget
+    (--reload-budget 1), then restarts the server, then (--max-restarts 1) stops with one line and exit code 1."""
+    from sdconet.serve.server import _launcher_of, process_label
+
+    _require_server(lifecycle_repo)
+    stderr_path = tmp_path / "serve.log"
+    with open(stderr_path, "w") as stderr:
+        launcher = _launch(lifecycle_repo, (0, 0, 0), "--reload-budget", "1", "--reload-backoff", "0",
+                           "--max-restarts", "1", "--canary-interval", "0", stderr=stderr)
+    killed, stop = [], threading.Event()
+
+    def kill_every_stub() -> None:  # the stubs of this launcher's servers, once they are a second old
+        while not stop.is_set():
+            for entry in Path("/proc").iterdir():
+                if not entry.name.isdigit() or process_label(int(entry.name)) != "stub:preprocess":
+                    continue
+                pid = int(entry.name)
+                try:
+                    # field 22 of /proc/PID/stat: start time in clock ticks after boot
+                    started = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+                    age = float(Path("/proc/uptime").read_text().split()[0]) - started / os.sysconf("SC_CLK_TCK")
+                    if _launcher_of(os.getpgid(pid)) != launcher.pid or age < 1.0:
+                        continue
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                except (OSError, ValueError):
+                    pass
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_every_stub, daemon=True)
+    try:
+        info = json.loads(launcher.stdout.readline() or "{}")
+        assert info, stderr_path.read_text()
+        killer.start()
+        assert launcher.wait(timeout=180) == 1, stderr_path.read_text()[-3000:]
+    finally:
+        stop.set()
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    log = stderr_path.read_text()
+    assert log.count("reloading the model (reload 1 of 1)") == 2, log[-3000:]  # once per server
+    assert "model 'preprocess' failed again (0 of 1 python backend stub(s) alive (a stub crashed or was killed)) " \
+           "after 1 reload(s)" in log
+    assert "reload budget exhausted; restarting the server (restart 1 of at most 1)" in log
+    (last,) = [line for line in log.splitlines() if "giving up" in line]
+    assert "reload budget exhausted; not restarting (--max-restarts 1 reached): the server is stopped and the " \
+           "launcher exits with code 1" in last
+    assert len(killed) >= 4
+    assert "sdconet-admin-key=<admin key>" in log  # the launcher's "starting" line hides the key
+    assert not process_group_members(info["pid"])
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 def test_a_server_started_from_a_worker_thread_outlives_that_thread(lifecycle_repo):
     """PDEATHSIG fires when the forking *thread* exits: a server started from a short-lived thread is forked by the
