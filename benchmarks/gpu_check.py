@@ -420,7 +420,7 @@ def run_model(report: Report, args: argparse.Namespace, budget: Budget, cuda: bo
               variants: tuple[str, ...] = MODEL_VARIANTS) -> None:
     import torch
 
-    from sdconet.deploy.inference_graph import build_inference_graph
+    from sdconet.engine.inference_graph import build_inference_graph
     from sdconet.ops.msda import resolve_msda_impl
 
     device = torch.device("cuda" if cuda else "cpu")

@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sdconet.deploy.exporter import (CPU_INT8_BACKENDS, DEFAULT_INT8_EXCLUDE, MSDA_MODES, TRITON_BACKENDS,  # noqa: E402
                                       TRITON_CPU_PRECISIONS, TRITON_CPU_RUNTIMES, ExportError, ExportOptions,
                                       print_summary, run_export)
-from sdconet.deploy.msda_plugin import sdconet_plugin_available  # noqa: E402
+from sdconet.kernels.msda_plugin import sdconet_plugin_available  # noqa: E402
 from sdconet.deploy.op_support import UnsupportedOpError  # noqa: E402
 from sdconet.deploy.quantize import DEFAULT_CALIB_IMAGES, QuantizationError  # noqa: E402
-from sdconet.deploy.triton_repo import RepositoryError  # noqa: E402
+from sdconet.serve.triton_repo import RepositoryError  # noqa: E402
 from sdconet.engine.checkpoint import CheckpointError  # noqa: E402
 from sdconet.serve.python_env import PythonEnvError  # noqa: E402
 from sdconet.utils.logging import get_logger, setup_logging  # noqa: E402

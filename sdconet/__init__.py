@@ -1,7 +1,10 @@
 """SDCoNet Edge: saliency-driven multi-task SR + small-object detection, and its edge deployment pipeline."""
 from __future__ import annotations
 
+from sdconet.utils import moved as _moved
+
 __version__ = "0.1.0"
+_moved.install()  # old import paths of modules moved between layers (sdconet.utils.moved.MOVED_MODULES)
 __all__ = ["Config", "load_config", "__version__"]
 
 

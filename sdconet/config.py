@@ -19,6 +19,7 @@ from typing import Any, Optional
 import yaml
 
 PRESET_DIR = Path(__file__).parent / "configs"
+DEFAULT_TRAINING_TILE = 512  # HR pixels: the -Split datasets' window (DESIGN §4) when the run's image size is unknown
 
 
 class ConfigError(ValueError):
@@ -327,6 +328,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError as err:
         raise ConfigError(f"override '{text}': cannot parse value: {err}") from err
     return key.strip().split("."), value
+
+
+def training_image_size(cfg: Config) -> int:
+    """HR side of the images a run was trained on: the random crop, else the synthetic size, else 512."""
+    if cfg.data.random_crop is not None:
+        return cfg.data.random_crop
+    if cfg.data.root is None:
+        return cfg.data.synthetic.image_size
+    return DEFAULT_TRAINING_TILE
+
+
+def lr_image_size(cfg: Config) -> int:
+    """LR side the network saw in training: ``training_image_size(cfg) // upscale``."""
+    return training_image_size(cfg) // cfg.model.upscale
 
 
 def load_config(name_or_path: str | Path = "paper", overrides: list[str] | tuple[str, ...] = ()) -> Config:

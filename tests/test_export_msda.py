@@ -7,7 +7,7 @@ import torch
 from sdconet.deploy import msda_plugin as mp
 from sdconet.deploy.onnx_export import check_model, export_module, op_counts, simplify_around_custom_nodes
 from sdconet.models.deformable_attention import MSDeformAttn
-from sdconet.ops.msda import msda_gather, msda_grid_sample, multi_scale_deformable_attn
+from sdconet.ops.msda import msda_grid_sample, msda_naive, multi_scale_deformable_attn
 
 SHAPES = [(8, 8), (4, 4)]
 TOKENS = sum(h * w for h, w in SHAPES)
@@ -64,10 +64,59 @@ def test_ort_plugin_op_matches_grid_sample():
                                  locations.numpy(), weights.numpy())
 
 
-def test_plugin_impl_eager_equals_gather():
+def test_plugin_impl_eager_matches_grid_sample_and_the_naive_loop():
+    """The eager ``plugin`` path runs the gather form: check it against the two forms it is not built on."""
     value, locations, weights = _random_msda_inputs()
     out = multi_scale_deformable_attn(value, SHAPES, None, locations, weights, impl="plugin")
-    torch.testing.assert_close(out, msda_gather(value, SHAPES, None, locations, weights))
+    torch.testing.assert_close(out, msda_grid_sample(value, SHAPES, None, locations, weights), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, msda_naive(value, SHAPES, None, locations, weights), atol=1e-5, rtol=0)
+
+
+# A case small enough to compute by hand from the plugin's documented semantics: value [N=1, S=8, M=2, D=2] with
+# value[0, s, m, d] = s + 10 d + 100 m; two levels (H, W) = (2, 3) and (1, 2), so level 1 starts at token 6; one
+# query, P = 2 points per level, locations (x, y) in [0, 1] with pixel x * W - 0.5 (zero outside the map).
+HAND_SHAPES = [(2, 3), (1, 2)]
+HAND_LOCATIONS = [  # [M][L][P] -> (x, y)
+    [[(2.5 / 3, 0.75), (0.0, 0.25)],  # head 0, level 0: token 5 (row 1, col 2); half of token 0 (x at -0.5)
+     [(0.75, 0.5), (0.5, 0.5)]],      # head 0, level 1: token 7; the mean of tokens 6 and 7
+    [[(0.5 / 3, 0.25), (0.5, 0.75)],  # head 1, level 0: token 0; token 4 (row 1, col 1)
+     [(0.25, 0.5), (1.5, 0.5)]],      # head 1, level 1: token 6; fully outside (x at 2.5): 0
+]
+HAND_WEIGHTS = [[[0.4, 0.2], [0.3, 0.1]], [[0.1, 0.6], [0.2, 0.1]]]  # [M][L][P]
+# with c = 10 d + 100 m: head 0 = 0.4 (5 + c) + 0.2 (0 + c) / 2 + 0.3 (7 + c) + 0.1 (13 + 2 c) / 2 = 4.75 + 0.9 c;
+# head 1 = 0.1 (0 + c) + 0.6 (4 + c) + 0.2 (6 + c) + 0 = 3.6 + 0.9 c
+HAND_EXPECTED = [[4.75, 13.75], [93.6, 102.6]]  # [M][D]
+
+
+def _hand_inputs():
+    s = np.arange(8, dtype=np.float32)[:, None, None]
+    value = (s + 10 * np.arange(2)[None, None, :] + 100 * np.arange(2)[None, :, None])[None].astype(np.float32)
+    locations = np.array(HAND_LOCATIONS, np.float32)[None, None]  # [1, 1, M, L, P, 2]
+    weights = np.array(HAND_WEIGHTS, np.float32)[None, None]  # [1, 1, M, L, P]
+    return value, np.array(HAND_SHAPES, np.int32), np.array([0, 6], np.int32), locations, weights
+
+
+def test_plugin_stand_in_reproduces_a_hand_computed_case():
+    """The ONNX Runtime stand-in of the TensorRT plugin, as a one-node graph in the plugin's input order, gives the
+    hand-computed output: value layout [N, S, M, D], spatial shapes (H, W), level start index, (x, y) order."""
+    inputs = _hand_inputs()
+    names = ["value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights"]
+    kinds = [onnx.TensorProto.FLOAT, onnx.TensorProto.INT32, onnx.TensorProto.INT32, onnx.TensorProto.FLOAT,
+             onnx.TensorProto.FLOAT]
+    node = onnx.helper.make_node(mp.TRT_PLUGIN_OP_TYPE, names, ["out"], domain=mp.PLUGIN_DOMAIN, plugin_version="1")
+    graph = onnx.helper.make_graph(
+        [node], "msda_hand", [onnx.helper.make_tensor_value_info(n, k, a.shape) for n, k, a in zip(names, kinds, inputs)],
+        [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [1, 1, 2, 2])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                         onnx.helper.make_opsetid(mp.PLUGIN_DOMAIN, 1)])
+    (out,) = mp.ort_session(model).run(None, dict(zip(names, inputs)))
+    np.testing.assert_allclose(out[0, 0], HAND_EXPECTED, atol=1e-4)
+    np.testing.assert_allclose(mp.msda_plugin_reference(*inputs)[0, 0], HAND_EXPECTED, atol=1e-4)
+    # and every PyTorch form agrees with the hand figures
+    value, _, _, locations, weights = (torch.from_numpy(a) for a in inputs)
+    for impl in ("grid_sample", "gather", "naive"):
+        got = multi_scale_deformable_attn(value, HAND_SHAPES, None, locations, weights, impl=impl)
+        np.testing.assert_allclose(got.view(2, 2).numpy(), HAND_EXPECTED, atol=1e-4, err_msg=impl)
 
 
 def _plugin_attributes(model):

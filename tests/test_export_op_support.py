@@ -1,6 +1,5 @@
 """Static TensorRT op-support check: accepts supported ops and known plugins, rejects the rest by name."""
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 

@@ -22,6 +22,7 @@ from sdconet.deploy.tensorrt_build import (EngineBuildOptions, TensorRTUnavailab
                                            tensorrt_major, tensorrt_unavailable_reason, write_engine_metadata)
 from sdconet.kernels.trt_plugin import ptx_facts
 from sdconet.models.deformable_attention import MSDeformAttn
+from needs import optional_import
 
 REASON = tensorrt_unavailable_reason()
 needs_tensorrt = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -184,7 +185,7 @@ print(json.dumps(ptx_facts(kernel.ptx)))
 
 
 def test_ptx_facts_of_the_compiled_plugin_kernel():
-    pytest.importorskip("triton", reason="the `triton` package is not installed")
+    optional_import("triton", "the `triton` package is not installed (it ships with Linux CUDA torch wheels)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, not interpret
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], capture_output=True, text=True, env=env,

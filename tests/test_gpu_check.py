@@ -46,30 +46,28 @@ def test_without_cuda_prints_and_writes_the_plan(tmp_path):
 
 
 def test_budget_stop_leaves_a_partial_report(tmp_path):
+    """A budget below one MSDA row's minimum (5 s / 4): every row is skipped for the budget whatever the CPU's speed,
+    and the report says it is incomplete. (No wall-clock bound here: the subprocess timeout only guards a hang.)"""
     out = tmp_path / "check.json"
-    started = time.monotonic()
-    result = _run("--device", "cpu", "--steps", "msda", "--budget-s", "3", "--iters", "3", "--json", str(out))
+    result = _run("--device", "cpu", "--steps", "msda", "--budget-s", "1", "--iters", "3", "--json", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads(out.read_text())
-    assert data["complete"] is False
-    # either a measurement was interrupted, or the rows that no longer fitted were skipped
-    measured = [row for row in data["msda"] if row["status"] == "ok"]
-    assert data["stopped_by_budget"] or any(row["status"].startswith("skipped: budget") for row in data["msda"])
-    assert len(measured) < 24  # 36 rows, 12 of them Triton (CUDA only): not all measured in 3 s
-    assert all(row["form"] != "triton" or row["status"].startswith("skipped") for row in data["msda"])
+    assert data["complete"] is False and len(data["msda"]) == 36
+    assert not [row for row in data["msda"] if row["status"] == "ok"]
+    # the 12 Triton rows (CUDA only) skip for that reason, the 24 CPU rows for the budget
+    assert all(row["status"].startswith("skipped: the Triton kernel needs CUDA" if row["form"] == "triton"
+                                       else "skipped: budget")
+               for row in data["msda"]), [row["status"] for row in data["msda"]]
     assert "INCOMPLETE" in out.with_suffix(".md").read_text()
-    # the 3 s budget bounds the measuring; the rest is interpreter start and imports on a shared CPU
-    assert time.monotonic() - started < 120
 
 
 def test_hard_stop_interrupts_a_measurement_that_overruns():
     gpu_check = _load()
     budget = gpu_check.Budget(0.3)
-    started = time.monotonic()
+    # an uninterrupted 60 s sleep would return normally: BudgetSpent raised from inside it is the interruption
     with pytest.raises(gpu_check.BudgetSpent, match="budget spent during a measurement"):
         with budget.hard_stop():
-            time.sleep(10)
-    assert time.monotonic() - started < 5
+            time.sleep(60)
     assert budget.shortfall(1.0).startswith("skipped: budget")
     assert gpu_check.Budget(60).shortfall(1.0) is None
 
@@ -123,7 +121,7 @@ spec = importlib.util.spec_from_file_location("gpu_check", sys.argv[1])
 gpu_check = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gpu_check)
 assert gpu_check.timm_status()["usable"], gpu_check.timm_status()
-import sdconet.kernels.msda_triton, sdconet.deploy.inference_graph, sdconet.benchmark.timing  # noqa
+import sdconet.kernels.msda_triton, sdconet.engine.inference_graph, sdconet.benchmark.timing  # noqa
 gpu_check._load_msda_op()
 gpu_check.environment_facts()
 try:
@@ -137,7 +135,6 @@ print("LEAKED", leaked)
 
 
 def test_the_check_imports_only_torch_triton_numpy_timm(tmp_path):
-    pytest.importorskip("timm")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, "-c", _IMPORT_CHAIN, str(SCRIPT)], capture_output=True, text=True,

@@ -18,7 +18,9 @@ from pathlib import Path  # noqa: E402
 import onnx  # noqa: E402
 import pytest  # noqa: E402
 
-pytest.importorskip("triton", reason="the `triton` package is not installed (it ships with Linux CUDA torch wheels)")
+from needs import optional_import  # noqa: E402
+
+optional_import("triton", "the `triton` package is not installed (it ships with Linux CUDA torch wheels)")
 
 from sdconet.kernels import msda_triton  # noqa: E402
 from sdconet.kernels.trt_plugin import (  # noqa: E402

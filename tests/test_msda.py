@@ -54,6 +54,8 @@ def test_gradients_flow_and_match(impl):
     multi_scale_deformable_attn(value2, spatial2, start2, loc2, attn2, impl=other).square().sum().backward()
     assert torch.allclose(value.grad, value2.grad, atol=1e-5)
     assert torch.allclose(attn.grad, attn2.grad, atol=1e-5)
+    # the sampling-location gradient: the bilinear weights' slopes, where a swapped x/y or a wrong W/H scale shows
+    torch.testing.assert_close(loc.grad, loc2.grad, atol=1e-4, rtol=1e-4)
 
 
 def test_unknown_impl_is_named():

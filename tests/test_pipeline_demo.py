@@ -10,17 +10,14 @@ from sdconet.pipeline.demo import DemoLayout, collect_summary, format_summary, m
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    pytest.importorskip("tritonclient")
-    from sdconet.deploy.quantize import modelopt_unavailable_reason
+    from needs import require_modelopt, unavailable
     from sdconet.serve.server import ServerUnavailable, find_tritonserver
 
     try:
         find_tritonserver()
     except ServerUnavailable as err:
-        pytest.skip(f"no runnable tritonserver: {err}")
-    reason = modelopt_unavailable_reason()
-    if reason:
-        pytest.skip(f"INT8 stage needs ModelOpt: {reason}")
+        unavailable(f"no runnable tritonserver: {err}")
+    require_modelopt()  # a .venv-modelopt that exists but cannot import ModelOpt fails under CI=true
     out = tmp_path_factory.mktemp("demo")
     with pytest.MonkeyPatch.context() as patch:
         # every stage runs the tiny model: one thread per process (two threads contend on a shared 2-core CPU)

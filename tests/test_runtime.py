@@ -12,6 +12,7 @@ from sdconet.deploy.exporter import ExportOptions, run_export
 from sdconet.runtime import RUNNERS, RunnerError, RunnerUnavailable, open_runner, pad_to_input, sorted_by_score
 from sdconet.runtime.metadata import PREFIX, onnx_model_info, read_onnx_metadata, write_onnx_metadata
 from conftest import TINY_CLASS_NAMES
+from needs import unavailable
 
 IMGSZ = 64
 NAMES = TINY_CLASS_NAMES
@@ -129,7 +130,7 @@ def test_wrong_input_size_and_batch_name_the_value(export, tmp_path):
 def test_torch_runner_precisions_and_defaults(checkpoint, padded_batch):
     cfg = load_config("tiny")
     runner = open_runner("torch", checkpoint=checkpoint, device="cpu")
-    from sdconet.engine.predict import training_image_size
+    from sdconet.scene.folder import training_image_size
 
     assert runner.imgsz == training_image_size(runner.cfg) // cfg.model.upscale
     assert runner.msda_impl == "gather"
@@ -142,6 +143,16 @@ def test_torch_runner_precisions_and_defaults(checkpoint, padded_batch):
     assert bf16.precision == "bf16"
     out = bf16.run(padded_batch)
     assert out["boxes"].dtype == np.float32 and out["boxes"].shape == fp32["boxes"].shape
+    # parity with fp32 within bf16's 8 mantissa bits (measured on this seeded untrained model: saliency 0.0027,
+    # scores 0.009 at scores of 0.015-0.05). Its near-tied scores reorder the ranked list, so scores are compared
+    # sorted and boxes through each image's best detection, which bf16 must find with the same label and box.
+    assert np.abs(out["saliency"] - fp32["saliency"]).max() <= 1e-2
+    assert np.abs(np.sort(out["scores"], 1) - np.sort(fp32["scores"], 1)).max() <= 2e-2
+    for image in range(len(padded_batch)):
+        same = out["labels"][image] == fp32["labels"][image, 0]
+        assert same.any(), image
+        error = np.abs(out["boxes"][image][same] - fp32["boxes"][image, 0]).max(axis=1).min()
+        assert error <= 1.0, (image, error)  # within 1 px of a 64 px input
     any_size = open_runner("torch", checkpoint=checkpoint, device="cpu", imgsz=None)
     assert any_size.run(np.zeros((1, 3, 96, 96), np.float32))["boxes"].shape[0] == 1
 
@@ -221,7 +232,7 @@ def test_torch_runner_on_a_prebuilt_graph_without_cfg_needs_class_names():
 
 
 def test_triton_runner_without_a_server_is_unavailable_and_closes_its_client(monkeypatch):
-    http = pytest.importorskip("tritonclient.http")
+    import tritonclient.http as http
     from sdconet.serve.server import free_port
 
     closed = []
@@ -233,11 +244,10 @@ def test_triton_runner_without_a_server_is_unavailable_and_closes_its_client(mon
 
 
 def test_triton_runner_matches_onnxruntime(export, padded_batch, tmp_path):
-    pytest.importorskip("tritonclient.http")
-    from sdconet.deploy.triton_repo import RepositoryOptions, build_repository
+    from sdconet.serve.triton_repo import RepositoryOptions, build_repository
     from sdconet.serve.server import ServerUnavailable, TritonServer, free_port
 
-    from sdconet.deploy.triton_repo import load_manifest
+    from sdconet.serve.triton_repo import load_manifest
 
     # no class_names given: the builder reads them from the ONNX metadata
     repo = build_repository(tmp_path / "repo", onnx_path=export / "tiny.onnx", backend="cpu", imgsz=IMGSZ,
@@ -246,7 +256,7 @@ def test_triton_runner_matches_onnxruntime(export, padded_batch, tmp_path):
     try:
         TritonServer(repo).preflight()
     except ServerUnavailable as err:
-        pytest.skip(f"no runnable tritonserver here: {err}")
+        unavailable(f"no runnable tritonserver here: {err}")
     with open_runner("onnxruntime", model=export / "tiny.onnx", threads=1) as reference_runner:
         reference = sorted_by_score(reference_runner.run(padded_batch))
     with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0) as server:  # distinct free ports

@@ -35,11 +35,10 @@ def checkpoint(tiny_random_checkpoint):
 @pytest.fixture(scope="module")
 def onnx_model(checkpoint, tmp_path_factory):
     """The pure-ONNX graph of the checkpoint at 64 px, with its metadata (no parity or simplification: fast)."""
-    from sdconet.deploy.inference_graph import load_inference_graph
+    from sdconet.engine.inference_graph import load_inference_graph
     from sdconet.deploy.onnx_export import export_module, save_model
     from sdconet.runtime.metadata import write_onnx_metadata
 
-    pytest.importorskip("onnxruntime")
     graph, _, meta = load_inference_graph(checkpoint, msda_impl="gather", with_saliency=True)
     model = export_module(graph, torch.rand(1, 3, IMGSZ, IMGSZ), input_name="images",
                           output_names=graph.output_names)
@@ -208,41 +207,121 @@ def test_whole_scene_metrics_use_maxdets_above_the_ground_truth_count(torch_run,
 
 
 class _FakeSceneClient:
-    """Stands in for sdconet.serve.scene_client.TritonSceneClient: what the CLI's triton backend relies on."""
+    """Stands in for sdconet.runtime.triton_client.TritonSceneClient, answering as the served sdconet_scene model does:
+    the model's class list in the options, one class name per detection, the request's score threshold applied."""
 
     sent: list = []
+    parameters: list = []
+    masks: list = []
+    options = {"imgsz": 64, "overlap": 16, "score_threshold": 0.1, "max_scene_pixels": 100 * 100, "max_tiles": 40,
+               "class_names": NAMES, "detector_sha256": "a" * 64}
 
     def __init__(self, url, protocol="http", timeout_s=600.0, retries=0):
         self.url = url
 
     def server_options(self):
-        return {"imgsz": 64, "overlap": 16, "score_threshold": 0.1, "max_scene_pixels": 100 * 100}
+        return dict(self.options)
 
-    def detect_scene(self, scene):
+    def detect_scene(self, scene, valid=None, **parameters):
         self.sent.append(scene)
-        return {"boxes": np.array([[1, 2, 30, 40], [5, 5, 9, 9]], np.float32),
-                "scores": np.array([0.9, 0.2], np.float32), "labels": np.array([1, 0]),
-                "class_names": NAMES, "tiles": 4}
+        self.masks.append(valid)
+        self.parameters.append(parameters)
+        threshold = parameters.get("score_threshold")
+        threshold = self.options["score_threshold"] if threshold is None else threshold
+        boxes = np.array([[1, 2, 30, 40], [5, 5, 9, 9], [40, 2, 50, 9]], np.float32)
+        scores, labels = np.array([0.9, 0.2, 0.05], np.float32), np.array([3, 0, 1])
+        keep = scores >= threshold
+        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep],
+                "class_names": [NAMES[v] for v in labels[keep]], "tiles": 4, "tiles_skipped": 0}
 
     def close(self):
         pass
 
 
-def test_triton_backend_sends_scene_pixels_and_checks_the_served_options(scenes, tmp_path, monkeypatch, capsys):
-    import sdconet.serve.scene_client as scene_client
+@pytest.fixture
+def fake_triton(monkeypatch):
+    import sdconet.runtime.triton_client as scene_client
 
     monkeypatch.setattr(scene_client, "TritonSceneClient", _FakeSceneClient)
+    for name in ("sent", "parameters", "masks"):
+        monkeypatch.setattr(_FakeSceneClient, name, [])
+    monkeypatch.setattr(_FakeSceneClient, "options", dict(_FakeSceneClient.options))
+    return _FakeSceneClient
+
+
+def test_triton_backend_sends_scene_pixels_and_checks_the_served_options(scenes, tmp_path, fake_triton, capsys):
     base = [str(scenes / "a.png"), str(scenes / "c.png"), "--backend", "triton", "--url", "h:1", "--no-progress"]
     assert main([*base, "--out", str(tmp_path / "x"), "--tile", "128"]) == 2
-    assert "--tile 128: the served sdconet_scene model uses imgsz 64" in capsys.readouterr().err
+    assert "--tile 128: the served detector takes 64 px tiles" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "x"), "--input", "hr"]) == 2
     assert main([*base, "--out", str(tmp_path / "out"), "--score-threshold", "0.5"]) == 1  # c.png: too many px
-    sent = _FakeSceneClient.sent
+    sent = fake_triton.sent
     assert len(sent) == 1 and sent[0].shape == (100, 90, 3) and sent[0].dtype == np.uint8
     summary = json.loads((tmp_path / "out" / SUMMARY_NAME).read_text())
     assert "max_scene_pixels" in summary["errors"][0]["error"] and summary["scenes"][0]["tiles"] == 4
     record = json.loads((tmp_path / "out" / "a.json").read_text())
-    assert [(d["bbox_xyxy"], d["class_name"]) for d in record["detections"]] == [([1, 2, 30, 40], "ship")]
+    assert [(d["bbox_xyxy"], d["class_name"]) for d in record["detections"]] == [([1, 2, 30, 40], NAMES[3])]
+
+
+def test_triton_backend_names_detections_by_label_and_passes_its_options(scenes, tmp_path, fake_triton, capsys):
+    """Fails before issue 22: the per-detection names were taken for the model's class list (label 0 came back as
+    the first detection's class), and neither the score threshold nor --overlap reached the server."""
+    out = tmp_path / "out"
+    assert main([str(scenes / "a.png"), "--backend", "triton", "--url", "h:1", "--no-progress", "--out", str(out),
+                 "--score-threshold", "0.15", "--overlap", "8", "--merge", "nms", "--merge-threshold", "0.6"]) == 0
+    record = json.loads((out / "a.json").read_text())
+    assert [(d["label"], d["class_name"]) for d in record["detections"]] == [(3, NAMES[3]), (0, NAMES[0])]
+    (sent,) = fake_triton.parameters
+    assert sent["score_threshold"] == 0.15 and sent["overlap"] == 8
+    assert sent["merge_rule"] == "nms" and sent["merge_threshold"] == 0.6
+
+
+def test_triton_backend_checks_the_tile_limit_before_uploading(scenes, tmp_path, fake_triton):
+    """Fails before issue 22: only the pixel limit was checked, the scene was sent and refused by the server."""
+    fake_triton.options["max_tiles"] = 3  # a.png (100 x 90) needs 2 x 2 tiles of 64 px at overlap 16
+    out = tmp_path / "out"
+    assert main([str(scenes / "a.png"), "--backend", "triton", "--url", "h:1", "--no-progress",
+                 "--out", str(out)]) == 1
+    assert fake_triton.sent == []
+    error = json.loads((out / SUMMARY_NAME).read_text())["errors"][0]["error"]
+    assert "needs 4 tiles of 64 px (overlap 16); the server's max_tiles is 3" in error
+
+
+def test_triton_resume_marker_carries_the_served_detector_digest(scenes, tmp_path, fake_triton, capsys):
+    base = [str(scenes / "a.png"), "--backend", "triton", "--url", "h:1", "--no-progress", "--out",
+            str(tmp_path / "out")]
+    assert main(base) == 0 and main(base) == 0
+    assert len(fake_triton.sent) == 1  # the rerun skipped the scene done with the same served detector
+    fake_triton.options["detector_sha256"] = "b" * 64  # the repository was rebuilt from other weights
+    assert main(base) == 0
+    assert len(fake_triton.sent) == 2
+
+
+def test_triton_backend_sends_nodata_as_zeros_with_its_mask(tmp_path, fake_triton):
+    """Fails before issue 22: nodata pixels went to the server as if they were image, with no mask."""
+    rasterio = pytest.importorskip("rasterio")
+    from rasterio.transform import Affine
+
+    data = np.full((3, 60, 70), 120, np.uint8)
+    data[:, :, 40:] = 7  # the nodata value on the right part
+    path = tmp_path / "nodata.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=70, height=60, count=3, dtype="uint8", crs="EPSG:32633",
+                       transform=Affine(0.5, 0, 500000, 0, -0.5, 5000000), nodata=7) as dst:
+        dst.write(data)
+    assert main([str(path), "--backend", "triton", "--url", "h:1", "--no-progress", "--out",
+                 str(tmp_path / "out")]) == 0
+    (sent,), (mask,) = fake_triton.sent, fake_triton.masks
+    assert mask is not None and mask[:, :40].all() and not mask[:, 40:].any()
+    assert (sent[:, 40:] == 0).all() and (sent[:, :40] == 120).all()
+
+
+def test_an_out_folder_that_cannot_be_created_is_a_usage_error(scenes, tmp_path, fake_triton, capsys):
+    """Fails before issue 22: a traceback (FileExistsError) instead of exit status 2."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main([str(scenes / "a.png"), "--backend", "triton", "--url", "h:1", "--no-progress",
+                 "--out", str(blocker / "out")]) == 2
+    assert f"--out {blocker / 'out'}: cannot create the folder" in capsys.readouterr().err
 
 
 def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
@@ -260,13 +339,11 @@ def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     assert not any(p.exists() for p in stale) and live.exists() and other.exists()
 
 
-def test_bands_flag_reads_the_rgb_bands_of_a_multiband_geotiff(tmp_path, monkeypatch, capsys):
+def test_bands_flag_reads_the_rgb_bands_of_a_multiband_geotiff(tmp_path, fake_triton, capsys):
     """--bands 3 2 1 on a 4-band B, G, R, NIR GeoTIFF: the scene sent is R, G, B; a band number beyond the file's
     count fails that scene naming the file, the count and the value; --bands 0 ... is a usage error."""
-    rasterio = pytest.importorskip("rasterio")
+    import rasterio
     from rasterio.transform import Affine
-    import sdconet.serve.scene_client as scene_client
-
     rng = np.random.default_rng(3)
     data = rng.integers(0, 256, (4, 60, 70), dtype=np.uint8)
     path = tmp_path / "bgrn.tif"
@@ -274,17 +351,17 @@ def test_bands_flag_reads_the_rgb_bands_of_a_multiband_geotiff(tmp_path, monkeyp
                        transform=Affine(0.5, 0, 500000, 0, -0.5, 5000000), tiled=True, blockxsize=32,
                        blockysize=32) as dst:
         dst.write(data)
-    monkeypatch.setattr(scene_client, "TritonSceneClient", _FakeSceneClient)
-    monkeypatch.setattr(_FakeSceneClient, "sent", [])
     base = [str(path), "--backend", "triton", "--url", "h:1", "--no-progress"]
     assert main([*base, "--out", str(tmp_path / "out"), "--bands", "3", "2", "1"]) == 0
-    (sent,) = _FakeSceneClient.sent
-    np.testing.assert_array_equal(sent, data[[2, 1, 0]].transpose(1, 2, 0))
+    (sent,) = fake_triton.sent
+    alpha = data[3] > 0  # GDAL's dataset mask reads band 4 as alpha: its 0 pixels go as nodata zeros
+    np.testing.assert_array_equal(sent, data[[2, 1, 0]].transpose(1, 2, 0) * alpha[..., None])
     summary = json.loads((tmp_path / "out" / SUMMARY_NAME).read_text())
     assert summary["settings"]["bands"] == [3, 2, 1] and summary["scenes"][0]["file"] == "bgrn.tif"
     # the default (no --bands) keeps today's reading: bands 1, 2, 3 as R, G, B, band 4 ignored; a new key, so redone
     assert main([*base, "--out", str(tmp_path / "out")]) == 0
-    np.testing.assert_array_equal(_FakeSceneClient.sent[-1], data[:3].transpose(1, 2, 0))
+    np.testing.assert_array_equal(fake_triton.sent[-1], data[:3].transpose(1, 2, 0) * alpha[..., None])
+    np.testing.assert_array_equal(fake_triton.masks[-1], alpha)
 
     assert main([*base, "--out", str(tmp_path / "bad"), "--bands", "3", "2", "5"]) == 1
     error = json.loads((tmp_path / "bad" / SUMMARY_NAME).read_text())["errors"][0]["error"]

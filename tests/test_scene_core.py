@@ -78,7 +78,7 @@ def test_nms_and_pairs_match_a_brute_force_reference():
             if inter / union >= 0.3:
                 expected.add((i, j))
     assert found == expected and expected
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
     import torch
 
     reference = torchvision.ops.batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores),
@@ -176,7 +176,6 @@ def _square_scene(height: int, width: int, squares: list[tuple[int, int, int]]) 
 
 
 def test_inferencer_finds_squares_across_seams_once_in_scene_pixels():
-    pytest.importorskip("scipy")
     # 64 px tiles overlapping by 16: starts 0, 48, 96, 136 on a 200 px side; squares cut by seams and in overlaps
     squares = [(40, 40, 20), (50, 100, 12), (120, 20, 30), (150, 130, 25), (5, 170, 10), (90, 60, 8)]
     scene = ArrayScene(_square_scene(200, 190, squares))
@@ -192,7 +191,6 @@ def test_inferencer_finds_squares_across_seams_once_in_scene_pixels():
 
 
 def test_scene_smaller_than_a_tile_and_odd_sizes_are_padded_not_resized():
-    pytest.importorskip("scipy")
     runner = SquareFinder()
     scene = ArrayScene(_square_scene(37, 51, [(30, 44, 7)]))  # a square touching the bottom-right corner
     result = SceneInferencer(runner, SceneOptions(progress=False)).run(scene)
@@ -242,3 +240,93 @@ def test_inferencer_refuses_bad_settings_naming_the_value():
         SceneInferencer(SquareFinder(imgsz=None), SceneOptions())
     with pytest.raises(ValueError, match="input must be"):
         SceneInferencer(runner, SceneOptions(input="sr"))
+
+
+# -- issue 22: cross-tile merging, degenerate boxes, the sweep axis, the evaluation set -------------------------------
+def _two_tiles():
+    """Tiles [0, 200) and [100, 300) on x of a 100 px tall scene (the overlap is x 100..200)."""
+    return tile_grid(100, 300, 200, 100)
+
+
+def test_ios_merge_never_joins_two_boxes_of_one_tile():
+    """Fails before issue 22: two adjacent vehicles one tile told apart (IoS 0.6) became one union box."""
+    tiles = _two_tiles()
+    pair = np.array([[10, 20, 30, 40], [18, 20, 38, 40]], np.float32)  # IoS 0.6, both in the first tile only
+    per_tile = [{"boxes": pair, "scores": np.array([0.9, 0.8], np.float32), "labels": np.array([0, 0])},
+                {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32),
+                 "labels": np.zeros(0, np.int64)}]
+    boxes, _, _ = merge_tiles(per_tile, tiles, 100, 300, "ios")
+    assert sorted(boxes.tolist()) == sorted(pair.tolist())
+    assert len(merge_tiles(per_tile, tiles, 100, 300, "ios-all-pairs")[0]) == 1  # the rule before
+
+
+def test_ios_merge_takes_one_box_per_other_tile_in_a_crowded_overlap():
+    """Two objects side by side inside the overlap, each seen by both tiles: two boxes, not one union."""
+    tiles = _two_tiles()
+    a, b = [120, 20, 140, 40], [128, 20, 148, 40]  # IoS 0.6 with each other
+    shift = np.array([100, 0, 100, 0], np.float32)
+    per_tile = [{"boxes": np.array([a, b], np.float32), "scores": np.array([0.9, 0.7], np.float32),
+                 "labels": np.array([0, 0])},
+                {"boxes": np.array([a, b], np.float32) - shift, "scores": np.array([0.8, 0.6], np.float32),
+                 "labels": np.array([0, 0])}]
+    boxes, scores, _ = merge_tiles(per_tile, tiles, 100, 300, "ios")
+    assert sorted(boxes.tolist()) == sorted([a, b]) and scores.tolist() == pytest.approx([0.9, 0.7])
+
+
+def test_ios_merge_joins_a_seam_cut_object_wider_than_three_overlaps():
+    """Fails before issue 22: on the whole boxes the pieces' IoS is overlap / smaller piece (here 20 / 60 = 0.33),
+    so an object wider than ~3x the overlap stayed two boxes; inside the shared region the pieces match."""
+    tiles = tile_grid(100, 300, 160, 20)  # tiles [0, 160) and [140, 300): a 20 px overlap
+    whole = [90, 20, 210, 60]  # 120 px wide, 6x the overlap, cut by both inner edges
+    per_tile = [{"boxes": np.array([[90, 20, 160, 60]], np.float32), "scores": np.array([0.9], np.float32),
+                 "labels": np.array([0])},
+                {"boxes": np.array([[0, 20, 70, 60]], np.float32), "scores": np.array([0.8], np.float32),
+                 "labels": np.array([0])}]
+    assert len(merge_tiles(per_tile, tiles, 100, 300, "ios-all-pairs")[0]) == 2
+    boxes, _, _ = merge_tiles(per_tile, tiles, 100, 300, "ios")
+    assert boxes.tolist() == [whole]
+
+
+def test_seam_study_with_wide_objects_and_dense_crowds():
+    """The study's hard set-ups: objects up to 5x the overlap, and crowds above IoS 0.5."""
+    wide = seam_study(scenes=3, overlap=16, object_size=(50, 90), objects=20)["rules"]
+    assert wide["ios"]["detections_per_object"] == 1.0 and wide["ios"]["recall_iou50"] == 1.0
+    assert wide["ios-all-pairs"]["extra_boxes"] > 0  # the rule before issue 22 leaves wide objects duplicated
+    crowd = seam_study(scenes=3, overlap=32, object_size=(8, 48), objects=120, max_overlap=0.7)["rules"]
+    assert crowd["ios"]["recall_iou50"] > crowd["ios-all-pairs"]["recall_iou50"]
+
+
+def test_boxes_wholly_in_the_padding_are_dropped():
+    """Fails before issue 22: a box the detector put in an edge tile's zero padding came back with zero area."""
+    tiling_boxes = np.array([[10, 10, 20, 20], [55, 5, 60, 9]], np.float32)  # the second lies beyond x 50
+    boxes, touches, kept = tiling.place_tile_boxes(tiling_boxes, (0, 100, 64, 50), np.array([True, False, False,
+                                                                                              False]))
+    assert kept.tolist() == [0] and boxes.tolist() == [[110, 10, 120, 20]] and touches.tolist() == [False]
+
+
+def test_pair_search_sweeps_the_axis_with_fewer_candidates():
+    """Fails before issue 22 (x only): a tall column of boxes sharing one x range was n^2 candidate pairs."""
+    n = 2000
+    column = np.stack([np.zeros(n), np.arange(n) * 10.0, np.full(n, 20.0), np.arange(n) * 10.0 + 8], 1)
+    assert merge.sweep_candidates(column) == ("y", 0)
+    assert merge.sweep_candidates(column[:, [1, 0, 3, 2]]) == ("x", 0)
+    assert len(overlap_pairs(column, np.zeros(n), "iou", 0.1)[0]) == 0
+
+
+def test_evaluation_set_is_merged_at_its_own_threshold():
+    class Scored(SquareFinder):
+        def _run(self, images):
+            out = super()._run(images)
+            out["scores"] = np.where(out["scores"] > 0, 0.9, 0.0).astype(np.float32)
+            out["boxes"][:, 7] = [1, 1, 5, 5]
+            out["scores"][:, 7] = 0.01  # a low-score box in every tile
+            return out
+
+    pytest.importorskip("scipy")
+    scene = ArrayScene(_square_scene(64, 64, [(20, 20, 10)]))
+    result = SceneInferencer(Scored(), SceneOptions(score_threshold=0.3, eval_score_threshold=0.001,
+                                                    progress=False)).run(scene)
+    assert result.boxes.tolist() == [[20, 20, 30, 30]]
+    assert result.evaluation["scores"].tolist() == pytest.approx([0.9, 0.01])
+    with pytest.raises(ValueError, match="eval_score_threshold must be in"):
+        SceneInferencer(Scored(), SceneOptions(eval_score_threshold=2.0))

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-rasterio = pytest.importorskip("rasterio")
+import rasterio  # noqa: E402
 from rasterio.transform import Affine  # noqa: E402
 from rasterio.warp import transform as warp_transform  # noqa: E402
 
 from sdconet.scene.outputs import RING_POINTS_PER_EDGE, write_atomically, write_scene_outputs  # noqa: E402
-from sdconet.scene.raster import open_scene  # noqa: E402
+from sdconet.data.raster import open_scene  # noqa: E402
 
 # Top-left corner 100 m west of the central meridian of UTM zone 33N (15 deg E): pixel column 200 lies on it.
 ORIGIN_E, ORIGIN_N, PIXEL = 499_900.0, 5_000_000.0, 0.5
@@ -63,7 +63,7 @@ def test_wgs84_polygons_land_on_the_right_map_coordinates(geotiff, tmp_path):
     with open_scene(geotiff) as reader:
         written = write_scene_outputs(out, "utm", reader, DETECTIONS, CLASSES)
     collection = json.loads(written["geojson"].read_text())
-    assert collection["type"] == "FeatureCollection" and collection["coordinates"] == "wgs84"
+    assert collection["type"] == "FeatureCollection" and collection["sdconet:coordinates"] == "wgs84"
     assert "crs" not in collection  # RFC 7946: WGS84 is implied
     first, second = collection["features"]
     assert first["properties"] == {"bbox_xyxy": [200.0, 100.0, 240.0, 130.0], "score": 0.9, "label": 2,
@@ -98,7 +98,7 @@ def test_native_crs_polygons_are_the_affine_image_of_the_pixel_box(geotiff, tmp_
     with open_scene(geotiff) as reader:
         written = write_scene_outputs(tmp_path, "utm", reader, DETECTIONS, CLASSES, geojson_crs="native")
     collection = json.loads(written["geojson"].read_text())
-    assert collection["coordinates"] == "native"
+    assert collection["sdconet:coordinates"] == "native"
     assert collection["crs"] == {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::32633"}}
     ring = np.array(collection["features"][0]["geometry"]["coordinates"][0])
     east, north = ring.T
@@ -143,7 +143,7 @@ def test_plain_png_gets_pixel_coordinates_and_a_png_saliency(tmp_path):
         written = write_scene_outputs(out, "plain", reader, DETECTIONS, CLASSES, geojson_crs="native",
                                       saliency=(np.full((13, 15), 0.5, np.float32), 8.0))
     collection = json.loads(written["geojson"].read_text())
-    assert collection["coordinates"] == "pixel" and "crs" not in collection
+    assert collection["sdconet:coordinates"] == "pixel" and "crs" not in collection
     ring = np.array(collection["features"][1]["geometry"]["coordinates"][0])
     assert (ring[:, 0].min(), ring[:, 1].min(), ring[:, 0].max(), ring[:, 1].max()) == (10.5, 20.25, 30.0, 45.0)
     assert shoelace(ring.tolist()) > 0

@@ -1,4 +1,4 @@
-"""Scene file reading (sdconet.scene.raster) on real files written by rasterio / Pillow."""
+"""Scene file reading (sdconet.data.raster) on real files written by rasterio / Pillow."""
 from __future__ import annotations
 
 import json
@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-rasterio = pytest.importorskip("rasterio")
+import rasterio  # noqa: E402
 from rasterio.enums import ColorInterp  # noqa: E402
 from rasterio.transform import Affine  # noqa: E402
 
-from sdconet.scene import raster  # noqa: E402
-from sdconet.scene.raster import GDAL_CACHE_BYTES, SceneError, Window, open_scene  # noqa: E402
+from sdconet.data import raster  # noqa: E402
+from sdconet.data.raster import GDAL_CACHE_BYTES, SceneError, Window, open_scene  # noqa: E402
 
 UTM_ORIGIN = (500000.0, 5000000.0)  # EPSG:32633 easting/northing of the top-left corner
 UTM_TRANSFORM = Affine(0.5, 0.0, UTM_ORIGIN[0], 0.0, -0.5, UTM_ORIGIN[1])  # 0.5 m pixels, north up
@@ -229,7 +229,7 @@ def test_20000_square_geotiff_is_read_by_window_in_bounded_memory(tmp_path):
         dst.write(np.full((3, 512, 512), 100, np.uint8), window=rasterio.windows.Window(1000, 1000, 512, 512))
     script = f"""
 import json
-from sdconet.scene.raster import open_scene, Window
+from sdconet.data.raster import open_scene, Window
 with open_scene({str(path)!r}) as reader:
     rgb, valid = reader.read(Window(1000, 1000, 256, 256))
     result = dict(mean=float(rgb.mean()), valid=float(valid.mean()),

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-rasterio = pytest.importorskip("rasterio")
+import rasterio  # noqa: E402
 
 from sdconet.data import scene_synth  # noqa: E402
 from sdconet.data.__main__ import main  # noqa: E402
 from sdconet.data.scene_synth import generate_scene, split_length  # noqa: E402
 from sdconet.data.synthetic import SYNTHETIC_CATEGORIES  # noqa: E402
 from sdconet.data.validation import DataError  # noqa: E402
-from sdconet.scene.raster import Window, open_scene  # noqa: E402
+from sdconet.data.raster import Window, open_scene  # noqa: E402
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -125,7 +125,7 @@ def test_a_large_geotiff_is_written_in_bounded_memory(tmp_path):
 import json
 import numpy as np
 from sdconet.data import scene_synth
-from sdconet.scene import raster
+from sdconet.data import raster
 
 def peak_mb():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024

@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-torch = pytest.importorskip("torch")
-pytest.importorskip("tritonclient.http")
-pytest.importorskip("tritonclient.grpc")
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402,F401
+import tritonclient.grpc  # noqa: E402,F401
+import tritonclient.http  # noqa: E402,F401
 from PIL import Image  # noqa: E402
 
-from sdconet.deploy.triton_repo import (  # noqa: E402
+from sdconet.serve.triton_repo import (  # noqa: E402
     DETECTOR_MODELS, MANIFEST_NAME, RepositoryError, RepositoryOptions, TEMPLATE_DIR, build_repository,
     check_config_against_onnx, parse_model_config)
 from sdconet.serve import processing  # noqa: E402
@@ -35,6 +35,7 @@ from sdconet.serve.server import (  # noqa: E402
     PortInUseError, ServerError, ServerUnavailable, TritonServer, find_tritonserver, free_ports, port_holders,
     port_is_free, process_group_members)
 
+from needs import unavailable  # noqa: E402
 from serving_fixtures import (  # noqa: E402  (shared with the other serving tests through conftest.py)
     CLASS_NAMES, IMGSZ, MAX_BATCH, MAX_IMAGE_PIXELS, SCORE_THRESHOLD, png_bytes, require_server as _require_server,
     scene)
@@ -239,7 +240,7 @@ def test_bundled_server_refuses_gpu_backends_before_starting(tmp_path, detector_
     try:
         binary, bundled = find_tritonserver()
     except ServerUnavailable as err:
-        pytest.skip(str(err))
+        unavailable(str(err))
     if not bundled:
         pytest.skip(f"tritonserver on PATH ({binary}) has real backends; this checks the nvidia-pytriton one")
     repo = _build(tmp_path, detector_onnx, "onnx")
@@ -265,6 +266,11 @@ def test_shared_memory_of_killed_servers_is_removed_and_live_regions_kept(tmp_pa
     # a region a live process names on its command line (a stale server's stub) stays, even with its launcher gone
     in_use = f"sdconet{dead}_inuse123_"
     user = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"{in_use}0d0e"])
+    cmdline = Path(f"/proc/{user.pid}/cmdline")
+    deadline = time.monotonic() + 30
+    # the check reads the user's command line: wait until the child has exec'd python (a fork is still the test's)
+    while in_use.encode() not in cmdline.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.01)
     try:
         regions = {"killed": f"sdconet{dead}_abcd1234_6f1c", "killed2": f"sdconet{dead}_abcd1234_77aa",
                    "live launcher": f"sdconet{os.getpid()}_efgh5678_0a0b", "in use": f"{in_use}0d0e",

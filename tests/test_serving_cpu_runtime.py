@@ -15,17 +15,17 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx  # noqa: F401  (make setup installs every one of these: a broken install fails, never skips)
+import onnxruntime  # noqa: F401
+import openvino  # noqa: F401
 import pytest
+import torch
+import tritonclient.http as httpclient
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
-pytest.importorskip("openvino", reason="the openvino cpu runtime needs the openvino package (pip install "
-                                       "'sdconet[cpu]')")
-httpclient = pytest.importorskip("tritonclient.http")
+from needs import unavailable
 
 from sdconet.deploy.report import parity_figures  # noqa: E402
-from sdconet.deploy.triton_repo import (  # noqa: E402
+from sdconet.serve.triton_repo import (  # noqa: E402
     EXTENSION_NAME, MANIFEST_NAME, RepositoryError, RepositoryOptions, build_repository, parse_model_config)
 from sdconet.runtime import open_runner  # noqa: E402
 
@@ -43,7 +43,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     and the pure ONNX derived from it, with their sdconet.* metadata."""
     from sdconet.config import load_config
     from sdconet.deploy import msda_plugin
-    from sdconet.deploy.inference_graph import build_inference_graph
+    from sdconet.engine.inference_graph import build_inference_graph
     from sdconet.deploy.onnx_export import export_module, save_model, simplify_around_custom_nodes
     from sdconet.kernels.cpu import KernelBuildError, extension_path
     from sdconet.runtime.metadata import write_onnx_metadata
@@ -51,7 +51,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     try:
         extension_path()
     except KernelBuildError as err:
-        pytest.skip(f"the fused MSDA CPU kernel cannot be built here: {err}")
+        unavailable(f"the fused MSDA CPU kernel cannot be built here: {err}")
     out = tmp_path_factory.mktemp("cpu_runtime_models")
     torch.manual_seed(0)
     graph = build_inference_graph(load_config("tiny", ["model.sr=false"]), None, msda_impl="plugin",
@@ -146,7 +146,6 @@ def _loaded_libraries(server, model: str) -> set[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 def test_openvino_repository_carries_model_extension_and_manifest(cpu_repos, models):
     from sdconet.kernels.cpu import extension_path
-    import openvino
 
     repo = cpu_repos["openvino"]
     version_dir = repo / "detector_cpu" / "1"
@@ -198,7 +197,7 @@ def _detector_module():
     import sys
     import types
 
-    from sdconet.deploy.triton_repo import TEMPLATE_DIR
+    from sdconet.serve.triton_repo import TEMPLATE_DIR
 
     sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
     spec = importlib.util.spec_from_file_location("sdconet_detector_cpu_model", TEMPLATE_DIR / "detector_cpu" /

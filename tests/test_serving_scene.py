@@ -13,18 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("tritonclient.http")
+import onnxruntime  # noqa: E402,F401
+import tritonclient.http  # noqa: E402,F401
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from sdconet.serve.client import SDCoNetClient, is_retryable  # noqa: E402
-from sdconet.serve.scene_client import SCENE_MODEL, TritonSceneClient  # noqa: E402
+from sdconet.runtime.triton_client import SCENE_MODEL, TritonSceneClient  # noqa: E402
 from serving_fixtures import (  # noqa: E402
     CLASS_NAMES, IMGSZ, MAX_BATCH, MAX_SCENE_PIXELS, SCENE_MAX_TILES, SCORE_THRESHOLD, png_bytes, scene)
 
 
 def test_builder_writes_the_scene_model_with_the_project_defaults(tmp_path, detector_onnx):
-    from sdconet.deploy.triton_repo import RepositoryError, RepositoryOptions, build_repository, parse_model_config
+    from sdconet.serve.triton_repo import RepositoryError, RepositoryOptions, build_repository, parse_model_config
     from sdconet.runtime import DEFAULT_SCORE_THRESHOLD
     from sdconet.scene import merge, tiling
     from sdconet.scene.core import DEFAULT_OVERLAP
@@ -69,7 +69,7 @@ def reference(detector_onnx, scene_file, server):
     """The scene core with ONNX Runtime on the same ONNX, with the tiling options the server reports."""
     from sdconet.runtime.onnxruntime_runner import OnnxRuntimeRunner
     from sdconet.scene.core import SceneInferencer, SceneOptions
-    from sdconet.scene.raster import open_scene
+    from sdconet.data.raster import open_scene
 
     with TritonSceneClient(server.endpoints.http) as client:
         served = client.server_options()
@@ -179,3 +179,76 @@ def test_client_cli_scene_mode_writes_scene_detections(server, scene_file, refer
                  "--score-threshold", str(cut)]) == 0
     record = json.loads((out / "scene.json").read_text())
     assert record["num_detections"] == int((reference.scores >= cut).sum())
+
+
+# -- issue 22: the scene CLI's --backend triton against the real server ----------------------------------------------
+@pytest.fixture(scope="module")
+def named_onnx(detector_onnx, tmp_path_factory):
+    """The served ONNX with the served class names in its metadata, for the CLI's onnxruntime backend."""
+    import onnx
+
+    from sdconet.runtime.metadata import write_onnx_metadata
+
+    model = onnx.load(str(detector_onnx))
+    write_onnx_metadata(model, class_names=CLASS_NAMES, imgsz=IMGSZ, msda="onnx",
+                        outputs=[o.name for o in model.graph.output], precision="fp32")
+    path = tmp_path_factory.mktemp("named") / "named.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_scene_cli_on_triton_names_and_scores_detections_like_onnxruntime(server, named_onnx, scene_file, reference,
+                                                                           tmp_path):
+    """Fails before issue 22: the served per-detection names were taken for the class list (wrong class names,
+    so --ann scored the Triton path wrongly) and the request carried no score threshold (the server's applied)."""
+    from sdconet.scene.cli import main
+
+    # ground truth: what the scene core sees at the served threshold, categories named, ids unlike the labels
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": scene_file.name, "width": 420, "height": 300}],
+        "annotations": [{"id": i + 1, "image_id": 1, "category_id": int(label) + 100, "iscrowd": 0,
+                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)}
+                        for i, ((x1, y1, x2, y2), label) in enumerate(zip(reference.boxes.tolist(),
+                                                                           reference.labels.tolist()))],
+        "categories": [{"id": i + 100, "name": name} for i, name in enumerate(CLASS_NAMES)]}))
+    common = [str(scene_file), "--ann", str(ann), "--score-threshold", str(SCORE_THRESHOLD), "--no-progress"]
+    outputs = {}
+    for backend, source in (("onnxruntime", ["--model", str(named_onnx), "--threads", "1"]),
+                            ("triton", ["--url", server.endpoints.http])):
+        out = tmp_path / backend
+        assert main([*common, "--backend", backend, *source, "--out", str(out)]) == 0, backend
+        summary = json.loads((out / "summary.json").read_text())
+        record = json.loads((out / "scene.json").read_text())
+        outputs[backend] = (summary["metrics"], [(d["label"], d["class_name"]) for d in record["detections"]], out)
+    (ort_metrics, ort_names, ort_out), (tri_metrics, tri_names, tri_out) = outputs["onnxruntime"], outputs["triton"]
+    assert tri_names == ort_names and len(ort_names) == len(reference.scores)
+    assert all(name == CLASS_NAMES[label] for label, name in tri_names)
+    ort_eval, tri_eval = (json.loads((out / "scene.eval.json").read_text())["detections"] for out in (ort_out, tri_out))
+    # the evaluation set reaches below the server's built threshold: the request carried 0.001
+    assert tri_metrics["score_threshold"] == ort_metrics["score_threshold"] == 0.001
+    assert min(d["score"] for d in tri_eval) < SCORE_THRESHOLD and len(tri_eval) == len(ort_eval)
+    assert ort_metrics["AP"] > 0.5, "the ground truth is the scene's own detections: AP must be high"
+    for key in ("AP", "AP50", "AP75", "APs"):
+        assert abs(tri_metrics[key] - ort_metrics[key]) <= 0.005, key
+
+
+def test_nodata_goes_to_the_server_as_a_mask_and_empty_tiles_are_skipped(server, detector_onnx):
+    from sdconet.runtime.onnxruntime_runner import OnnxRuntimeRunner
+    from sdconet.scene.core import ArrayScene, SceneInferencer, SceneOptions
+
+    pixels = scene(300, 420, seed=5)
+    valid = np.ones(pixels.shape[:2], bool)
+    valid[:, 250:] = False  # the right part is nodata: whole tiles there are not run
+    with TritonSceneClient(server.endpoints.http) as client:
+        served = client.detect_scene(np.where(valid[..., None], pixels, 0).astype(np.uint8), valid=valid,
+                                     overlap=32)
+        options = client.server_options()
+    with OnnxRuntimeRunner(detector_onnx, threads=1, class_names=CLASS_NAMES) as runner:
+        local = SceneInferencer(runner, SceneOptions(overlap=32, merge=options["merge_rule"],
+                                                     score_threshold=SCORE_THRESHOLD, progress=False)
+                                ).run(ArrayScene(pixels, valid))
+    assert local.tiles_skipped > 0 and served["tiles_skipped"] == local.tiles_skipped
+    assert served["tiles"] == local.tiles
+    assert_same_scene_detections(served, local)
+    assert options["class_names"] == CLASS_NAMES and len(options["detector_sha256"]) == 64

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "train"))
 
@@ -15,13 +17,14 @@ def test_nproc_is_stripped_from_the_relaunched_command():
                                                                                                    "a.b=1"]
 
 
-def test_bad_nproc_is_refused_before_anything_starts(tmp_path):
+def test_bad_nproc_is_refused_before_anything_starts(tmp_path, capsys):
+    # in-process: the usage checks run before any relaunch, so a subprocess per case (a torch import each) adds nothing
     for args, message in ((["--nproc", "0"], "--nproc must be >= 1"),
                           (["--nproc", "2", "--eval-only"], "--nproc goes with training"),
                           (["--nproc", "2", "--checkpoint", "x"], "--checkpoint goes with --eval-only")):
-        result = subprocess.run([sys.executable, "train/run.py", *args, "--out", str(tmp_path)], cwd=REPO,
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode == 2 and message in result.stderr
+        with pytest.raises(SystemExit) as exit_info:
+            train_cli.main([*args, "--out", str(tmp_path)])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 

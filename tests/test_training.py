@@ -14,7 +14,7 @@ from sdconet.config import load_config
 from sdconet.data import build_dataset
 from sdconet.engine.checkpoint import load_model_weights
 from sdconet.engine.metrics import COCO_METRICS
-from sdconet.engine.predict import PredictOptions, Predictor, predict_folder
+from sdconet.scene.folder import PredictOptions, Predictor, predict_folder
 from sdconet.scene.tiling import tile_starts
 from sdconet.engine.trainer import Trainer
 

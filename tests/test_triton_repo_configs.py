@@ -12,11 +12,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
+import tritonclient.grpc  # noqa: E402,F401
 
 from sdconet.deploy.exporter import ExportOptions, repository_python_env  # noqa: E402
-from sdconet.deploy.triton_repo import (DETECTOR_MODELS, MANIFEST_NAME, RepositoryError, RepositoryOptions,  # noqa: E402
-                                        build_repository, parse_model_config)
+from sdconet.serve.triton_repo import (DETECTOR_MODELS, MANIFEST_NAME, RepositoryError, RepositoryOptions,  # noqa: E402
+                                       build_repository, load_manifest, parse_model_config)
 from sdconet.serve.server import TritonServer, tensorrt_plugin_args  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -201,7 +201,7 @@ def test_both_python_models_use_the_shared_single_input_check(tmp_path, detector
     sdconet_processing.image_input (their old messages kept), and serve one that carries exactly one."""
     from PIL import Image
 
-    from sdconet.deploy.triton_repo import TEMPLATE_DIR
+    from sdconet.serve.triton_repo import TEMPLATE_DIR
     from sdconet.serve import processing
 
     repo = _build(tmp_path, detector_onnx, "onnx", python_env=None)
@@ -227,7 +227,8 @@ def test_both_python_models_use_the_shared_single_input_check(tmp_path, detector
                 np.testing.assert_array_equal(out[0], expected[0][None])
                 np.testing.assert_array_equal(out[1], expected[1][None])
             else:
-                np.testing.assert_array_equal(out, image)
+                np.testing.assert_array_equal(out[0], image)
+                assert out[1] is None  # no VALID mask sent: every pixel is image
 
 
 def test_new_model_py_next_to_an_old_processing_copy_says_how_to_rebuild(tmp_path, detector_onnx):
@@ -240,3 +241,70 @@ def test_new_model_py_next_to_an_old_processing_copy_says_how_to_rebuild(tmp_pat
         with pytest.raises(ImportError, match=rf"{model_name}: the sdconet_processing.py next to this model.py is "
                                               r"older than it .*rebuild the repository with export/build_engine.py"):
             _load_python_model(repo / model_name / "1")
+
+
+def test_scene_model_exposes_the_served_detector_digest(tmp_path, detector_onnx):
+    """Fails before issue 22: neither the manifest nor the scene model named the detector's weights, so a client's
+    resume marker could not tell two deployments apart."""
+    import hashlib
+
+    for backend in ("onnx", "trt"):
+        repo = _build(tmp_path / backend, detector_onnx, backend, python_env=None)
+        artifact = repo / DETECTOR_MODELS[backend] / "1" / ("model.plan" if backend == "trt" else "model.onnx")
+        digest = hashlib.sha256(artifact.read_bytes()).hexdigest()
+        parameters = parse_model_config(repo / "sdconet_scene" / "config.pbtxt").parameters
+        assert parameters["detector_sha256"].string_value == digest, backend
+        assert load_manifest(repo)["detector_artifact"]["sha256"] == digest
+
+
+def test_scene_model_cancels_the_other_tile_requests_when_one_fails(tmp_path, detector_onnx):
+    """Fails before issue 22 (asyncio.gather): after the first detector request failed, the others ran on to the
+    end for a scene whose answer was already an error."""
+    import asyncio
+
+    repo = _build(tmp_path, detector_onnx, "onnx", python_env=None)
+    module = _load_python_model(repo / "sdconet_scene" / "1")
+    model = _initialized(module, repo / "sdconet_scene" / "config.pbtxt")
+    model.tiles_per_request, model.in_flight = 1, 8
+    finished, cancelled = [], []
+
+    class Response:
+        def __init__(self, failed):
+            self.failed = failed
+
+        def has_error(self):
+            return self.failed
+
+        def error(self):
+            return type("Error", (), {"message": lambda self: "stub restarting"})()
+
+    class Request:
+        calls = 0
+
+        def __init__(self, **kwargs):
+            self.index = Request.calls
+            Request.calls += 1
+
+        async def async_exec(self):
+            if self.index == 0:
+                return Response(True)
+            try:
+                await asyncio.sleep(0.3)
+            except asyncio.CancelledError:
+                cancelled.append(self.index)
+                raise
+            finished.append(self.index)
+            return Response(False)
+
+    module.pb_utils.InferenceRequest = Request
+    module.pb_utils.Tensor = lambda name, array: array
+    scene = np.zeros((IMGSZ * 2, IMGSZ * 2, 3), np.uint8)
+    tiles = module.tile_grid(scene.shape[0], scene.shape[1], IMGSZ, 0)
+
+    async def serve_on():
+        with pytest.raises(module.DetectorFailed, match="stub restarting"):
+            await model._run_tiles(scene, None, tiles)
+        await asyncio.sleep(0.6)  # the server's event loop lives on after the failed scene
+
+    asyncio.run(serve_on())
+    assert len(tiles) == 4 and finished == [] and sorted(cancelled) == [1, 2, 3]

@@ -43,7 +43,7 @@ def device_facts() -> dict[str, Any]:
     """CPU model/threads, GPU name/driver, CUDA/cuDNN, torch/ORT/TensorRT versions, Jetson details."""
     import torch
 
-    from sdconet.deploy.tensorrt_build import tensorrt_version  # the one TensorRT import guard
+    from sdconet.utils.tensorrt import tensorrt_version  # the one TensorRT import guard
 
     facts: dict[str, Any] = {
         "cpu": cpu_model_name(),

@@ -74,7 +74,7 @@ class BenchContext:
         return [f"class_{i}" for i in range(self.cfg.model.detector.num_classes)]
 
     def graph(self, msda_impl: str = "gather"):
-        from sdconet.deploy.inference_graph import build_inference_graph
+        from sdconet.engine.inference_graph import build_inference_graph
 
         key = f"graph:{msda_impl}"
         if key not in self._cache:
@@ -95,11 +95,30 @@ class BenchContext:
         raise RunnerUnavailable(f"no {precision} ONNX here: the exporter's AutoCast step (export/build_engine.py "
                                 f"--fp16) writes the FP16 ONNX, for TensorRT")
 
+    def plugin_onnx(self) -> Path:
+        """Plugin-mode ONNX (TensorRT's MSDA plugin nodes, which OpenVINO maps to the fused op) of the graph, exported
+        once into the work folder: the same export the exporter's plugin artifact gets."""
+        if "onnx_plugin" not in self._cache:
+            from sdconet.deploy import msda_plugin
+            from sdconet.engine.inference_graph import DETECTION_OUTPUTS, INPUT_NAME
+            from sdconet.deploy.onnx_export import export_module, save_model, simplify_around_custom_nodes
+            from sdconet.runtime.metadata import write_onnx_metadata
+
+            spec = msda_plugin.trt_plugin_spec(1)
+            with msda_plugin.use_plugin_spec(spec):
+                model = export_module(self.graph("plugin"), torch.from_numpy(self.images(1)), input_name=INPUT_NAME,
+                                      output_names=DETECTION_OUTPUTS, custom_domains=[spec.domain])
+            model = simplify_around_custom_nodes(model)
+            write_onnx_metadata(model, class_names=self.class_names, imgsz=self.imgsz, msda="plugin",
+                                outputs=DETECTION_OUTPUTS, precision="fp32")
+            self._cache["onnx_plugin"] = save_model(model, Path(self.work_dir) / "bench_fp32.plugin.onnx")
+        return self._cache["onnx_plugin"]
+
     def fp32_onnx(self) -> Path:
         if self.onnx_path is not None:
             return self.onnx_path
         if "onnx" not in self._cache:
-            from sdconet.deploy.inference_graph import DETECTION_OUTPUTS, INPUT_NAME
+            from sdconet.engine.inference_graph import DETECTION_OUTPUTS, INPUT_NAME
             from sdconet.deploy.onnx_export import export_module, save_model, simplify
             from sdconet.runtime.metadata import write_onnx_metadata
 
@@ -143,10 +162,9 @@ class BenchContext:
         stays fp32, the OpenVINO fp32 rows' graph), or of the user's ``--onnx`` as given."""
         def make() -> Path:
             from sdconet.deploy.cpu_quantize import quantize_openvino_int8
-            from sdconet.runtime.openvino_runner import plugin_onnx
 
             out = self.work_dir / "bench_openvino_int8.xml"
-            quantize_openvino_int8(self.onnx_path or plugin_onnx(self), out, self.calibration())
+            quantize_openvino_int8(self.onnx_path or self.plugin_onnx(), out, self.calibration())
             return out
 
         path = _cached_artifact(self, "openvino_int8", make)
@@ -255,7 +273,7 @@ def run_triton(ctx: BenchContext, precision: str, batch: int, protocol: str = "h
     uint8 arrays already at the engine size, so preprocessing only converts them.
     """
     if cpu_runtime == "auto":
-        from sdconet.deploy.exporter import fused_cpu_kernel_ready
+        from sdconet.kernels.cpu import fused_cpu_kernel_ready
 
         cpu_runtime = "openvino" if fused_cpu_kernel_ready() else "onnxruntime"
     record = ctx.base_record("triton", precision, batch, variant=f"{protocol}+{cpu_runtime}")
@@ -265,7 +283,7 @@ def run_triton(ctx: BenchContext, precision: str, batch: int, protocol: str = "h
     if precision not in supported:
         return _skipped(record, f"the cpu deployment on {cpu_runtime} serves {', '.join(supported)} here")
     try:
-        from sdconet.deploy.triton_repo import RepositoryOptions, build_repository
+        from sdconet.serve.triton_repo import RepositoryOptions, build_repository
         from sdconet.serve.loadgen import sweep
         from sdconet.serve.server import ServerError, TritonServer
     except ImportError as err:
@@ -275,12 +293,12 @@ def run_triton(ctx: BenchContext, precision: str, batch: int, protocol: str = "h
     if repo is None:
         cpu_model = None
         if cpu_runtime == "openvino":
-            from sdconet.runtime.openvino_runner import cpu_capabilities, plugin_onnx
+            from sdconet.runtime.openvino_runner import cpu_capabilities
 
             if precision == "bf16" and "BF16" not in cpu_capabilities():
                 return _skipped(record, f"bf16 needs a CPU with AVX512-BF16 or AMX (OpenVINO reports "
                                         f"{', '.join(cpu_capabilities())})")
-            cpu_model = ctx.onnx_path or plugin_onnx(ctx)
+            cpu_model = ctx.onnx_path or ctx.plugin_onnx()
         repo = build_repository(ctx.work_dir / f"triton_repo_{cpu_runtime}_{precision}", onnx_path=ctx.fp32_onnx(),
                                 backend="cpu", imgsz=ctx.imgsz, max_batch=max(8, batch),
                                 class_names=ctx.class_names, cpu_model=cpu_model,

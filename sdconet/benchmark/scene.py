@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from sdconet.scene.merge import MERGE_RULES, merge_detections
-from sdconet.scene.tiling import inner_edges, place_tile_boxes, tile_grid
+from sdconet.scene.tiling import inner_edges, place_tile_boxes, tile_extents, tile_grid
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 # (overlap, object side range, objects a scene, max IoS between objects) of the seam study in docs/scenes.md
@@ -95,20 +95,30 @@ def match_objects(found: np.ndarray, objects: np.ndarray, iou_threshold: float =
     return int(used.sum()), ious
 
 
+# the merge study's rules: the CLI's, plus the IoS rule as it was before issue 22 (every same-class pair, whole boxes)
+LEGACY_IOS = "ios-all-pairs"
+STUDY_RULES = (*MERGE_RULES, LEGACY_IOS)
+
+
 def merge_tiles(per_tile: Sequence[dict[str, np.ndarray]], tiles: np.ndarray, height: int, width: int,
-                rule: str, edge_margin: float = 2.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Shift per-tile detections to scene pixels and merge them with ``rule`` (the same steps as the scene core)."""
+                rule: str, edge_margin: float = 2.0, threshold: float | None = None,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shift per-tile detections to scene pixels and merge them with ``rule`` (one of ``STUDY_RULES``; the same
+    steps as the scene core)."""
     inner = inner_edges(tiles, height, width)
     boxes, scores, labels, tile_index, touches = [], [], [], [], []
     for index, (tile, found) in enumerate(zip(tiles, per_tile)):
-        scene_boxes, touching = place_tile_boxes(found["boxes"], tile, inner[index], margin=edge_margin)
+        scene_boxes, touching, kept = place_tile_boxes(found["boxes"], tile, inner[index], margin=edge_margin)
         boxes.append(scene_boxes)
-        scores.append(found["scores"])
-        labels.append(found["labels"])
-        tile_index.append(np.full(len(found["scores"]), index))
+        scores.append(np.asarray(found["scores"])[kept])
+        labels.append(np.asarray(found["labels"])[kept])
+        tile_index.append(np.full(len(kept), index))
         touches.append(touching)
-    return merge_detections(np.concatenate(boxes), np.concatenate(scores), np.concatenate(labels), rule=rule,
-                            tile_index=np.concatenate(tile_index), touches_edge=np.concatenate(touches))
+    legacy = rule == LEGACY_IOS
+    return merge_detections(np.concatenate(boxes), np.concatenate(scores), np.concatenate(labels),
+                            rule="ios" if legacy else rule, tile_index=np.concatenate(tile_index),
+                            touches_edge=np.concatenate(touches), threshold=threshold,
+                            tile_boxes=None if legacy else tile_extents(tiles))
 
 
 def seam_study(scenes: int = 20, size: int = 600, tile: int = 256, overlap: int = 64,
@@ -122,7 +132,7 @@ def seam_study(scenes: int = 20, size: int = 600, tile: int = 256, overlap: int 
         planted = plant_seam_objects(tiles, size, size, objects, object_size, rng, max_overlap)
         cases.append((tiles, planted, simulate_tile_detections(planted, tiles, rng)))
     figures: dict[str, Any] = {}
-    for rule in MERGE_RULES:
+    for rule in STUDY_RULES:
         total_objects = found_total = detections = 0
         ious: list[float] = []
         for tiles, planted, per_tile in cases:
@@ -171,7 +181,7 @@ def _open_local_runner(backend: str, args: argparse.Namespace):
 def scene_throughput(runner, scene_path: Path, batch: int, overlap: int | None, repeats: int = 1) -> dict[str, Any]:
     """Best of ``repeats`` whole-scene runs of ``scene_path`` through ``runner`` in tile batches of ``batch``."""
     from sdconet.scene.core import SceneInferencer, SceneOptions
-    from sdconet.scene.raster import open_scene
+    from sdconet.data.raster import open_scene
 
     inferencer = SceneInferencer(runner, SceneOptions(batch=batch, overlap=overlap, progress=False))
     runner.run(np.zeros((batch, 3, inferencer.tile, inferencer.tile), np.float32))  # warm-up: first-call setup
@@ -191,8 +201,8 @@ def triton_concurrency(url: str, scene_path: Path, concurrency: int, scenes_per_
     """``concurrency`` clients each sending ``scenes_per_client`` copies of the scene to ``sdconet_scene``."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from sdconet.scene.raster import Window, open_scene
-    from sdconet.serve.scene_client import TritonSceneClient
+    from sdconet.data.raster import Window, open_scene
+    from sdconet.runtime.triton_client import TritonSceneClient
 
     with open_scene(scene_path) as reader:
         rgb, _ = reader.read(Window(0, 0, reader.height, reader.width))

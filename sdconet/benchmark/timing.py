@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from sdconet.utils.process import peak_rss_mb, reset_peak_rss  # noqa: F401  (re-export)
 
 
 @dataclass
@@ -22,27 +23,6 @@ class LatencyStats:
         mean = float(np.mean(self.samples_ms))
         return {"p50_ms": self.percentile(50), "p90_ms": self.percentile(90), "p99_ms": self.percentile(99),
                 "mean_ms": mean, "throughput": batch * 1000.0 / mean}
-
-
-def reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0), so each configuration reports its own."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size since the last reset (VmHWM), in MiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def time_calls(fn: Callable[[], object], warmup: int, iters: int, cuda: bool = False) -> LatencyStats:

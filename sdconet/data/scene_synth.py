@@ -10,7 +10,7 @@ abruptly at the render tile borders.
 Written tile by tile (memory: one tile plus GDAL's block cache, bounded as when reading): a tiled (256 x 256),
 DEFLATE-compressed GeoTIFF (BigTIFF when needed) when ``geotiff`` is set, georeferenced with ``pixel_size`` metres
 pixels; otherwise a PNG, assembled in memory and so limited to
-:data:`sdconet.scene.raster.DEFAULT_MAX_UNWINDOWED_PIXELS` (what the scene reader accepts unwindowed). The COCO JSON
+:data:`sdconet.data.raster.DEFAULT_MAX_UNWINDOWED_PIXELS` (what the scene reader accepts unwindowed). The COCO JSON
 next to it has one image (``file_name`` = the scene file), the boxes in scene pixels and the six categories of the
 synthetic dataset, by the same names and ids.
 
@@ -143,7 +143,7 @@ def generate_scene(out_dir: str | Path, width: int, height: Optional[int] = None
     ``objects_per_tile`` / ``distractors_per_tile`` (min, max) default to the synthetic dataset's per-image counts
     scaled by the tile's area relative to a 512-pixel image.
     """
-    from sdconet.scene import raster
+    from sdconet.data import raster
     from sdconet.utils.io import write_atomically
 
     height = width if height is None else height

@@ -31,9 +31,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from sdconet.deploy.exporter import MSDA_EXCLUDE_PATTERN, fused_cpu_kernel_ready
 from sdconet.deploy.layer_groups import COMPUTE_OPS, matching_nodes, name_compute_nodes
-from sdconet.deploy.msda_plugin import TRT_PLUGIN_OP_TYPE
+from sdconet.deploy.msda_plugin import MSDA_EXCLUDE_PATTERN, TRT_PLUGIN_OP_TYPE
+from sdconet.kernels.cpu import fused_cpu_kernel_ready
 from sdconet.kernels.trt_plugin import SDCONET_MSDA_OP_TYPE
 from sdconet.utils.logging import get_logger
 from sdconet.utils.cpu import has_int8_dot
@@ -376,7 +376,7 @@ def time_against_fp32(fp32_path: str | Path, int8_path: str | Path, images: np.n
             session.run(None, feeds[name])
             times[name].append(time.perf_counter() - start)
     p50 = {name: float(np.median(values) * 1000.0) for name, values in times.items()}
-    return {"fp32_ms": round(p50["fp32"], 1), "int8_ms": round(p50["int8"], 1),
+    return {"fp32_ms": round(p50["fp32"], 3), "int8_ms": round(p50["int8"], 3),
             "int8_over_fp32": round(p50["int8"] / p50["fp32"], 3), "iters": iters, "threads": threads,
             "batch": int(images.shape[0])}
 

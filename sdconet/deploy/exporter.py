@@ -19,11 +19,13 @@ import onnx
 import torch
 
 from sdconet.deploy import msda_plugin
-from sdconet.deploy.inference_graph import INPUT_NAME, build_inference_graph
 from sdconet.deploy.layer_groups import name_compute_nodes
+from sdconet.deploy.msda_plugin import MSDA_EXCLUDE_PATTERN  # noqa: F401  (old import path)
+from sdconet.engine.inference_graph import INPUT_NAME, build_inference_graph
 from sdconet.deploy.onnx_export import (DEFAULT_OPSET, check_model, export_module, op_counts, save_model,
                                         simplify_around_custom_nodes)
 from sdconet.deploy.op_support import assert_tensorrt_support
+from sdconet.kernels.cpu import fused_cpu_kernel_ready
 from sdconet.deploy.report import ExportReport, parity_figures, render_summary, sha256_of
 from sdconet.runtime.metadata import ORT_DOMAINS, write_onnx_metadata
 from sdconet.utils.logging import get_logger
@@ -31,7 +33,6 @@ from sdconet.utils.logging import get_logger
 LOG = get_logger(__name__)
 
 MSDA_MODES = ("plugin", "onnx", "sdconet")
-MSDA_EXCLUDE_PATTERN = f"{msda_plugin.MSDA_SUBGRAPH_PREFIX}[0-9]+/.*"
 # --int8-exclude defaults: chosen from benchmarks/results/int8_study.md (docs/export.md says why)
 DEFAULT_INT8_EXCLUDE: tuple[str, ...] = ()
 
@@ -377,10 +378,7 @@ class Exporter:
         self.write_graph("onnx_int8", int8_model, int8_path.name)
         paths = {"onnx": int8_path}
         if opts.msda != "onnx":
-            # with FP16 high precision the plugin's float inputs may come in different types; it needs one
-            swapped = msda_plugin.onnx_msda_to_plugin_nodes(int8_model, plugin_model, self.plugin_types,
-                                                            cast_float_inputs=True)
-            paths["plugin"] = self.write_graph("onnx_int8_plugin", swapped, f"{self.name}.int8.plugin.onnx")
+            paths["plugin"] = self.write_plugin_twin(int8_model, plugin_model, "int8")
         self.report.int8 = {"calibration_images": int(calib.shape[0]), "quantization": summary}
         if summary.get("high_precision_dtype", "fp32") == "fp32":  # an FP16-typed Q/DQ graph is TensorRT's alone
             from sdconet.deploy.layer_groups import int8_mac_fraction
@@ -414,6 +412,13 @@ class Exporter:
         version = tensorrt_build.tensorrt_version()
         return "fp16" if version is not None and tensorrt_build.is_strongly_typed_only(version) else "fp32"
 
+    def write_plugin_twin(self, model: onnx.ModelProto, plugin_model: onnx.ModelProto, precision: str) -> Path:
+        """The plugin-mode twin of a quantized / AutoCast pure graph (``<name>.<precision>.plugin.onnx``): its MSDA
+        subgraphs swapped back for the plugin nodes. In a mixed-precision graph the plugin's float inputs may come in
+        different types, and it needs one, hence the casts."""
+        swapped = msda_plugin.onnx_msda_to_plugin_nodes(model, plugin_model, self.plugin_types, cast_float_inputs=True)
+        return self.write_graph(f"onnx_{precision}_plugin", swapped, f"{self.name}.{precision}.plugin.onnx")
+
     def step_fp16(self, pure_path: Path, plugin_model: onnx.ModelProto) -> dict | None:
         """FP16 ONNX from ModelOpt AutoCast (what TensorRT 11's strongly typed build needs for FP16)."""
         from sdconet.deploy import quantize
@@ -431,9 +436,7 @@ class Exporter:
         self.write_graph("onnx_fp16", fp16_model, fp16_path.name)
         paths = {"onnx": fp16_path}
         if opts.msda != "onnx":
-            swapped = msda_plugin.onnx_msda_to_plugin_nodes(fp16_model, plugin_model, self.plugin_types,
-                                                            cast_float_inputs=True)
-            paths["plugin"] = self.write_graph("onnx_fp16_plugin", swapped, f"{self.name}.fp16.plugin.onnx")
+            paths["plugin"] = self.write_plugin_twin(fp16_model, plugin_model, "fp16")
         return paths
 
     def step_engine(self, pure_path: Path, plugin_path: Path | None, int8_paths: dict | None,
@@ -595,9 +598,9 @@ class Exporter:
     def step_triton(self, pure_path: Path, engine_path: Path | None) -> None:
         """Populate the Triton model repository with the serving teammate's builder."""
         try:
-            from sdconet.deploy.triton_repo import RepositoryOptions, build_repository, load_manifest
+            from sdconet.serve.triton_repo import RepositoryOptions, build_repository, load_manifest
         except ImportError as err:
-            raise ExportError(f"--triton-repo needs sdconet.deploy.triton_repo.build_repository ({err})") from err
+            raise ExportError(f"--triton-repo needs sdconet.serve.triton_repo.build_repository ({err})") from err
         backend = self.options.triton_backend
         if backend == "auto":
             backend = "trt" if engine_path is not None else "cpu"
@@ -674,24 +677,6 @@ class Exporter:
         if runtime == "openvino":
             return artifacts.get("onnx_plugin"), runtime
         return None, runtime
-
-
-def fused_cpu_kernel_ready(fallback: str = "Triton cpu runtime: onnxruntime") -> bool:
-    """openvino is installed and the fused MSDA CPU kernel builds here; when not, the log says why and what the
-    caller does instead (``fallback``)."""
-    try:
-        import openvino  # noqa: F401
-
-        from sdconet.kernels.cpu import KernelBuildError, extension_path
-    except ImportError as err:
-        LOG.info("%s (%s)", fallback, err)
-        return False
-    try:
-        extension_path()
-    except KernelBuildError as err:
-        LOG.warning("%s, the fused MSDA CPU kernel cannot be built (%s)", fallback, err)
-        return False
-    return True
 
 
 def repository_python_env(choice: str, backend: str) -> tuple[str | None, bool]:

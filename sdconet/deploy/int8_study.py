@@ -341,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     from sdconet.deploy.quantize import DEFAULT_CALIB_IMAGES
     from sdconet.engine.checkpoint import load_model_weights, resolve_checkpoint
-    from sdconet.engine.predict import training_image_size
+    from sdconet.config import training_image_size
 
     args.calib_images = args.calib_images or DEFAULT_CALIB_IMAGES
     if args.imgsz is None:

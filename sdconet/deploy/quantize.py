@@ -235,7 +235,7 @@ def run_dataset(model, dataset, imgsz: int, limit: int | None = None, batch_size
         run = model.run
         batch_size = min(batch_size, model.max_batch or batch_size)
     else:
-        from sdconet.deploy.msda_plugin import ort_session
+        from sdconet.runtime.onnxruntime_runner import ort_session
 
         session = ort_session(model)
         input_name = session.get_inputs()[0].name

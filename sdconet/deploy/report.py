@@ -7,7 +7,6 @@ Top-level JSON keys (stable, documented in docs/export.md): ``schema_version``, 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import platform
 from dataclasses import dataclass, field
@@ -16,18 +15,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sdconet.utils.io import sha256_of  # noqa: F401  (re-exported: the exporter's artifact hashes)
+
 SCHEMA_VERSION = 1
 BOX_TOLERANCE = 1e-3  # of the image size
 SCORE_TOLERANCE = 1e-4
 TOP_LABELS = 10  # detections per image whose labels must match
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def parity_figures(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], image_size: int,
@@ -59,7 +52,7 @@ def environment() -> dict:
     import onnxruntime
     import torch
 
-    from sdconet.deploy.tensorrt_build import tensorrt_version
+    from sdconet.utils.tensorrt import tensorrt_version
 
     try:
         import onnxsim

@@ -14,11 +14,11 @@ a timing cache read before and written after the build (checked: a cache from an
 replaced by a fresh one; the default file is keyed by both), and a ``<engine>.json`` sidecar with the build facts —
 above all the precision the engine actually has, which runners and benchmarks report instead of a CLI flag.
 
-:func:`import_tensorrt` is the one import guard for TensorRT in this package.
+The one TensorRT import guard is :mod:`sdconet.utils.tensorrt` (re-exported here); the sidecar format lives with the
+other artifact formats in :mod:`sdconet.runtime.metadata`.
 """
 from __future__ import annotations
 
-import json
 import platform
 import re
 import time
@@ -26,72 +26,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from sdconet.utils.io import write_atomically, write_text_atomically
+from sdconet.runtime.metadata import engine_metadata_path, read_engine_metadata, write_engine_metadata  # noqa: F401
+from sdconet.utils.io import write_atomically
 from sdconet.utils.logging import get_logger
+from sdconet.utils.tensorrt import (TensorRTUnavailable, import_tensorrt, is_strongly_typed_only,  # noqa: F401
+                                    load_plugins, tensorrt_major, tensorrt_unavailable_reason, tensorrt_version,
+                                    trt_logger, version_major)
 
 LOG = get_logger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
-
-
-class TensorRTUnavailable(RuntimeError):
-    """TensorRT or a CUDA GPU is missing; the message is the exact reason."""
-
-
-def import_tensorrt():
-    """The ``tensorrt`` module, or :class:`TensorRTUnavailable` with the reason.
-
-    The one import guard for TensorRT in this package: the PyPI ``tensorrt`` wheels are download stubs that raise at
-    import time with arbitrary exception types (not only ImportError), so everything is caught and named here.
-    """
-    try:
-        import tensorrt
-    except Exception as err:  # noqa: BLE001 - the stub's exception type is not ImportError
-        first_line = str(err).splitlines()[0] if str(err) else ""
-        raise TensorRTUnavailable(
-            f"tensorrt not importable ({type(err).__name__}: {first_line}); the PyPI 'tensorrt' wheels are download "
-            f"stubs that need NVIDIA's package index, and TensorRT needs an NVIDIA GPU") from err
-    if not hasattr(tensorrt, "__version__") or not hasattr(tensorrt, "Builder"):
-        raise TensorRTUnavailable(f"the importable 'tensorrt' ({getattr(tensorrt, '__file__', '?')}) is not NVIDIA's "
-                                  f"TensorRT Python bindings (no __version__/Builder)")
-    return tensorrt
-
-
-def tensorrt_unavailable_reason() -> str | None:
-    """None when an engine can be built here, else the precise reason (used by the exporter and test skips)."""
-    try:
-        import_tensorrt()
-    except TensorRTUnavailable as err:
-        return str(err)
-    import torch
-
-    if not torch.cuda.is_available():
-        return "no CUDA GPU visible (torch.cuda.is_available() is False): TensorRT builds need an NVIDIA GPU"
-    return None
-
-
-def tensorrt_version() -> str | None:
-    try:
-        return import_tensorrt().__version__
-    except TensorRTUnavailable:
-        return None
-
-
-def version_major(version: str) -> int:
-    """``"10.13.0.35"`` -> 10."""
-    match = re.match(r"\s*(\d+)", version)
-    if match is None:
-        raise ValueError(f"cannot read a major version from TensorRT version {version!r}")
-    return int(match.group(1))
-
-
-def tensorrt_major() -> int:
-    return version_major(import_tensorrt().__version__)
-
-
-def is_strongly_typed_only(version: str) -> bool:
-    """TensorRT 11 removed weak typing: precision comes from the network's own tensor types."""
-    return version_major(version) >= 11
 
 
 @dataclass
@@ -118,22 +62,6 @@ class EngineBuildOptions:
         for lib in self.plugin_libs:
             if not Path(lib).is_file():
                 raise FileNotFoundError(f"--plugin-lib {lib}: file not found")
-
-
-def trt_logger():
-    trt = import_tensorrt()
-    return trt.Logger(trt.Logger.WARNING)
-
-
-def load_plugins(logger, plugin_libs: Sequence[str] = ()) -> None:
-    """Register TensorRT's built-in plugins and load extra plugin libraries into the global registry."""
-    trt = import_tensorrt()
-    trt.init_libnvinfer_plugins(logger, "")
-    registry = trt.get_plugin_registry()
-    for lib in plugin_libs:
-        LOG.info("loading TensorRT plugin library %s", lib)
-        if registry.load_library(str(lib)) is None:
-            raise RuntimeError(f"TensorRT could not load the plugin library {lib} (see the TensorRT log above)")
 
 
 def gpu_name() -> str | None:
@@ -250,37 +178,6 @@ def network_precision_evidence(network, trt) -> dict[str, int]:
         qdq += layer.type in qdq_types
         fp16 += sum(layer.get_output(j).dtype == trt.float16 for j in range(layer.num_outputs))
     return {"qdq_nodes": qdq, "fp16_tensors": fp16, "fp16_casts": 0}
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Engine metadata sidecar (<engine>.json, e.g. model.fp16.plan.json)
-# --------------------------------------------------------------------------------------------------------------------
-def engine_metadata_path(engine_path: str | Path) -> Path:
-    engine_path = Path(engine_path)
-    return engine_path.with_name(engine_path.name + ".json")
-
-
-def write_engine_metadata(engine_path: str | Path, metadata: dict) -> Path:
-    text = json.dumps(metadata, indent=2, default=str) + "\n"
-    return write_text_atomically(engine_metadata_path(engine_path), text)
-
-
-def read_engine_metadata(engine_path: str | Path) -> dict:
-    """The sidecar of ``engine_path``; ``{}`` when there is none (an engine built elsewhere, e.g. by trtexec).
-
-    Keys runners read: ``precision`` (what the engine actually runs in), ``plugin_libs`` (libraries to load before
-    deserializing), ``input_shapes`` (the profile), ``tensorrt_version``, ``gpu``.
-    """
-    path = engine_metadata_path(engine_path)
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,18 +1,21 @@
-"""DDP helpers: process-group setup from ``torchrun`` variables, rank queries, and small collectives.
+"""DDP process setup: process-group init from ``torchrun`` variables, devices, model unwrapping, the shard sampler.
 
 ``torchrun --nproc_per_node=N train/run.py ...`` sets RANK / LOCAL_RANK / WORLD_SIZE; without them everything runs in
 one process and every helper here degrades to a no-op. Backend: nccl on CUDA, gloo on CPU.
+The rank collectives live in :mod:`sdconet.utils.distributed` (the loss uses them too) and are re-exported here.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
 from sdconet.utils.cpu import has_amx_bf16
+from sdconet.utils.distributed import (all_ranks_true, average_over_ranks, barrier, broadcast_from_main,  # noqa: F401
+                                       gather_lists, is_distributed, reduce_mean)
 from sdconet.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -85,46 +88,6 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, wrappers) else model
 
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
-def all_ranks_true(flag: bool, device: torch.device) -> bool:
-    """True only if ``flag`` is True on every rank (used so all ranks skip a non-finite step together)."""
-    if not is_distributed():
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item() > 0.5)
-
-
-def reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Average scalar logs across ranks (identity when not distributed)."""
-    if not is_distributed() or not values:
-        return values
-    keys = sorted(values)
-    tensor = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
-    dist.all_reduce(tensor)
-    tensor /= dist.get_world_size()
-    return dict(zip(keys, tensor.tolist()))
-
-
-def average_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Per-key mean of scalar logs over the ranks that have the key (ranks may log different loss terms, e.g. a
-    batch without boxes has no denoising terms), so unlike :func:`reduce_mean` the key sets may differ."""
-    if not is_distributed():
-        return values
-    gathered: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
-    dist.all_gather_object(gathered, values)
-    keys = sorted(set().union(*gathered))
-    return {k: sum(g[k] for g in gathered if k in g) / sum(k in g for g in gathered) for k in keys}
-
-
 class ShardSampler(torch.utils.data.Sampler[int]):
     """Indices ``rank, rank + world_size, ...`` of a dataset of ``length`` items: every item on exactly one rank,
     no padding (``DistributedSampler`` repeats items to even out the shards, which would count them twice in AP)."""
@@ -139,27 +102,6 @@ class ShardSampler(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
-
-
-def gather_lists(values: Sequence[list]) -> list[list]:
-    """Concatenate each list over the ranks (rank order), on every rank; identity when not distributed.
-
-    ``values``: a tuple of picklable lists of this rank -> the same number of lists holding every rank's items.
-    """
-    if not is_distributed():
-        return [list(v) for v in values]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, [list(v) for v in values])
-    return [[item for rank_values in gathered for item in rank_values[i]] for i in range(len(values))]
-
-
-def broadcast_from_main(value: Any) -> Any:
-    """Rank 0's ``value`` on every rank (identity when not distributed)."""
-    if not is_distributed():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def needs_unused_parameter_search(model: torch.nn.Module, run_sr: bool) -> bool:

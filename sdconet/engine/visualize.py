@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from sdconet.utils.image import resize  # noqa: F401  (re-export)
+
 GT_COLOR = (40, 220, 60)
 PRED_COLOR = (255, 50, 50)
 PANEL_TITLES = ("LR input", "SR output", "HR target", "saliency", "pred red / GT green")
@@ -20,13 +22,6 @@ PANEL_TITLES = ("LR input", "SR output", "HR target", "saliency", "pred red / GT
 def to_uint8(image: torch.Tensor) -> np.ndarray:
     """[3, H, W] float in [0, 1] -> [H, W, 3] uint8 (values outside [0, 1] are clipped)."""
     return (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
-
-
-def resize(image: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
-    """[H, W, C] uint8 -> [size[0], size[1], C]."""
-    height, width = size
-    resample = Image.NEAREST if nearest else Image.BILINEAR
-    return np.asarray(Image.fromarray(image).resize((width, height), resample))
 
 
 def draw_boxes(image: np.ndarray, boxes_xyxy: torch.Tensor, color: tuple[int, int, int],

@@ -34,7 +34,7 @@ SDCONET_MSDA_OPSET_VERSION = 1
 # passes only a creator's declared fields to it, and this plugin declares none
 SDCONET_MSDA_ATTRIBUTES = {"plugin_namespace": SDCONET_MSDA_NAMESPACE, "plugin_version": SDCONET_MSDA_PLUGIN_VERSION,
                            "aot": 1}
-# the names sdconet.deploy.msda_plugin.sdconet_plugin_spec() reads
+# the names sdconet.kernels.msda_plugin.sdconet_plugin_spec() reads
 PLUGIN_OP_TYPE = SDCONET_MSDA_OP_TYPE
 PLUGIN_NAMESPACE = SDCONET_MSDA_NAMESPACE
 PLUGIN_VERSION = SDCONET_MSDA_PLUGIN_VERSION
@@ -264,7 +264,7 @@ def compile_msda_kernel(dtype: str, num_heads: int, head_dim: int, num_levels: i
 # --------------------------------------------------------------------------------------------------------------------
 def tensorrt_unavailable_reason() -> Optional[str]:
     """Why :func:`register_msda_plugin` cannot work here, or ``None`` when it can."""
-    from sdconet.deploy.tensorrt_build import TensorRTUnavailable, import_tensorrt
+    from sdconet.utils.tensorrt import TensorRTUnavailable, import_tensorrt
 
     try:
         tensorrt = import_tensorrt()
@@ -319,7 +319,7 @@ def register_msda_plugin() -> None:
     reason = tensorrt_unavailable_reason()
     if reason is not None:
         raise ImportError(f"cannot register the {SDCONET_MSDA_PLUGIN_ID} TensorRT plugin: {reason}")
-    from sdconet.deploy.tensorrt_build import import_tensorrt
+    from sdconet.utils.tensorrt import import_tensorrt
 
     trt = import_tensorrt()
     import tensorrt.plugin as trtp

@@ -32,7 +32,7 @@ from torch import nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from sdconet.config import Config, LossConfig, SaliencyConfig
-from sdconet.engine.distributed import reduce_mean
+from sdconet.utils.distributed import reduce_mean
 from sdconet.losses.matcher import HungarianMatcher, ignore_flags
 from sdconet.losses.saliency_targets import count_positives, saliency_loss, saliency_targets
 from sdconet.losses.sr_loss import sr_l1_loss

@@ -37,7 +37,7 @@ MSDAFn = Callable[..., torch.Tensor]
 
 _IMPLS: dict[str, MSDAFn] = {}
 # implementations that live in optional modules: importing the module registers them
-_LAZY_MODULES = {"triton": "sdconet.kernels.msda_triton", "plugin": "sdconet.deploy.msda_plugin"}
+_LAZY_MODULES = {"triton": "sdconet.kernels.msda_triton", "plugin": "sdconet.kernels.msda_plugin"}
 
 
 def register_msda_impl(name: str, fn: MSDAFn) -> None:

@@ -106,10 +106,9 @@ def heldout_images(layout: DemoLayout, count: int) -> list[str]:
 
 def lr_size(layout: DemoLayout) -> int:
     """The LR side the demo model was trained at (= the export size): the same rule as prediction's default tile."""
-    from sdconet.engine.predict import training_image_size
+    from sdconet.config import lr_image_size
 
-    cfg = _trained_config(layout)
-    return training_image_size(cfg) // cfg.model.upscale
+    return lr_image_size(_trained_config(layout))
 
 
 class _Server:

@@ -1,4 +1,11 @@
-"""What an exported ONNX says about itself: ``metadata_props`` written by the exporter, read by every runner.
+"""What a deployment artifact says about itself, written by the exporter/builders and read by every runner: the
+one place for these file formats.
+
+* ONNX ``metadata_props`` (below);
+* the TensorRT engine sidecar ``<engine>.json`` (e.g. ``model.fp16.plan.json``: :func:`read_engine_metadata`);
+* the Triton repository manifest ``sdconet_repo.json`` (:func:`load_manifest`).
+
+ONNX ``metadata_props``:
 
 Keys (all strings, as ONNX stores them): ``sdconet.class_names`` (JSON list), ``sdconet.imgsz`` (int),
 ``sdconet.msda`` (``onnx`` for pure graphs, ``plugin`` / ``sdconet`` for plugin-node graphs), ``sdconet.outputs``
@@ -16,6 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sdconet.runtime.base import RunnerError
+from sdconet.utils.io import write_text_atomically
 
 PREFIX = "sdconet."
 # operator domains ONNX Runtime runs itself; any other domain is one of our MSDA plugin nodes
@@ -128,3 +136,54 @@ def onnx_model_info(model, path: str | Path | None = None, class_names: Sequence
                               f"(<name>.report.json) with category names lies next to it: {REEXPORT_HINT}")
         info["class_names"] = names
     return info
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Engine metadata sidecar (<engine>.json, e.g. model.fp16.plan.json)
+# --------------------------------------------------------------------------------------------------------------------
+def engine_metadata_path(engine_path: str | Path) -> Path:
+    engine_path = Path(engine_path)
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+def write_engine_metadata(engine_path: str | Path, metadata: dict) -> Path:
+    text = json.dumps(metadata, indent=2, default=str) + "\n"
+    return write_text_atomically(engine_metadata_path(engine_path), text)
+
+
+def read_engine_metadata(engine_path: str | Path) -> dict:
+    """The sidecar of ``engine_path``; ``{}`` when there is none (an engine built elsewhere, e.g. by trtexec).
+
+    Keys runners read: ``precision`` (what the engine actually runs in), ``plugin_libs`` (libraries to load before
+    deserializing), ``input_shapes`` (the profile), ``tensorrt_version``, ``gpu``.
+    """
+    path = engine_metadata_path(engine_path)
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Triton repository manifest (written by sdconet.serve.triton_repo.build_repository)
+# --------------------------------------------------------------------------------------------------------------------
+DETECTOR_MODELS = {"cpu": "detector_cpu", "onnx": "detector_onnx", "trt": "detector_trt"}  # by repository backend
+MANIFEST_NAME = "sdconet_repo.json"
+
+
+class RepositoryError(ValueError):
+    """The repository cannot be built or does not match the model; the message names the file/field/value."""
+
+
+def load_manifest(repo_dir: str | Path) -> dict:
+    """The manifest a built repository carries; a clear error if ``repo_dir`` was not written by this builder."""
+    path = Path(repo_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise RepositoryError(f"{repo_dir} has no {MANIFEST_NAME}: build it with sdconet.serve.triton_repo."
+                              f"build_repository (export/build_engine.py --triton-repo)")
+    return json.loads(path.read_text())

@@ -2,7 +2,7 @@
 
 Both MSDA modes run: a pure graph as it is, a plugin-node graph (TensorRT's ``MultiscaleDeformableAttnPlugin_TRT`` or
 our own plugin) with the nodes bound to the NumPy implementation of the plugin's semantics through
-onnxruntime-extensions (:mod:`sdconet.deploy.msda_plugin`); the artifact on disk is never changed.
+onnxruntime-extensions (:mod:`sdconet.kernels.msda_plugin`); the artifact on disk is never changed.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def ort_session(model, threads: int | None = None, providers: Sequence[str] | No
     import onnx
     import onnxruntime as ort
 
-    from sdconet.deploy import msda_plugin
+    from sdconet.kernels import msda_plugin
 
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))

@@ -193,7 +193,7 @@ class OpenVINORunner(Runner):
         if precision == "int8":
             path = bench.openvino_int8()  # NNCF IR, made once per benchmark
         else:
-            path = bench.onnx_path or plugin_onnx(bench)
+            path = bench.onnx_path or bench.plugin_onnx()
         return cls(path, precision=precision, threads=bench.threads, class_names=bench.class_names, **options)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -252,28 +252,6 @@ class OpenVINORunner(Runner):
     def close(self) -> None:
         self._queue = None
         self._compiled.clear()
-
-
-def plugin_onnx(bench: Any) -> Path:
-    """Plugin-mode ONNX (TensorRT's MSDA plugin nodes, which this runner maps to the fused op) of a benchmark's
-    graph, exported once into its work folder: the same export the exporter's plugin artifact gets."""
-    if "onnx_plugin" not in bench._cache:
-        import torch
-
-        from sdconet.deploy import msda_plugin
-        from sdconet.deploy.inference_graph import DETECTION_OUTPUTS, INPUT_NAME
-        from sdconet.deploy.onnx_export import export_module, save_model, simplify_around_custom_nodes
-        from sdconet.runtime.metadata import write_onnx_metadata
-
-        spec = msda_plugin.trt_plugin_spec(1)
-        with msda_plugin.use_plugin_spec(spec):
-            model = export_module(bench.graph("plugin"), torch.from_numpy(bench.images(1)), input_name=INPUT_NAME,
-                                  output_names=DETECTION_OUTPUTS, custom_domains=[spec.domain])
-        model = simplify_around_custom_nodes(model)
-        write_onnx_metadata(model, class_names=bench.class_names, imgsz=bench.imgsz, msda="plugin",
-                            outputs=DETECTION_OUTPUTS, precision="fp32")
-        bench._cache["onnx_plugin"] = save_model(model, Path(bench.work_dir) / "bench_fp32.plugin.onnx")
-    return bench._cache["onnx_plugin"]
 
 
 def _static_side(model) -> int | None:

@@ -43,7 +43,7 @@ def profile_error(engine: str | Path, name: str, shape: Sequence[int], low: Sequ
 def pick_engine(engines: Sequence[str | Path], precision: str) -> Path:
     """The first of ``engines`` whose ``.plan.json`` records ``precision``, else the first one (its record then
     carries the engine's own precision). RunnerUnavailable when there is none."""
-    from sdconet.deploy.tensorrt_build import read_engine_metadata
+    from sdconet.runtime.metadata import read_engine_metadata
 
     if not engines:
         raise RunnerUnavailable("no engine given: build one with `python export/build_engine.py --fp16` and pass "
@@ -75,8 +75,8 @@ class TensorRTRunner(Runner):
 
     def __init__(self, engine_path: str | Path, plugin_libs: Sequence[str] = (), io: str = "auto", *,
                  class_names: Sequence[str] | None = None) -> None:
-        from sdconet.deploy.tensorrt_build import (TensorRTUnavailable, import_tensorrt, load_plugins,
-                                                   read_engine_metadata, trt_logger)
+        from sdconet.runtime.metadata import read_engine_metadata
+        from sdconet.utils.tensorrt import TensorRTUnavailable, import_tensorrt, load_plugins, trt_logger
 
         try:
             trt = import_tensorrt()
@@ -280,7 +280,7 @@ class TensorRTRunner(Runner):
     def for_benchmark(cls, bench, precision: str, **options: Any) -> "TensorRTRunner":
         """The ``--engine`` whose sidecar precision is ``precision`` (else the first one: the record then carries
         the engine's own precision, and the benchmark times it once)."""
-        from sdconet.deploy.tensorrt_build import TensorRTUnavailable, import_tensorrt
+        from sdconet.utils.tensorrt import TensorRTUnavailable, import_tensorrt
 
         try:
             import_tensorrt()

@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from sdconet.config import Config
+from sdconet.config import Config, lr_image_size
 from sdconet.runtime.base import Runner, RunnerError, RunnerUnavailable
 from sdconet.utils.cpu import cpu_model_name, has_native_bf16
 
@@ -21,10 +21,8 @@ TRAINING_SIZE = "training"  # imgsz default: the run's training LR size
 
 
 def default_imgsz(cfg: Config) -> int:
-    """LR side the run was trained on: ``training_image_size(cfg) // upscale``."""
-    from sdconet.engine.predict import training_image_size
-
-    return training_image_size(cfg) // cfg.model.upscale
+    """LR side the run was trained on (:func:`sdconet.config.lr_image_size`)."""
+    return lr_image_size(cfg)
 
 
 class TorchRunner(Runner):
@@ -62,7 +60,7 @@ class TorchRunner(Runner):
         self.msda_impl = msda_impl or ("auto" if self.device.type == "cuda" else "gather")
         meta = dict(meta or {})
         if graph is None:
-            from sdconet.deploy.inference_graph import build_inference_graph, load_inference_graph
+            from sdconet.engine.inference_graph import build_inference_graph, load_inference_graph
 
             if checkpoint is not None:
                 from sdconet.engine.checkpoint import read_checkpoint_metadata, resolve_checkpoint

@@ -20,7 +20,7 @@ POSTPROCESS_MODEL = "postprocess"
 
 
 def _detector_models() -> tuple[str, ...]:
-    from sdconet.deploy.triton_repo import DETECTOR_MODELS
+    from sdconet.runtime.metadata import DETECTOR_MODELS
 
     return tuple(DETECTOR_MODELS[b] for b in ("trt", "onnx", "cpu"))  # the first one ready wins
 
@@ -134,14 +134,14 @@ class TritonRunner(Runner):
     def _manifest(repo: str | Path | None) -> dict[str, Any]:
         if repo is None:
             return {}
-        from sdconet.deploy.triton_repo import load_manifest
+        from sdconet.runtime.metadata import load_manifest
 
         return load_manifest(repo)
 
     def _precision(self, manifest: Mapping[str, Any]) -> str:
         """From the artifact the repository was built from: the engine's sidecar, else the ONNX metadata."""
         if manifest.get("source_engine"):
-            from sdconet.deploy.tensorrt_build import read_engine_metadata
+            from sdconet.runtime.metadata import read_engine_metadata
 
             found = read_engine_metadata(manifest["source_engine"]).get("precision")
             if found:

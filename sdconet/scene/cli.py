@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
 import time
@@ -35,7 +34,9 @@ import numpy as np
 from sdconet.runtime.base import DEFAULT_SCORE_THRESHOLD
 from sdconet.scene.core import INPUTS, SceneInferencer, SceneOptions, SceneResult
 from sdconet.scene.merge import DEFAULT_MERGE_RULE, MERGE_RULES
+from sdconet.utils.io import sha256_of
 from sdconet.utils.logging import get_logger, setup_logging
+from sdconet.utils.process import pid_alive
 
 logger = get_logger(__name__)
 
@@ -43,7 +44,8 @@ BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt", "triton")
 SCENE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 SUMMARY_NAME = "summary.json"
 DONE_SUFFIX = ".done.json"
-MARKER_VERSION = 1  # bump when the outputs of the same model + options change
+MARKER_VERSION = 2  # bump when the outputs of the same model + options change (2: cross-tile merge, issue 22)
+DEFAULT_EVAL_SCORE_THRESHOLD = 0.001  # --ann scores the curve down to here (the usual COCO evaluation cut)
 
 
 class UsageError(ValueError):
@@ -88,21 +90,12 @@ def collect_scenes(inputs: Sequence[str | Path]) -> list[Scene]:
     return scenes
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes (the model identity in the done-marker)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # -- backends: what runs one scene ----------------------------------------------------------------------------------
 class LocalScenes:
     """A runner in this process + the scene core (torch, onnxruntime, openvino, tensorrt)."""
 
     def __init__(self, runner, options: SceneOptions, model_id: dict[str, Any]) -> None:
-        self.runner = runner
+        self.runner, self.options = runner, options
         self.inferencer = SceneInferencer(runner, options)
         self.class_names = runner.class_names
         self.model_id = model_id
@@ -118,10 +111,11 @@ class LocalScenes:
 
 
 class TritonScenes:
-    """The served scene model ``sdconet_scene`` (tiling and merging on the server)."""
+    """The served scene model ``sdconet_scene`` (tiling and merging on the server). The scene's tiling, thresholds
+    and merge rule travel as request parameters, so the server applies the same options a local backend would."""
 
     def __init__(self, url: str, options: SceneOptions, protocol: str, timeout_s: float, retries: int) -> None:
-        from sdconet.serve.scene_client import TritonSceneClient
+        from sdconet.runtime.triton_client import TritonSceneClient
 
         if options.input != "lr":
             raise UsageError("--backend triton tiles scenes at their native resolution on the server: "
@@ -132,38 +126,72 @@ class TritonScenes:
         except Exception as err:  # connection refused, model not loaded: tritonclient raises its own types
             self.client.close()
             raise UsageError(f"triton server {url}: cannot read the sdconet_scene model's options ({err})") from err
-        for flag, ours, key in (("--tile", options.tile, "imgsz"), ("--overlap", options.overlap, "overlap")):
-            theirs = self.server.get(key)
-            if ours is not None and theirs is not None and ours != theirs:
-                raise UsageError(f"{flag} {ours}: the served sdconet_scene model uses {key} {theirs}; leave "
-                                 f"{flag} out or rebuild the repository")
-        threshold = self.server.get("score_threshold")
-        if threshold is not None and options.score_threshold < threshold:
-            logger.warning("--score-threshold %.3f is below the server's %.3f: the server's applies",
-                           options.score_threshold, threshold)
+        imgsz = self.server.get("imgsz")
+        if options.tile is not None and imgsz is not None and options.tile != imgsz:
+            self.client.close()
+            raise UsageError(f"--tile {options.tile}: the served detector takes {imgsz} px tiles; leave --tile out "
+                             f"or serve a model of that size")
+        self.tile = options.tile or imgsz
+        self.overlap = options.overlap if options.overlap is not None else self.server.get("overlap")
+        if self.tile is not None and self.overlap is not None and not 0 <= self.overlap < self.tile:
+            self.client.close()
+            raise UsageError(f"--overlap {self.overlap}: need 0 <= overlap < the {self.tile} px tile")
         self.options, self.url = options, url
-        self.class_names: list[str] = []
+        self.class_names: list[str] = list(self.server.get("class_names") or [])
 
     def describe(self) -> dict[str, Any]:
         return {"model": {"url": self.url, "server": self.server},
-                "scene": {"score_threshold": self.options.score_threshold,
+                "scene": {"tile": self.tile, "overlap": self.overlap, "merge": self.options.merge,
+                          "merge_threshold": self.options.merge_threshold,
+                          "score_threshold": self.options.score_threshold,
+                          "eval_score_threshold": self.options.eval_score_threshold,
                           "max_detections": self.options.max_detections}}
 
+    def _request(self, rgb: np.ndarray, valid: Optional[np.ndarray], threshold: float) -> dict[str, Any]:
+        found = self.client.detect_scene(rgb, valid=valid, score_threshold=threshold, overlap=self.overlap,
+                                         merge_rule=self.options.merge,
+                                         merge_threshold=self.options.merge_threshold)
+        labels = found["labels"].astype(np.int64)
+        if self.class_names:  # the server names every detection; the outputs name them from the model's list
+            expected = [self.class_names[v] if 0 <= v < len(self.class_names) else str(v) for v in labels.tolist()]
+            if list(found["class_names"]) != expected:
+                raise ValueError(f"{self.url}: the served detections' class names disagree with the model's class "
+                                 f"list {self.class_names} (a repository built from another model?)")
+        keep = np.flatnonzero(found["scores"] >= threshold)[:self.options.max_detections]
+        return {"boxes": found["boxes"][keep].astype(np.float32), "scores": found["scores"][keep].astype(np.float32),
+                "labels": labels[keep], "tiles": int(found["tiles"]), "tiles_skipped": int(found["tiles_skipped"])}
+
     def detect(self, reader) -> SceneResult:
-        from sdconet.scene.raster import Window
+        from sdconet.data.raster import Window
+        from sdconet.scene.tiling import tile_grid
 
         started = time.perf_counter()
         limit = self.server.get("max_scene_pixels")
         if limit is not None and reader.width * reader.height > limit:
             raise ValueError(f"{reader.path}: {reader.width}x{reader.height} px exceeds the server's "
                              f"max_scene_pixels={limit}; use a local backend for this scene")
-        rgb, _ = reader.read(Window(0, 0, reader.height, reader.width))
-        found = self.client.detect_scene(np.ascontiguousarray(rgb))
-        self.class_names = list(found["class_names"]) or self.class_names
-        keep = np.flatnonzero(found["scores"] >= self.options.score_threshold)[:self.options.max_detections]
-        return SceneResult(found["boxes"][keep].astype(np.float32), found["scores"][keep].astype(np.float32),
-                           found["labels"][keep].astype(np.int64), None, tiles=int(found["tiles"]),
-                           tiles_skipped=0, seconds=time.perf_counter() - started)
+        max_tiles = self.server.get("max_tiles")
+        if max_tiles is not None and self.tile is not None and self.overlap is not None:
+            needed = len(tile_grid(reader.height, reader.width, self.tile, self.overlap))
+            if needed > max_tiles:  # refused before the upload, not after it
+                raise ValueError(f"{reader.path}: {reader.width}x{reader.height} px needs {needed} tiles of "
+                                 f"{self.tile} px (overlap {self.overlap}); the server's max_tiles is {max_tiles}; "
+                                 f"use a local backend for this scene")
+        rgb, valid = reader.read(Window(0, 0, reader.height, reader.width))
+        rgb = np.ascontiguousarray(rgb)
+        if valid.all():
+            valid = None
+        else:  # nodata goes as zeros, and the server does not run tiles without a valid pixel
+            rgb = np.where(valid[..., None], rgb, 0).astype(np.uint8)
+        found = self._request(rgb, valid, self.options.score_threshold)
+        evaluation = None
+        if self.options.eval_score_threshold is not None:
+            evaluation = (found if self.options.eval_score_threshold == self.options.score_threshold else
+                          self._request(rgb, valid, self.options.eval_score_threshold))  # merged on its own
+            evaluation = {key: evaluation[key] for key in ("boxes", "scores", "labels")}
+        return SceneResult(found["boxes"], found["scores"], found["labels"], None, tiles=found["tiles"],
+                           tiles_skipped=found["tiles_skipped"], seconds=time.perf_counter() - started,
+                           evaluation=evaluation)
 
     def close(self) -> None:
         self.client.close()
@@ -214,7 +242,7 @@ def open_backend(args: argparse.Namespace, options: SceneOptions):
     if args.precision and runner.precision != args.precision:
         runner.close()
         raise UsageError(f"--precision {args.precision}: {model_path} runs in {runner.precision}")
-    model_id = {"backend": args.backend, "file": str(model_path.resolve()), "sha256": file_digest(model_path),
+    model_id = {"backend": args.backend, "file": str(model_path.resolve()), "sha256": sha256_of(model_path),
                 "precision": runner.precision}
     try:
         return LocalScenes(runner, options, model_id)
@@ -243,9 +271,9 @@ def read_marker(path: Path) -> Optional[dict[str, Any]]:
 def run_scene(backend, scene: Scene, out: Path, job: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Detect one scene and write its outputs, the done-marker last; or return the recorded entry of a scene
     already done with the same key."""
-    from sdconet.benchmark.timing import peak_rss_mb
-    from sdconet.scene.outputs import write_scene_outputs
-    from sdconet.scene.raster import open_scene
+    from sdconet.utils.process import peak_rss_mb
+    from sdconet.scene.outputs import EVAL_SUFFIX, write_evaluation_detections, write_scene_outputs
+    from sdconet.data.raster import open_scene
     from sdconet.utils.io import write_text_atomically
 
     out_dir = out / scene.stem.parent
@@ -253,13 +281,19 @@ def run_scene(backend, scene: Scene, out: Path, job: dict[str, Any], args: argpa
     marker_path = out_dir / f"{stem}{DONE_SUFFIX}"
     key = scene_key(job, scene)
     marker = None if args.force else read_marker(marker_path)
-    if marker is not None and marker.get("key") == key and (out_dir / f"{stem}.json").is_file():
+    evaluating = backend.options.eval_score_threshold is not None
+    if (marker is not None and marker.get("key") == key and (out_dir / f"{stem}.json").is_file()
+            and (not evaluating or (out_dir / f"{stem}{EVAL_SUFFIX}").is_file())):
         logger.info("%s: done already with the same model and options (--force redoes it)", scene.relative)
         return marker["scene"]
     with open_scene(scene.path, max_unwindowed_pixels=args.max_unwindowed_pixels, bands=args.bands) as reader:
         result = backend.detect(reader)
         written = write_scene_outputs(out_dir, stem, reader, result.detections, backend.class_names,
                                       geojson_crs=args.geojson_crs, saliency=result.saliency)
+        if result.evaluation is not None:
+            written["eval"] = write_evaluation_detections(out_dir, stem, scene.relative.as_posix(),
+                                                          result.evaluation, backend.class_names,
+                                                          backend.options.eval_score_threshold)
         megapixels = reader.width * reader.height / 1e6
         entry = {"file": scene.relative.as_posix(), "width": reader.width, "height": reader.height,
                  "tiles": result.tiles, "tiles_skipped": result.tiles_skipped, "detections": len(result.scores),
@@ -274,8 +308,10 @@ def run_scene(backend, scene: Scene, out: Path, job: dict[str, Any], args: argpa
 
 
 # -- evaluation ---------------------------------------------------------------------------------------------------
-def evaluate_scenes(ann_file: Path, out: Path, entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """COCO metrics of the whole-scene detections (read back from each ``<stem>.json``) against ``ann_file``,
+def evaluate_scenes(ann_file: Path, out: Path, entries: Sequence[dict[str, Any]],
+                    score_threshold: Optional[float] = None) -> dict[str, Any]:
+    """COCO metrics of the whole-scene detections at the evaluation threshold (read back from each
+    ``<stem>.eval.json``; ``<stem>.json`` for entries without one) against ``ann_file``,
     whose ``file_name``s are the scenes' relative paths (or names); categories matched to class names by name;
     maxDets = max(100, the largest ground-truth count of a scene)."""
     from sdconet.engine.metrics import coco_evaluate, load_coco
@@ -291,7 +327,7 @@ def evaluate_scenes(ann_file: Path, out: Path, entries: Sequence[dict[str, Any]]
             logger.warning("%s: not in %s; left out of the metrics", entry["file"], ann_file)
             continue
         image_ids.append(image_id)
-        record = json.loads((out / entry["outputs"]["json"]).read_text())
+        record = json.loads((out / entry["outputs"].get("eval", entry["outputs"]["json"])).read_text())
         for det in record["detections"]:
             if det["class_name"] not in category:
                 unmatched_names.add(det["class_name"])
@@ -307,7 +343,8 @@ def evaluate_scenes(ann_file: Path, out: Path, entries: Sequence[dict[str, Any]]
     counts = [len(coco.getAnnIds(imgIds=[i])) for i in image_ids]
     max_dets = max(100, *counts)
     metrics = coco_evaluate(coco, detections, image_ids=image_ids, max_detections=max_dets)
-    return metrics | {"max_dets": max_dets, "images": len(image_ids), "detections": len(detections)}
+    return metrics | {"max_dets": max_dets, "images": len(image_ids), "detections": len(detections),
+                      "score_threshold": score_threshold}
 
 
 # -- CLI ----------------------------------------------------------------------------------------------------------
@@ -328,9 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--score-threshold", "--score-thresh", dest="score_threshold", type=float,
                         default=DEFAULT_SCORE_THRESHOLD,
                         help=f"minimum score kept (default {DEFAULT_SCORE_THRESHOLD})")
+    parser.add_argument("--eval-score-threshold", type=float, default=DEFAULT_EVAL_SCORE_THRESHOLD,
+                        help=f"with --ann: minimum score of the detections scored (merged on their own, written "
+                             f"to OUT/<stem>.eval.json; default {DEFAULT_EVAL_SCORE_THRESHOLD}, independent of "
+                             f"--score-threshold)")
     parser.add_argument("--max-detections", type=int, help="cap per scene (default: none)")
     parser.add_argument("--merge", choices=MERGE_RULES, default=DEFAULT_MERGE_RULE,
                         help=f"cross-tile merge rule (default {DEFAULT_MERGE_RULE}; docs/scenes.md)")
+    parser.add_argument("--merge-threshold", type=float, default=None,
+                        help="the rule's match threshold: IoS for ios, NMS IoU for nms/edge (default 0.5)")
     parser.add_argument("--ann", type=Path, help="COCO JSON whose file_names are the scenes: whole-scene metrics")
     parser.add_argument("--force", action="store_true", help="redo scenes already done in --out")
     parser.add_argument("--precision", help="check the model runs in this precision (torch: fp32|bf16|fp16)")
@@ -384,20 +427,15 @@ def remove_stale_temporaries(out: Path) -> int:
         match = _TEMPORARY.match(path.name)
         if match is None or not path.is_file():
             continue
-        try:
-            os.kill(int(match.group(1)), 0)
-            continue  # that process still runs
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # alive, another user's
+        if pid_alive(int(match.group(1))):
+            continue  # its writer still runs
         path.unlink(missing_ok=True)
         removed += 1
     return removed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from sdconet.scene.raster import DEFAULT_MAX_UNWINDOWED_PIXELS
+    from sdconet.data.raster import DEFAULT_MAX_UNWINDOWED_PIXELS
 
     args = build_parser().parse_args(argv)
     setup_logging()
@@ -405,7 +443,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.max_unwindowed_pixels = DEFAULT_MAX_UNWINDOWED_PIXELS
     options = SceneOptions(input=args.input, tile=args.tile, overlap=args.overlap,
                            score_threshold=args.score_threshold, max_detections=args.max_detections,
-                           batch=args.batch, merge=args.merge, progress=not args.no_progress)
+                           batch=args.batch, merge=args.merge, merge_threshold=args.merge_threshold,
+                           eval_score_threshold=args.eval_score_threshold if args.ann is not None else None,
+                           progress=not args.no_progress)
     try:
         if args.bands is not None:
             check_bands(args.bands)
@@ -417,11 +457,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     job = {"backend": backend.describe(), "geojson_crs": args.geojson_crs}
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way, no permission: bad arguments, not a crash
+        backend.close()
+        print(f"error: --out {args.out}: cannot create the folder ({err.strerror or err})", file=sys.stderr)
+        return 2
     if args.bands is not None:  # only when given, so the markers of jobs run without --bands stay valid
         job["bands"] = list(args.bands)
     summary: dict[str, Any] = {"backend": args.backend, "settings": job, "scenes": [], "errors": [],
                                "metrics": None}
-    args.out.mkdir(parents=True, exist_ok=True)
     stale = remove_stale_temporaries(args.out)
     if stale:
         logger.info("%s: removed %d temporary file(s) of an interrupted run", args.out, stale)
@@ -437,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend.close()
     if args.ann is not None and summary["scenes"]:
         try:
-            summary["metrics"] = evaluate_scenes(args.ann, args.out, summary["scenes"])
+            summary["metrics"] = evaluate_scenes(args.ann, args.out, summary["scenes"], args.eval_score_threshold)
         except (UsageError, ValueError, KeyError) as err:
             summary["errors"].append({"file": str(args.ann), "error": f"evaluation: {err}"})
     write_summary(args.out, summary)

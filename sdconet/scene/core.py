@@ -24,7 +24,7 @@ import numpy as np
 
 from sdconet.runtime.base import DEFAULT_SCORE_THRESHOLD, Runner, pad_to_input
 from sdconet.scene.merge import DEFAULT_MERGE_RULE, MERGE_RULES, merge_detections
-from sdconet.scene.tiling import inner_edges, place_tile_boxes, tile_grid
+from sdconet.scene.tiling import inner_edges, place_tile_boxes, tile_extents, tile_grid
 
 DEFAULT_OVERLAP = 64  # LR pixels, capped at half the tile: larger than most small objects (DOTA vehicles < 40 px)
 DEFAULT_BATCH = 4  # tiles per runner call when the runner has no max batch
@@ -41,6 +41,9 @@ class SceneOptions:
     tile: Optional[int] = None  # None = the runner's input size
     overlap: Optional[int] = None  # None = min(DEFAULT_OVERLAP, tile // 2)
     score_threshold: float = DEFAULT_SCORE_THRESHOLD
+    # also merge the detections >= this threshold into SceneResult.evaluation (what --ann scores: AP needs the whole
+    # precision-recall curve, not the one cut at the display threshold); None = no evaluation set
+    eval_score_threshold: Optional[float] = None
     max_detections: Optional[int] = None  # per scene; None = no cap
     batch: Optional[int] = None  # tiles per runner call; None = the runner's max batch, else DEFAULT_BATCH
     merge: str = DEFAULT_MERGE_RULE
@@ -70,6 +73,8 @@ class SceneResult:
     tiles: int  # tiles run
     tiles_skipped: int  # tiles that were entirely nodata
     seconds: float
+    # the detections >= options.eval_score_threshold, merged on their own (same keys as ``detections``), or None
+    evaluation: Optional[dict[str, np.ndarray]] = None
 
     @property
     def detections(self) -> dict[str, np.ndarray]:
@@ -98,6 +103,10 @@ class SceneInferencer:
         if batch < 1 or (runner.max_batch is not None and batch > runner.max_batch):
             raise ValueError(f"--batch {batch}: must be between 1 and the model's max batch "
                              f"{runner.max_batch or 'unbounded'}")
+        for name in ("score_threshold", "eval_score_threshold", "merge_threshold"):
+            value = getattr(options, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
         if options.max_detections is not None and options.max_detections < 1:
             raise ValueError(f"--max-detections must be >= 1, got {options.max_detections}")
         if options.input == "hr" and options.upscale < 1:
@@ -112,7 +121,7 @@ class SceneInferencer:
 
     # -- one scene -------------------------------------------------------------------------------------------------
     def run(self, reader) -> SceneResult:
-        """Detections of the scene behind ``reader`` (a ``sdconet.scene.raster.SceneReader``)."""
+        """Detections of the scene behind ``reader`` (a ``sdconet.data.raster.SceneReader``)."""
         from tqdm import tqdm
 
         started = time.perf_counter()
@@ -153,22 +162,27 @@ class SceneInferencer:
             if pending:
                 bar.update(len(pending))
                 flush()
-        boxes, scores, labels = self._merge(found)
+        extents = tile_extents(tiles, self.scale)
+        boxes, scores, labels = self._merge(found, extents, self.options.score_threshold)
+        evaluation = None
+        if self.options.eval_score_threshold is not None:
+            evaluation = dict(zip(("boxes", "scores", "labels"),
+                                  self._merge(found, extents, self.options.eval_score_threshold)))
         return SceneResult(boxes, scores, labels,
                            saliency.result(self.scale) if saliency is not None else None,
                            tiles=len(tiles) - skipped, tiles_skipped=skipped,
-                           seconds=time.perf_counter() - started)
+                           seconds=time.perf_counter() - started, evaluation=evaluation)
 
     # -- steps -----------------------------------------------------------------------------------------------------
     def _file_window(self, reader, top: int, left: int, tile_h: int, tile_w: int):
-        from sdconet.scene.raster import Window
+        from sdconet.data.raster import Window
 
         s = self.scale
         return Window(top * s, left * s, tile_h * s, tile_w * s)
 
     def _network_input(self, reader, top: int, left: int, tile_h: int, tile_w: int) -> np.ndarray:
         """[3, tile_h, tile_w] float32 in [0, 1]: the LR tile (nodata pixels set to 0, like the padding)."""
-        from sdconet.scene.raster import Window
+        from sdconet.data.raster import Window
 
         if self.scale == 1:
             rgb, valid = reader.read(Window(top, left, tile_h, tile_w))
@@ -188,17 +202,30 @@ class SceneInferencer:
 
     def _tile_detections(self, outputs: dict[str, np.ndarray], row: int, index: int, tile: np.ndarray,
                          inner: np.ndarray) -> tuple[np.ndarray, ...]:
-        keep = outputs["scores"][row] >= self.options.score_threshold
-        boxes, touches = place_tile_boxes(outputs["boxes"][row][keep], tile, inner, self.scale, EDGE_MARGIN)
+        keep = np.flatnonzero(outputs["scores"][row] >= self._detection_threshold)
+        boxes, touches, kept = place_tile_boxes(outputs["boxes"][row][keep], tile, inner, self.scale, EDGE_MARGIN)
+        keep = keep[kept]
         return (boxes, outputs["scores"][row][keep], outputs["labels"][row][keep],
-                np.full(int(keep.sum()), index, np.int64), touches)
+                np.full(len(keep), index, np.int64), touches)
 
-    def _merge(self, found: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    @property
+    def _detection_threshold(self) -> float:
+        """Per-tile cut: the lower of the output and the evaluation threshold (each set is merged on its own)."""
+        if self.options.eval_score_threshold is None:
+            return self.options.score_threshold
+        return min(self.options.score_threshold, self.options.eval_score_threshold)
+
+    def _merge(self, found: list[tuple[np.ndarray, ...]], extents: np.ndarray, threshold: float,
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not found:
             return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
         boxes, scores, labels, tile_index, touches = (np.concatenate(parts) for parts in zip(*found))
+        if threshold > self._detection_threshold:
+            keep = scores >= threshold
+            boxes, scores, labels, tile_index, touches = (a[keep] for a in (boxes, scores, labels, tile_index,
+                                                                             touches))
         boxes, scores, labels = merge_detections(boxes, scores, labels, rule=self.options.merge,
-                                                 tile_index=tile_index, touches_edge=touches,
+                                                 tile_index=tile_index, touches_edge=touches, tile_boxes=extents,
                                                  threshold=self.options.merge_threshold)
         if self.options.max_detections is not None:
             boxes, scores, labels = (a[:self.options.max_detections] for a in (boxes, scores, labels))

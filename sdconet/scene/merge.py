@@ -4,20 +4,24 @@ Like ``tiling.py`` this module imports nothing from ``sdconet`` or torch (the Tr
 
 Why class-wise NMS alone is not enough: an object cut by a tile's inner edge comes back from that tile as a partial
 box lying inside the full box that the neighbouring tile sees; their IoU is about the visible fraction (0.3-0.6), so
-NMS at IoU 0.5 often keeps both. Two rules are implemented; ``"ios"`` is the default because it measured better on
-synthetic seam scenes (``sdconet.benchmark.scene.seam_study``; figures in ``docs/scenes.md``): both leave one box
-per object smaller than the overlap, but only IoS merging also joins the two halves of an object larger than it.
+NMS at IoU 0.5 often keeps both. The default rule is the one with the best whole-scene AP of a trained model on
+synthetic scenes (``benchmarks/results/scene_merge_study.md``); the seam study of ideal boxes
+(``sdconet.benchmark.scene.seam_study``) checks one box per object.
 
 * ``"edge"``: a box touching an inner tile edge is dropped when a box of the same class from another tile, one that
   does not touch an inner edge of its own tile, covers it (intersection over the smaller box >= ``cover``); then
   class-wise NMS removes the copies that two overlapping tiles both saw whole.
-* ``"ios"``: greedy non-maximum *merging* by intersection over the smaller box: in score order, every lower-scoring
-  box of the same class with IoS >= ``threshold`` is merged into the kept one (union of the boxes, the best score).
-* ``"nms"``: plain class-wise NMS at IoU ``threshold`` (the old behaviour, kept as the baseline).
+* ``"ios"``: greedy non-maximum *merging* by intersection over the smaller box (IoS), across tiles only: in score
+  order, a kept box takes the best-matching lower-scoring box of the same class from each *other* tile whose IoS
+  with it, both boxes seen through the two tiles' shared region, is >= ``threshold`` (union of the boxes, the best
+  score). Boxes of one tile are never joined (two adjacent vehicles the detector told apart stay two), and measuring
+  inside the shared region makes the two pieces of a seam-cut object match however wide the object is (on the whole
+  boxes their IoS is about overlap / smaller piece, below 0.5 for objects wider than ~3x the overlap).
+* ``"nms"``: plain class-wise NMS at IoU ``threshold`` over all boxes (the baseline).
 
-Pairs are found with a sweep over boxes sorted by x1, evaluated vectorised in bounded chunks, so memory stays bounded
-and time grows with the number of boxes that overlap in x, not n^2: 10^5 detections spread over a 20000^2 scene
-merge in 2-3 s on one core.
+Pairs are found with a sweep over boxes sorted along the axis that gives fewer candidates (``sweep_candidates``),
+evaluated vectorised in bounded chunks, so memory stays bounded and time grows with the number of boxes that overlap
+along that axis, not n^2: 10^5 detections spread over a 20000^2 scene merge in 2-3 s on one core.
 """
 from __future__ import annotations
 
@@ -34,26 +38,50 @@ def box_area(boxes: np.ndarray) -> np.ndarray:
     return (boxes[:, 2] - boxes[:, 0]).clip(0) * (boxes[:, 3] - boxes[:, 1]).clip(0)
 
 
-def overlap_pairs(boxes: np.ndarray, labels: np.ndarray, metric: str, threshold: float,
-                  chunk_pairs: int = 1 << 21) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs (i, j), i < j, of same-class boxes whose ``metric`` ("iou" or "ios") is >= ``threshold``.
+SWEEP_AXES = ("x", "y")
 
-    boxes [n, 4] xyxy, labels [n]. Returns two int64 arrays of equal length. Candidates are the boxes whose x1 lies
-    in another's [x1, x2) (a sweep over x1-sorted boxes), evaluated vectorised in chunks of ``chunk_pairs``.
-    """
+
+def _sweep_setup(boxes: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """(axis, order, counts) of the sweep along the axis that gives fewer candidate pairs: boxes sorted by their
+    low edge on ``axis``; the box at sorted rank r pairs with ranks r+1 .. r+counts[r] (they start before its high
+    edge). Sweeping the cheaper axis keeps a tall, narrow scene (one column of tiles) from going quadratic."""
+    best = None
+    for axis in (0, 1):
+        order = np.argsort(boxes[:, axis], kind="stable")
+        end = np.searchsorted(boxes[order, axis], boxes[order, axis + 2], side="left")
+        counts = np.maximum(end - np.arange(1, len(order) + 1), 0)
+        if best is None or counts.sum() < best[2].sum():
+            best = (axis, order, counts)
+    return best
+
+
+def sweep_candidates(boxes: np.ndarray) -> tuple[str, int]:
+    """(sweep axis ``"x"``/``"y"``, number of candidate pairs the pair search evaluates) for [n, 4] xyxy boxes."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if len(boxes) < 2:
+        return "x", 0
+    axis, _, counts = _sweep_setup(boxes)
+    return SWEEP_AXES[axis], int(counts.sum())
+
+
+def _pairs(boxes: np.ndarray, labels: np.ndarray, metric: str, threshold: float, chunk_pairs: int = 1 << 21,
+           tile_index: np.ndarray | None = None, tile_boxes: np.ndarray | None = None,
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(first, second, value) of the same-class pairs whose ``metric`` >= ``threshold`` (module docstring for the
+    cross-tile form used when ``tile_index`` and ``tile_boxes`` are given)."""
     if metric not in ("iou", "ios"):
         raise ValueError(f"metric must be 'iou' or 'ios', got {metric!r}")
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     labels = np.asarray(labels).reshape(-1)
-    empty = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    cross_tile = tile_index is not None and tile_boxes is not None
+    if cross_tile:
+        tile_index = np.asarray(tile_index, dtype=np.int64).reshape(-1)
+        tile_boxes = np.asarray(tile_boxes, dtype=np.float64).reshape(-1, 4)
+    empty = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
     if len(boxes) < 2:
         return empty
-    areas = box_area(boxes)
-    order = np.argsort(boxes[:, 0], kind="stable")
-    # for the box at sorted rank r: candidates are ranks r+1 .. end[r]-1 (they start before its x2)
-    end = np.searchsorted(boxes[order, 0], boxes[order, 2], side="left")
-    counts = np.maximum(end - np.arange(1, len(order) + 1), 0)
-    firsts, seconds = [], []
+    _, order, counts = _sweep_setup(boxes)
+    firsts, seconds, values = [], [], []
     bounds = np.cumsum(counts)
     start_rank = 0
     while start_rank < len(order):
@@ -69,21 +97,45 @@ def overlap_pairs(boxes: np.ndarray, labels: np.ndarray, metric: str, threshold:
         b_rank = a_rank + 1 + (np.arange(len(a_rank)) - np.repeat(np.cumsum(repeat) - repeat, repeat))
         a, b = order[a_rank], order[b_rank]
         same = labels[a] == labels[b]
+        if cross_tile:
+            same &= tile_index[a] != tile_index[b]
         a, b = a[same], b[same]
-        width = (np.minimum(boxes[a, 2], boxes[b, 2]) - np.maximum(boxes[a, 0], boxes[b, 0])).clip(0)
-        height = (np.minimum(boxes[a, 3], boxes[b, 3]) - np.maximum(boxes[a, 1], boxes[b, 1])).clip(0)
+        box_a, box_b = boxes[a], boxes[b]
+        if cross_tile:
+            # both boxes seen through the two tiles' shared region: the pieces of one object cut by a seam are the
+            # same rectangle there, however wide the object is
+            region = np.concatenate([np.maximum(tile_boxes[tile_index[a], :2], tile_boxes[tile_index[b], :2]),
+                                     np.minimum(tile_boxes[tile_index[a], 2:], tile_boxes[tile_index[b], 2:])], 1)
+            box_a = np.concatenate([box_a[:, :2].clip(region[:, :2], None), box_a[:, 2:].clip(None, region[:, 2:])], 1)
+            box_b = np.concatenate([box_b[:, :2].clip(region[:, :2], None), box_b[:, 2:].clip(None, region[:, 2:])], 1)
+        width = (np.minimum(box_a[:, 2], box_b[:, 2]) - np.maximum(box_a[:, 0], box_b[:, 0])).clip(0)
+        height = (np.minimum(box_a[:, 3], box_b[:, 3]) - np.maximum(box_a[:, 1], box_b[:, 1])).clip(0)
         inter = width * height
+        area_a, area_b = box_area(box_a), box_area(box_b)
         if metric == "iou":
-            denominator = areas[a] + areas[b] - inter
+            denominator = area_a + area_b - inter
         else:
-            denominator = np.minimum(areas[a], areas[b])
+            denominator = np.minimum(area_a, area_b)
         value = np.divide(inter, denominator, out=np.zeros_like(inter), where=denominator > 0)
         hit = (value >= threshold) & (inter > 0)
         firsts.append(np.minimum(a[hit], b[hit]))
         seconds.append(np.maximum(a[hit], b[hit]))
+        values.append(value[hit])
     if not firsts:
         return empty
-    return np.concatenate(firsts).astype(np.int64), np.concatenate(seconds).astype(np.int64)
+    return (np.concatenate(firsts).astype(np.int64), np.concatenate(seconds).astype(np.int64),
+            np.concatenate(values))
+
+
+def overlap_pairs(boxes: np.ndarray, labels: np.ndarray, metric: str, threshold: float,
+                  chunk_pairs: int = 1 << 21) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i, j), i < j, of same-class boxes whose ``metric`` ("iou" or "ios") is >= ``threshold``.
+
+    boxes [n, 4] xyxy, labels [n]. Returns two int64 arrays of equal length. Candidates are the boxes whose extents
+    overlap along the sweep axis (``sweep_candidates``), evaluated vectorised in chunks of ``chunk_pairs``.
+    """
+    first, second, _ = _pairs(boxes, labels, metric, threshold, chunk_pairs)
+    return first, second
 
 
 def _neighbours(n: int, first: np.ndarray, second: np.ndarray) -> list[list[int]]:
@@ -111,12 +163,25 @@ def nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_threshold
 
 
 def ios_merge(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, threshold: float = DEFAULT_IOS,
+              tile_index: np.ndarray | None = None, tile_boxes: np.ndarray | None = None,
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Greedy non-maximum merging by IoS: returns merged (boxes [k, 4], scores [k], labels [k]), score-ordered."""
+    """Greedy non-maximum merging by IoS: returns merged (boxes [k, 4], scores [k], labels [k]), score-ordered.
+
+    With ``tile_index`` [n] and ``tile_boxes`` [t, 4] (each tile's xyxy extent in the boxes' pixels) only pairs from
+    two different tiles are matched, by the IoS of the two boxes inside the tiles' shared region, and a kept box
+    takes at most one box of each other tile (the best-matching one): two neighbours seen by the same tile are never
+    joined. Without them every same-class pair is matched on the whole boxes (the rule before issue 22, kept for the
+    merge study and for detections that carry no tile)."""
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     scores = np.asarray(scores, dtype=np.float32).reshape(-1)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    adjacency = _neighbours(len(scores), *overlap_pairs(boxes, labels, "ios", threshold))
+    cross_tile = tile_index is not None and tile_boxes is not None
+    first, second, value = _pairs(boxes, labels, "ios", threshold, tile_index=tile_index, tile_boxes=tile_boxes)
+    adjacency: list[list[tuple[int, float]]] = [[] for _ in range(len(scores))]
+    for a, b, v in zip(first.tolist(), second.tolist(), value.tolist()):
+        adjacency[a].append((b, v))
+        adjacency[b].append((a, v))
+    tiles = np.asarray(tile_index).reshape(-1).tolist() if cross_tile else None
     done = [False] * len(scores)  # plain lists: most boxes have no match, and per-box NumPy calls dominate
     merged = boxes.copy()
     kept = []
@@ -125,7 +190,14 @@ def ios_merge(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, thresho
             continue
         done[i] = True
         kept.append(i)
-        members = [j for j in adjacency[i] if not done[j]]
+        if cross_tile:
+            best: dict[int, tuple[float, float, int]] = {}  # other tile -> (IoS, score, box) of its best match
+            for j, v in adjacency[i]:
+                if not done[j] and (tiles[j] not in best or (v, float(scores[j])) > best[tiles[j]][:2]):
+                    best[tiles[j]] = (v, float(scores[j]), j)
+            members = [entry[2] for entry in best.values()]
+        else:
+            members = [j for j, _ in adjacency[i] if not done[j]]
         if members:
             for j in members:
                 done[j] = True
@@ -152,7 +224,8 @@ def drop_covered_edge_boxes(boxes: np.ndarray, labels: np.ndarray, tile_index: n
 
 def merge_detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, *, rule: str = DEFAULT_MERGE_RULE,
                      tile_index: np.ndarray | None = None, touches_edge: np.ndarray | None = None,
-                     threshold: float | None = None, cover: float = DEFAULT_IOS,
+                     tile_boxes: np.ndarray | None = None, threshold: float | None = None,
+                     cover: float = DEFAULT_IOS,
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One box per object from the shifted detections of all tiles of a scene.
 
@@ -161,6 +234,8 @@ def merge_detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, 
         rule: "edge", "ios" or "nms" (module docstring).
         tile_index, touches_edge: [n] tile of each box and whether it touches an inner edge of that tile
             (``tiling.touches_inner_edge``); required by the "edge" rule.
+        tile_boxes: [t, 4] xyxy extent of each tile in the boxes' pixels (``tiling.tile_extents``); with
+            ``tile_index`` it makes the "ios" rule match only boxes of different tiles inside their shared region.
         threshold: NMS IoU for "edge"/"nms" (default 0.5), IoS for "ios" (default 0.5).
         cover: IoS at which the "edge" rule considers a cut box covered by a whole one.
     Returns:
@@ -174,7 +249,8 @@ def merge_detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, 
     if not len(boxes) == len(scores) == len(labels):
         raise ValueError(f"boxes/scores/labels lengths differ: {len(boxes)}, {len(scores)}, {len(labels)}")
     if rule == "ios":
-        return ios_merge(boxes, scores, labels, DEFAULT_IOS if threshold is None else threshold)
+        return ios_merge(boxes, scores, labels, DEFAULT_IOS if threshold is None else threshold,
+                         tile_index=tile_index, tile_boxes=tile_boxes)
     if rule == "edge":
         if tile_index is None or touches_edge is None:
             raise ValueError("the 'edge' merge rule needs tile_index and touches_edge for every box")

@@ -12,12 +12,16 @@
   - pixel coordinates of the file when it is not georeferenced: x to the right, y down, (0, 0) the top-left corner
     of the top-left pixel (counter-clockwise then means in these numbers, i.e. clockwise on screen).
 
-  The top-level foreign member ``coordinates`` says which (``"wgs84"``, ``"native"``, ``"pixel"``). Every Feature's
+  The top-level foreign member ``sdconet:coordinates`` says which (``"wgs84"``, ``"native"``, ``"pixel"``). Every Feature's
   properties hold ``bbox_xyxy`` (the box in file pixels), ``score``, ``label`` and ``class_name``. Boxes crossing the
   antimeridian are not split.
 * ``<stem>.json``: ``{"file", "width", "height", "crs", "transform", "detections": [{"bbox_xyxy", "score", "label",
   "class_name"}], "saliency": file name or null, "geojson", "preview"}`` (``transform`` as in
-  :mod:`sdconet.scene.raster`).
+  :mod:`sdconet.data.raster`).
+* ``<stem>.eval.json`` (``write_evaluation_detections``, when the job scores scenes against annotations): the
+  detections at the evaluation threshold, ``{"file", "score_threshold", "detections": [{"bbox_xyxy", "score",
+  "label", "class_name"}]}``, merged on their own (AP needs the whole precision-recall curve, not the one cut at
+  the display threshold).
 * ``<stem>_preview.png``: the scene decimated to ``preview_max_side`` with the boxes drawn.
 * ``<stem>_saliency.tif`` (georeferenced scenes: float32 GeoTIFF, the scene's CRS and its transform scaled by the
   saliency cell size) or ``<stem>_saliency.png`` (8-bit grey, value x 255), when a saliency map is given; cell
@@ -34,12 +38,14 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from sdconet.scene.raster import SceneReader
+from sdconet.data.raster import SceneReader
 from sdconet.utils.io import write_atomically, write_text_atomically
 
 GEOJSON_CRS_CHOICES = ("wgs84", "native")
 RING_POINTS_PER_EDGE = 4  # vertices per box edge before the closing point: 16-vertex ring
 DEFAULT_PREVIEW_MAX_SIDE = 2048
+COORDINATES_MEMBER = "sdconet:coordinates"  # which coordinates the GeoJSON holds: "wgs84" | "native" | "pixel"
+EVAL_SUFFIX = ".eval.json"
 
 
 def _check_detections(detections: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -120,7 +126,9 @@ def scene_geojson(reader: SceneReader, boxes: np.ndarray, scores: np.ndarray, la
         features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
                          "properties": {"bbox_xyxy": [round(v, 3) for v in box], "score": round(score, 6),
                                         "label": int(label), "class_name": _class_name(int(label), class_names)}})
-    collection: dict[str, Any] = {"type": "FeatureCollection", "coordinates": kind, "features": features}
+    # a foreign member, named so it cannot be read as GeoJSON's own "coordinates" (RFC 7946 section 7.1 forbids
+    # that member outside a geometry)
+    collection: dict[str, Any] = {"type": "FeatureCollection", COORDINATES_MEMBER: kind, "features": features}
     if kind == "native":
         collection["crs"] = _crs_member(reader.crs)
     return collection
@@ -199,3 +207,19 @@ def write_scene_outputs(out_dir: str | Path, stem: str, reader: SceneReader, det
               "geojson": written["geojson"].name, "preview": written["preview"].name}
     written["json"] = _write_json(out_dir / f"{stem}.json", record)
     return written
+
+
+def detection_records(detections: Mapping[str, Any], class_names: Sequence[str]) -> list[dict[str, Any]]:
+    """``[{"bbox_xyxy", "score", "label", "class_name"}]`` of ``detections`` (boxes in file pixels)."""
+    boxes, scores, labels = _check_detections(detections)
+    return [{"bbox_xyxy": [round(v, 3) for v in box], "score": round(score, 6), "label": int(label),
+             "class_name": _class_name(int(label), class_names)}
+            for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist())]
+
+
+def write_evaluation_detections(out_dir: str | Path, stem: str, file: str, detections: Mapping[str, Any],
+                                class_names: Sequence[str], score_threshold: float) -> Path:
+    """``<stem>.eval.json`` of the module docstring."""
+    record = {"file": file, "score_threshold": float(score_threshold),
+              "detections": detection_records(detections, class_names)}
+    return _write_json(Path(out_dir) / f"{stem}{EVAL_SUFFIX}", record)

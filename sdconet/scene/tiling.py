@@ -74,11 +74,22 @@ def clip_boxes(boxes: np.ndarray, tile_height: int, tile_width: int) -> np.ndarr
     return boxes
 
 
+def tile_extents(tiles: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """float32 ``[n, 4]`` xyxy extent of each tile (top, left, height, width) in scene pixels times ``scale``: the
+    ``tile_boxes`` that ``merge_detections`` matches boxes of two tiles inside."""
+    top, left, tile_h, tile_w = np.asarray(tiles, dtype=np.float32).reshape(-1, 4).T
+    return np.stack([left, top, left + tile_w, top + tile_h], axis=1) * np.float32(scale)
+
+
 def place_tile_boxes(boxes: np.ndarray, tile: np.ndarray | tuple[int, int, int, int], inner: np.ndarray,
-                     scale: float = 1.0, margin: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
-    """One tile's boxes ([n, 4] xyxy, network-input pixels) -> (scene boxes [n, 4] float32, touches_edge [n] bool):
-    clipped to the tile's valid area, tested against its inner edges (``inner`` [4]), shifted by its origin and
-    multiplied by ``scale``. ``tile`` = (top, left, height, width); the inputs ``merge_detections`` needs per box."""
+                     scale: float = 1.0, margin: float = 2.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One tile's boxes ([n, 4] xyxy, network-input pixels) -> (scene boxes [k, 4] float32, touches_edge [k] bool,
+    kept [k] int64): clipped to the tile's valid area, boxes left with no area dropped (those that lay wholly in an
+    edge tile's zero padding), tested against its inner edges (``inner`` [4]), shifted by its origin and multiplied
+    by ``scale``. ``kept`` indexes the input rows that survive. ``tile`` = (top, left, height, width)."""
     top, left, tile_h, tile_w = (int(v) for v in tile)
     clipped = clip_boxes(boxes, tile_h, tile_w)
-    return shift_boxes(clipped, top, left, scale), touches_inner_edge(clipped, tile_h, tile_w, inner, margin)
+    kept = np.flatnonzero((clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1]))
+    clipped = clipped[kept]
+    return (shift_boxes(clipped, top, left, scale), touches_inner_edge(clipped, tile_h, tile_w, inner, margin),
+            kept.astype(np.int64))

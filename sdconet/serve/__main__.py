@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from sdconet.deploy.triton_repo import BACKENDS, RepositoryError, load_manifest
+from sdconet.serve.triton_repo import BACKENDS, RepositoryError, load_manifest
 from sdconet.serve.server import (DEFAULT_HOST, DEFAULT_PORTS, PortInUseError, ServerError, TritonServer,
                                   remove_stale_shm_regions, stop_stale_server)
 from sdconet.utils.logging import get_logger, setup_logging
@@ -72,7 +72,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.backend is not None and args.backend != manifest["backend"]:
         parser.error(f"{args.repo} was built for backend '{manifest['backend']}', not '{args.backend}'; rebuild it "
                      f"for '{args.backend}' (export/build_engine.py --triton-repo, or "
-                     f"sdconet.deploy.triton_repo.build_repository)")
+                     f"sdconet.serve.triton_repo.build_repository)")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding to %s: the server is reachable from other machines", args.host)
 

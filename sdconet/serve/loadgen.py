@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from sdconet.serve.client import (ENSEMBLE_MODEL, PROTOCOLS, AsyncSDCoNetClient, ImageInput, composing_models,
+from sdconet.runtime.triton_client import (ENSEMBLE_MODEL, PROTOCOLS, AsyncSDCoNetClient, ImageInput, composing_models,
                                   default_url)
 from sdconet.utils.logging import get_logger, setup_logging
 

@@ -53,13 +53,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
+from sdconet.runtime.triton_client import DEFAULT_PORTS
 from sdconet.serve.python_env import inspect_python_env
 from sdconet.utils.logging import get_logger
+from sdconet.utils.process import pid_alive
 
 log = get_logger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 # the only backend the nvidia-pytriton server carries
 BUNDLED_BACKENDS = ("python",)
 # environment variable every started server carries: the pid of the process that started it (stale-server check)
@@ -274,7 +275,7 @@ def port_holders(port: int) -> list[PortHolder]:
             pass
         # stale = its launcher is gone; a live launcher whose server is a grandchild (a --tritonserver wrapper
         # script that forks) is not
-        stale = launcher is not None and _parent_pid(pid) != launcher and not _pid_alive(launcher)
+        stale = launcher is not None and _parent_pid(pid) != launcher and not pid_alive(launcher)
         holders.append(PortHolder(pid, label, launcher, stale, repo))
     return holders
 
@@ -289,9 +290,9 @@ def stop_stale_server(holder: PortHolder, timeout_s: float = 30.0) -> None:
         if os.getpgid(holder.pid) != holder.pid:  # not a group leader (started by something else): the process only
             os.kill(holder.pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout_s
-            while _pid_alive(holder.pid) and time.monotonic() < deadline:
+            while pid_alive(holder.pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if _pid_alive(holder.pid):
+            if pid_alive(holder.pid):
                 os.kill(holder.pid, signal.SIGKILL)
             return
         os.killpg(holder.pid, signal.SIGTERM)  # the server leads its own process group (start_new_session)
@@ -328,16 +329,6 @@ SHM_DIR = Path("/dev/shm")
 _SHM_REGION = re.compile(r"^(sdconet(\d+)_.{8}_)")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    return True
-
-
 def remove_stale_shm_regions(shm_dir: Path = SHM_DIR) -> int:
     """Delete the shared-memory regions (``shm_dir``, i.e. /dev/shm) of servers that were SIGKILLed: a stopped or
     SIGTERMed server removes its own, a killed one leaves tens of MB of RAM behind. A region goes when the launcher
@@ -350,7 +341,7 @@ def remove_stale_shm_regions(shm_dir: Path = SHM_DIR) -> int:
     prefixes = {}
     for name in names:
         match = _SHM_REGION.match(name)
-        if match and not _pid_alive(int(match.group(2))):
+        if match and not pid_alive(int(match.group(2))):
             prefixes.setdefault(match.group(1), []).append(name)
     if not prefixes:
         return 0
@@ -413,7 +404,7 @@ def _die_with_parent_hook() -> Optional[Callable[[], None]]:
 
 def _python_env_paths(repo: Path) -> set[str]:
     """EXECUTION_ENV_PATH values of the python models in ``repo``."""
-    from sdconet.deploy.triton_repo import parse_model_config
+    from sdconet.serve.triton_repo import parse_model_config
 
     paths = set()
     for config_path in sorted(repo.glob("*/config.pbtxt")):
@@ -426,7 +417,7 @@ def _python_env_paths(repo: Path) -> set[str]:
 def tensorrt_plugin_args(repo: Path) -> list[str]:
     """``--backend-config=tensorrt,plugins=a.so;b.so`` for the plugin libraries the repository's manifest lists
     (engines built with ``--plugin-lib``); the tensorrt_plan backend loads them before deserializing the engine."""
-    from sdconet.deploy.triton_repo import MANIFEST_NAME
+    from sdconet.serve.triton_repo import MANIFEST_NAME
 
     manifest_path = repo / MANIFEST_NAME
     if not manifest_path.is_file():
@@ -476,7 +467,7 @@ def stub_pids(pgid: int, model: str) -> list[int]:
 
 def expected_stubs(repo: Path) -> dict[str, int]:
     """Python models of ``repo`` -> how many backend stubs they run (one per model instance)."""
-    from sdconet.deploy.triton_repo import parse_model_config
+    from sdconet.serve.triton_repo import parse_model_config
 
     counts = {}
     for config_path in sorted(repo.glob("*/config.pbtxt")):
@@ -490,7 +481,7 @@ class TritonServer:
     """A ``tritonserver`` process serving ``repo`` (context manager: start on enter, stop on exit).
 
     Args:
-        repo: a repository written by :func:`sdconet.deploy.triton_repo.build_repository`.
+        repo: a repository written by :func:`sdconet.serve.triton_repo.build_repository`.
         host: address the HTTP, gRPC and metrics endpoints bind to (loopback by default).
         http_port, grpc_port, metrics_port: Triton's defaults 8000/8001/8002 unless given; 0 = a free port picked at
             start (all distinct; picked again when another process takes one first). ``endpoints`` has the ports
@@ -594,7 +585,7 @@ class TritonServer:
     def _check_backends(self) -> None:
         if not self.bundled:
             return
-        from sdconet.deploy.triton_repo import parse_model_config
+        from sdconet.serve.triton_repo import parse_model_config
 
         for config_path in sorted(self.repo.glob("*/config.pbtxt")):
             config = parse_model_config(config_path)

@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from sdconet.serve.client import ENSEMBLE_MODEL, _protocol_module
+from sdconet.runtime.triton_client import ENSEMBLE_MODEL, _protocol_module
 from sdconet.serve.server import process_group_members, process_label, stub_pids
 from sdconet.utils.io import save_figure, write_text_atomically
 from sdconet.utils.logging import get_logger

@@ -1,6 +1,7 @@
 """Atomic file writes: the one helper every writer of checkpoints, metrics, datasets and scene outputs uses."""
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from pathlib import Path
@@ -40,3 +41,13 @@ def save_figure(figure: Any, path: str | Path, dpi: int = 110) -> Path:
         return write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=dpi))
     finally:
         plt.close(figure)
+
+
+def sha256_of(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks (an artifact's identity in reports, manifests and
+    resume markers)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -17,7 +17,7 @@ try:
 except ImportError as err:  # this model.py next to the sdconet_processing.py of an older build
     raise ImportError("preprocess: the sdconet_processing.py next to this model.py is older than it (no "
                       "image_input); rebuild the repository with export/build_engine.py --triton-repo (or "
-                      "sdconet.deploy.triton_repo.build_repository) instead of copying model.py files") from err
+                      "sdconet.serve.triton_repo.build_repository) instead of copying model.py files") from err
 
 
 class TritonPythonModel:

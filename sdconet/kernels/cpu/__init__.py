@@ -19,7 +19,9 @@ from typing import Sequence
 import numpy as np
 
 from sdconet.kernels.cpu.build import KernelBuildError, build_extension, extension_path
+from sdconet.utils.logging import get_logger
 
+_LOG = get_logger(__name__)
 ISAS = ("avx512", "avx2", "scalar")
 _ERROR_SIZE = 512
 
@@ -97,7 +99,7 @@ def plugin_node_model(levels: Sequence[Sequence[int]], value_shape: Sequence[int
     float type (default FLOAT)."""
     from onnx import TensorProto, helper
 
-    from sdconet.deploy import msda_plugin
+    from sdconet.kernels import msda_plugin
     from sdconet.ops.msda import level_start_index_for
 
     levels = [tuple(int(v) for v in level) for level in levels]
@@ -119,5 +121,21 @@ def plugin_node_model(levels: Sequence[Sequence[int]], value_shape: Sequence[int
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)])
 
 
-__all__ = ["ISAS", "KernelBuildError", "build_extension", "cpu_supports", "extension_path", "msda_forward",
-           "plugin_node_model", "selected_isa"]
+def fused_cpu_kernel_ready(fallback: str = "Triton cpu runtime: onnxruntime") -> bool:
+    """openvino is installed and the fused MSDA CPU kernel builds here; when not, the log says why and what the
+    caller does instead (``fallback``)."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError as err:
+        _LOG.info("%s (%s)", fallback, err)
+        return False
+    try:
+        extension_path()
+    except KernelBuildError as err:
+        _LOG.warning("%s, the fused MSDA CPU kernel cannot be built (%s)", fallback, err)
+        return False
+    return True
+
+
+__all__ = ["ISAS", "KernelBuildError", "build_extension", "cpu_supports", "extension_path", "fused_cpu_kernel_ready",
+           "msda_forward", "plugin_node_model", "selected_isa"]

@@ -340,7 +340,7 @@ class SceneReader:
                              f"({_gdal_message(err)})") from err
             rgb, valid = self._to_rgb(data), self._validity(data, mask)
         else:
-            from sdconet.engine.visualize import resize
+            from sdconet.utils.image import resize
 
             rgb, valid = self.read(Window(0, 0, self.height, self.width))
             rgb = resize(rgb, shape, nearest=self._lut is not None)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sdconet.config import Config
+from sdconet.config import DEFAULT_TRAINING_TILE as DEFAULT_TILE, training_image_size  # noqa: F401
 from sdconet.runtime.base import DEFAULT_SCORE_THRESHOLD
 from sdconet.scene.merge import DEFAULT_MERGE_RULE
 from sdconet.utils.logging import get_logger, setup_logging
@@ -32,17 +32,7 @@ from sdconet.utils.logging import get_logger, setup_logging
 logger = get_logger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-DEFAULT_TILE = 512  # HR pixels: the -Split datasets' window (DESIGN §4) when the run's image size is unknown
 DEFAULT_OVERLAP = 128  # file pixels, capped at half the tile
-
-
-def training_image_size(cfg: Config) -> int:
-    """HR side of the images a run was trained on: the random crop, else the synthetic size, else 512."""
-    if cfg.data.random_crop is not None:
-        return cfg.data.random_crop
-    if cfg.data.root is None:
-        return cfg.data.synthetic.image_size
-    return DEFAULT_TILE
 
 
 @dataclass

@@ -27,21 +27,21 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from sdconet.runtime.base import DEFAULT_SCORE_THRESHOLD
-from sdconet.runtime.metadata import ORT_DOMAINS
+from sdconet.runtime.metadata import (DETECTOR_MODELS, MANIFEST_NAME, ORT_DOMAINS, RepositoryError,  # noqa: F401
+                                      load_manifest)
 from sdconet.scene import merge as scene_merge, tiling as scene_tiling
 from sdconet.serve import processing
 from sdconet.serve.python_env import DETECTOR_CPU_MODULES, PREPROCESS_MODULES, inspect_python_env
+from sdconet.utils.io import sha256_of
 from sdconet.utils.logging import get_logger
 
 log = get_logger(__name__)
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "triton_repo"
 BACKENDS = ("cpu", "onnx", "trt")
-DETECTOR_MODELS = {"cpu": "detector_cpu", "onnx": "detector_onnx", "trt": "detector_trt"}
 DETECTOR_PLATFORMS = {"cpu": "python", "onnx": "onnxruntime_onnx", "trt": "tensorrt_plan"}
 ENSEMBLE_MODEL = "sdconet"
 SCENE_MODEL = "sdconet_scene"
-MANIFEST_NAME = "sdconet_repo.json"
 PROCESSING_MODULE_NAME = "sdconet_processing.py"
 # the pure-NumPy modules the scene model imports, copied next to its model.py under these names
 SCENE_MODULES = {"sdconet_tiling.py": scene_tiling, "sdconet_merge.py": scene_merge,
@@ -59,10 +59,6 @@ OPENVINO_MSDA_OPS = ("trt.plugins::MultiscaleDeformableAttnPlugin_TRT", "sdconet
 
 _ONNX_TO_TRITON = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 5: "TYPE_INT16", 6: "TYPE_INT32",
                    7: "TYPE_INT64", 9: "TYPE_BOOL", 10: "TYPE_FP16", 11: "TYPE_FP64", 16: "TYPE_BF16"}
-
-
-class RepositoryError(ValueError):
-    """The repository cannot be built or does not match the model; the message names the file/field/value."""
 
 
 @dataclass(frozen=True)
@@ -525,6 +521,10 @@ def build_repository(repo_dir: str | Path, *, onnx_path: str | Path | None = Non
                          f'"{_pbtxt_string(str(options.python_env))}" }} }}')
 
     detector = DETECTOR_MODELS[backend]
+    # the identity of what the detector runs (engine, cpu model or ONNX): in the manifest and the scene model's
+    # parameters, so a client's resume marker can tell two deployments of different weights apart
+    artifact = engine_path if backend == "trt" else (cpu.model if cpu is not None else onnx_path)
+    detector_sha256 = sha256_of(artifact)
     num_detections = next(spec for spec in outputs if spec.name == "boxes").dims[0]
     values = {
         "max_batch_size": max_batch, "imgsz": imgsz, "num_detections": num_detections,
@@ -542,7 +542,7 @@ def build_repository(repo_dir: str | Path, *, onnx_path: str | Path | None = Non
         "scene_tiles_per_request": options.scene_tiles_per_request or max(1, max_batch // 2),
         "scene_requests_in_flight": options.scene_requests_in_flight, "max_scene_pixels": options.max_scene_pixels,
         "scene_max_tiles": options.scene_max_tiles, "scene_max_detections": options.scene_max_detections,
-        "scene_merge_rule": options.scene_merge_rule,
+        "scene_merge_rule": options.scene_merge_rule, "detector_sha256": detector_sha256,
         "cpu_runtime": cpu.runtime if cpu else "", "cpu_model_file": cpu.model_file if cpu else "",
         "cpu_precision": cpu.precision if cpu else "", "cpu_openvino_version": cpu.openvino_version if cpu else "",
         "cpu_extension": EXTENSION_NAME if cpu and cpu.extension else "",
@@ -586,6 +586,7 @@ def build_repository(repo_dir: str | Path, *, onnx_path: str | Path | None = Non
             "class_names": list(class_names), "score_threshold": float(score_threshold),
             "source_onnx": str(onnx_path.resolve()),
             "source_engine": str(engine_path.resolve()) if engine_path is not None else None,
+            "detector_artifact": {"file": str(Path(artifact).resolve()), "sha256": detector_sha256},
             "python_env_version": python_env_version, "plugin_libs": plugin_libs, "options": asdict(options),
             "cpu_runtime": cpu.manifest() if cpu is not None else None,
             "accuracy_gate": (None if gate is None else dict(gate) | {"allowed_failed": bool(
@@ -610,10 +611,3 @@ def scene_overlap(options: RepositoryOptions, imgsz: int) -> int:
     return options.scene_overlap if options.scene_overlap is not None else min(DEFAULT_OVERLAP, imgsz // 2)
 
 
-def load_manifest(repo_dir: str | Path) -> dict:
-    """The manifest a built repository carries; a clear error if ``repo_dir`` was not written by this builder."""
-    path = Path(repo_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise RepositoryError(f"{repo_dir} has no {MANIFEST_NAME}: build it with sdconet.deploy.triton_repo."
-                              f"build_repository (export/build_engine.py --triton-repo)")
-    return json.loads(path.read_text())
