@@ -79,13 +79,20 @@ def test_int8_share_counts_only_quantized_macs_and_exclusions_reach_onnxruntime(
     assert lg.int8_mac_fraction(source)["int8_mac_fraction"] == 0.0
 
 
-def test_the_exported_detector_has_every_compute_node_named_and_grouped(tiny_random_checkpoint, tmp_path):
+@pytest.fixture(scope="module")
+def study_export(tiny_random_checkpoint, tmp_path_factory):
+    """The tiny model's pure ONNX as the study names it (``<work>/study.onnx``): one export for both tests."""
     from sdconet.deploy.exporter import run_export
 
-    result = run_export(ExportOptions(checkpoint=str(tiny_random_checkpoint), out=str(tmp_path), imgsz=64,
-                                      max_batch=2, msda="onnx", name="tiny"))
+    work = tmp_path_factory.mktemp("int8_study")
+    result = run_export(ExportOptions(checkpoint=str(tiny_random_checkpoint), out=str(work), imgsz=64,
+                                      max_batch=2, msda="onnx", name="study"))
     assert result.exit_code == 0
-    model = onnx.load(str(tmp_path / "tiny.onnx"))
+    return work
+
+
+def test_the_exported_detector_has_every_compute_node_named_and_grouped(study_export):
+    model = onnx.load(str(study_export / "study.onnx"))
     names = [n.name for n in model.graph.node if n.op_type in lg.COMPUTE_OPS]
     assert names and all("/" in name for name in names), [n for n in names if "/" not in n]
     groups = lg.node_groups(names)
@@ -175,3 +182,25 @@ def test_repository_refuses_a_failed_gate_unless_allowed_and_records_it(tmp_path
     passed = build_repository(tmp_path / "ok", gate=dict(failed, passed=True, reasons=[]), **common)
     assert load_manifest(passed)["accuracy_gate"]["allowed_failed"] is False
     assert json.loads((passed / MANIFEST_NAME).read_text())["accuracy_gate"]["key"] == "onnxruntime_int8"
+
+
+def test_the_study_tool_writes_its_table_and_the_group_variants_hold_what_they_say(tiny_random_checkpoint,
+                                                                                     study_export, tmp_path):
+    from sdconet.deploy import int8_study
+
+    out = tmp_path / "int8_study"
+    assert int8_study.main(["--checkpoint", str(tiny_random_checkpoint), "--images", "4", "--imgsz", "64",
+                            "--calib-images", "4", "--groups", "neck", "encoder.layer0.value_proj",
+                            "--error-images", "2", "--work-dir", str(study_export), "--out", str(out)]) == 0
+    study = json.loads(out.with_suffix(".json").read_text())
+    assert {"rows", "groups", "activation_error", "provenance"} <= set(study)
+    assert study["gate_images"] == 4 and study["calibration_images"] == 4
+    assert study["provenance"]["command"] and "isa" in study["provenance"]["cpu"]
+    assert [g["group"] for g in study["groups"]] == ["neck", "encoder.layer0.value_proj"]
+    full = study["all_int8"]["int8_mac_fraction"]
+    for row in study["groups"]:
+        assert {"group", "AP", "AP75", "agreement", "mac_share"} <= set(row)
+        # "only this group in INT8" runs exactly the group's MACs in INT8; "all but this group" the rest
+        assert row["int8_only"]["int8_mac_fraction"] == pytest.approx(row["mac_share"], abs=2e-4)
+        assert row["float_only"]["int8_mac_fraction"] == pytest.approx(full - row["mac_share"], abs=2e-4)
+    assert "| neck |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0

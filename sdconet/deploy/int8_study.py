@@ -255,41 +255,51 @@ def write_outputs(study: dict, out: Path) -> None:
     plot(study, out.with_suffix(".png"))
 
 
+def _fmt(value: Any, spec: str) -> str:
+    """``format(value, spec)``, or "-" for a figure that does not exist (no detection to agree on, no AP)."""
+    return "-" if value is None else format(value, spec)
+
+
 def render_markdown(study: dict) -> str:
     cpu = study["provenance"]["cpu"]
+    fp32, full = study["fp32"], study["all_int8"]
     lines = [f"# INT8 sensitivity study ({study['imgsz']} px, {study['gate_images']} held-out images, "
              f"{study['calibration_images']} calibration inputs, {study['calibration_method']})", "",
              f"CPU: {cpu.get('model')} ({', '.join(cpu.get('isa') or [])}). Scheme: {study['scheme']}.", "",
-             f"FP32: AP {study['fp32']['AP']:.4f}, AP75 {study['fp32']['AP75']:.4f}. All INT8: AP drop "
-             f"{study['all_int8']['ap_drop_points']:+.2f} pt, agreement {study['all_int8']['agreement']:.3f}.", ""]
+             f"FP32: AP {_fmt(fp32['AP'], '.4f')}, AP75 {_fmt(fp32['AP75'], '.4f')}. All INT8: AP drop "
+             f"{_fmt(full['ap_drop_points'], '+.2f')} pt, agreement {_fmt(full['agreement'], '.3f')}.", ""]
     if study.get("rows"):
         lines += ["## The INT8 paths with the shipped defaults", "",
                   "| path | AP drop (pt) | AP50 drop (pt) | AP75 | agreement | int8 MAC share | calib | passed |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in study["rows"]:
-            lines.append(f"| {r['path']} | {r['ap_drop_points']:+.2f} | {r['ap50_drop_points']:+.2f} | "
-                         f"{r['AP75']:.4f} (fp32 {r['AP75_fp32']:.4f}) | {r['agreement']:.3f} | "
+            lines.append(f"| {r['path']} | {_fmt(r['ap_drop_points'], '+.2f')} | "
+                         f"{_fmt(r['ap50_drop_points'], '+.2f')} | {_fmt(r['AP75'], '.4f')} "
+                         f"(fp32 {_fmt(r['AP75_fp32'], '.4f')}) | {_fmt(r['agreement'], '.3f')} | "
                          f"{r['int8_mac_fraction']} | {r['calibration_images']} | {r['passed']} |")
         lines.append("")
     lines += ["## Groups (sorted by the AP drop of the group alone in INT8)", "",
               "| group | MAC share | only this group INT8: AP drop / AP75 / agreement | all but this group INT8: AP "
               "drop / agreement | recovered (pt) |", "|---|---|---|---|---|"]
-    for r in sorted(study["groups"], key=lambda r: -r["int8_only"]["ap_drop_points"]):
+    for r in sorted(study["groups"], key=lambda r: -(r["int8_only"]["ap_drop_points"] or 0.0)):
         o, f = r["int8_only"], r["float_only"]
-        lines.append(f"| {r['group']} | {r['mac_share']:.3f} | {o['ap_drop_points']:+.2f} / {o['AP75']:.4f} / "
-                     f"{o['agreement']:.3f} | {f['ap_drop_points']:+.2f} / {f['agreement']:.3f} | "
-                     f"{r['recovered_points']:+.2f} |")
+        lines.append(f"| {r['group']} | {_fmt(r['mac_share'], '.3f')} | {_fmt(o['ap_drop_points'], '+.2f')} / "
+                     f"{_fmt(o['AP75'], '.4f')} / {_fmt(o['agreement'], '.3f')} | "
+                     f"{_fmt(f['ap_drop_points'], '+.2f')} / {_fmt(f['agreement'], '.3f')} | "
+                     f"{_fmt(r['recovered_points'], '+.2f')} |")
     lines += ["", "## Activation error of the all-INT8 graph (worst compute node per group)", "",
               "| group | max rel. L2 error | mean | worst node |", "|---|---|---|---|"]
     for r in study["activation_error"][:15]:
-        lines.append(f"| {r['group']} | {r['max_rel_error']:.4f} | {r['mean_rel_error']:.4f} | `{r['worst_node']}` |")
+        lines.append(f"| {r['group']} | {_fmt(r['max_rel_error'], '.4f')} | {_fmt(r['mean_rel_error'], '.4f')} | "
+                     f"`{r['worst_node']}` |")
     share = study.get("fp16_share")
     if share:
         lines += ["", "## FP16 vs INT8 share (ModelOpt, shipped exclusions)", ""]
         for dtype in ("fp32", "fp16"):
             entry = share.get(dtype, share)
-            lines.append(f"- high_precision_dtype {dtype}: " + (entry["skipped"] if "skipped" in entry else
-                         f"AP drop {entry['ap_drop_points']:+.2f} pt, agreement {entry['agreement']:.3f}"))
+            lines.append(f"- high_precision_dtype {dtype}: " + (
+                entry["skipped"] if "skipped" in entry else
+                f"AP drop {_fmt(entry['ap_drop_points'], '+.2f')} pt, agreement {_fmt(entry['agreement'], '.3f')}"))
     lines += ["", f"Timings (s): {study['timings_s']}", ""]
     return "\n".join(lines)
 

@@ -96,7 +96,8 @@ class ExportReport:
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "checkpoint": self.checkpoint, "options": self.options, "environment": environment(),
                 "artifacts": self.artifacts, "graphs": self.graphs, "parity": self.parity, "int8": self.int8,
-                "calibration": self.calibration, "engine": self.engine, "accuracy": self.accuracy, "triton": self.triton, "skipped": self.skipped}
+                "calibration": self.calibration, "engine": self.engine, "accuracy": self.accuracy,
+                "triton": self.triton, "skipped": self.skipped}
 
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
         out_dir = Path(out_dir)
