@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdconet.deploy.exporter import (CPU_INT8_BACKENDS, DEFAULT_INT8_EXCLUDE, MSDA_MODES, TRITON_BACKENDS,  # noqa: E402
+from sdconet.deploy.exporter import (CPU_INT8_BACKENDS, DEFAULT_INT8_EXCLUDE, DEFAULT_INT8_OP_TYPES,  # noqa: E402
+                                      MSDA_MODES, TRITON_BACKENDS,
                                       TRITON_CPU_PRECISIONS, TRITON_CPU_RUNTIMES, ExportError, ExportOptions,
                                       print_summary, run_export)
 from sdconet.kernels.msda_plugin import sdconet_plugin_available  # noqa: E402
@@ -72,6 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     prec.add_argument("--int8-exclude", action="append", default=None, metavar="REGEX",
                       help="keep the Conv/MatMul/Gemm nodes whose name fully matches REGEX in float in every INT8 path "
                            f"(repeatable; replaces the defaults {list(DEFAULT_INT8_EXCLUDE)}; pass '' for none)")
+    prec.add_argument("--int8-op-types", nargs="*", default=None, metavar="OP",
+                      help=f"op types ModelOpt's Q/DQ graph quantizes (default {' '.join(DEFAULT_INT8_OP_TYPES)}; "
+                           f"no value: ModelOpt's own default, which also quantizes residual Adds, LayerNorm and "
+                           f"TopK inputs and costs accuracy here, docs/export.md)")
     prec.add_argument("--eval-images", type=int, default=None,
                       help="cap on the accuracy gate's images (default: all of the gate set)")
     prec.add_argument("--gate-count", type=int, default=200,
@@ -132,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                             calib_method=args.calib_method,
                             int8_exclude=(DEFAULT_INT8_EXCLUDE if args.int8_exclude is None
                                           else tuple(p for p in args.int8_exclude if p)),
+                            int8_op_types=(DEFAULT_INT8_OP_TYPES if args.int8_op_types is None
+                                           else tuple(args.int8_op_types)),
                             gate_count=args.gate_count, gate_images=args.gate_images, gate_ann=args.gate_ann,
                             allow_failed_gate=args.allow_failed_gate,
                             eval_images=args.eval_images, modelopt_python=args.modelopt_python,

@@ -204,3 +204,22 @@ def test_the_study_tool_writes_its_table_and_the_group_variants_hold_what_they_s
         assert row["int8_only"]["int8_mac_fraction"] == pytest.approx(row["mac_share"], abs=2e-4)
         assert row["float_only"]["int8_mac_fraction"] == pytest.approx(full - row["mac_share"], abs=2e-4)
     assert "| neck |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
+
+
+def test_the_default_exclusions_select_exactly_the_groups_the_study_chose(study_export):
+    """DEFAULT_INT8_EXCLUDE (node-name regexes, what --int8-exclude replaces) and DEFAULT_INT8_FLOAT_GROUPS (the
+    study's group names) must name the same nodes: a renamed module would otherwise quietly quantize a layer the
+    study kept in float."""
+    from sdconet.deploy.exporter import DEFAULT_INT8_EXCLUDE, DEFAULT_INT8_FLOAT_GROUPS, MSDA_EXCLUDE_PATTERN
+
+    model = onnx.load(str(study_export / "study.onnx"))
+    compute = [n.name for n in model.graph.node if n.op_type in lg.COMPUTE_OPS
+               and not re.fullmatch(MSDA_EXCLUDE_PATTERN, n.name)]
+    chosen = {name for group, members in lg.node_groups(compute).items()
+              if any(re.fullmatch(p, group) for p in DEFAULT_INT8_FLOAT_GROUPS) for name in members}
+    matched = set(lg.matching_nodes(model, DEFAULT_INT8_EXCLUDE, lg.COMPUTE_OPS)) - set(
+        lg.matching_nodes(model, [MSDA_EXCLUDE_PATTERN]))
+    assert chosen and matched == chosen, (sorted(matched - chosen)[:5], sorted(chosen - matched)[:5])
+    # and the Swin stages 1-3 and the decoder's attention and FFNs stay INT8
+    stay_int8 = [n for n in compute if "layers_2" in n or "decoder.layers." in n or "/decoder/layers." in n]
+    assert stay_int8 and not any(re.fullmatch(p, n) for p in DEFAULT_INT8_EXCLUDE for n in stay_int8)

@@ -33,8 +33,21 @@ from sdconet.utils.logging import get_logger
 LOG = get_logger(__name__)
 
 MSDA_MODES = ("plugin", "onnx", "sdconet")
-# --int8-exclude defaults: chosen from benchmarks/results/int8_study.md (docs/export.md says why)
-DEFAULT_INT8_EXCLUDE: tuple[str, ...] = ()
+# --int8-exclude defaults, kept in float by every INT8 path: the layers whose INT8 moves the boxes (measured by
+# benchmarks/results/int8_study.md on the demo checkpoint; docs/export.md "Where INT8 loses accuracy" says why).
+# Everything before and around the token selection: the Swin stem and first stage, the neck, the saliency head and
+# the deformable encoder, the proposal (query selection) head, and the decoder's box heads; the Swin stages 1-3, the
+# decoder's attention, FFNs and class heads (70 % of the MACs) stay INT8.
+# ops ModelOpt's Q/DQ graph quantizes: the compute ops only. ModelOpt's own default also puts Q/DQ on residual
+# Adds, LayerNorm inputs and TopK scores (TensorRT fusion points); on the demo checkpoint that cost 1.0 AP point and
+# dropped agreement to 0.54, compute ops only: -0.09 / 0.972 (benchmarks/results/int8_study.md)
+DEFAULT_INT8_OP_TYPES: tuple[str, ...] = ("Conv", "Gemm", "MatMul")
+DEFAULT_INT8_FLOAT_GROUPS = ("swin.patch_embed", "swin.stage0", "neck", "saliency_head", r"encoder\..*", "proposal_head",
+                             "decoder.box_heads")  # the layer_groups.LAYER_GROUPS those patterns select
+DEFAULT_INT8_EXCLUDE: tuple[str, ...] = (
+    r".*patch_embed.*", r".*(?:/encoder/layers_0/|swin\.layers_0\.).*", r".*neck.*", r".*saliency.*",
+    r".*foreground_attn.*", r".*(?:/encoder/layers\.|encoder\.layers\.)[0-9]+[/.].*", r".*query_selection.*",
+    r".*box_heads.*")
 
 
 TRITON_BACKENDS = ("auto", "trt", "onnx", "cpu")
@@ -69,6 +82,7 @@ class ExportOptions:
     calib_method: str = "entropy"  # ModelOpt's calibration (entropy | max); the CPU quantizers keep theirs
     # node-name regexes kept in float by every INT8 path (on top of the MSDA sampling subgraphs)
     int8_exclude: Sequence[str] = DEFAULT_INT8_EXCLUDE
+    int8_op_types: Sequence[str] = DEFAULT_INT8_OP_TYPES  # ModelOpt --op_types_to_quantize (empty: its default)
     eval_images: int | None = None  # cap on the gate images (None = all of the gate set)
     gate_count: int = 200  # held-out synthetic images of the accuracy gate (sdconet.deploy.accuracy.gate_dataset)
     gate_images: str | None = None  # the user's held-out COCO images + JSON instead
@@ -371,6 +385,7 @@ class Exporter:
         summary = quantize.quantize_int8(pure_path, int8_path, calib_path, python=opts.modelopt_python,
                                          exclude_nodes=[MSDA_EXCLUDE_PATTERN, *opts.int8_exclude],
                                          calibration_method=opts.calib_method,
+                                         op_types_to_quantize=tuple(opts.int8_op_types) or None,
                                          high_precision_dtype=self.int8_high_precision(),
                                          log_path=self.out / f"{self.name}.int8.log")
         summary["excluded"] = excluded

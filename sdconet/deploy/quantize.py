@@ -169,6 +169,7 @@ def write_calibration_data(images: np.ndarray, path: str | Path, input_name: str
 def quantize_int8(onnx_path: str | Path, output_path: str | Path, calibration_path: str | Path, *,
                   python: str | Path | None = None, exclude_nodes: Sequence[str] = (),
                   calibration_method: str = "entropy", high_precision_dtype: str = "fp32",
+                  op_types_to_quantize: Sequence[str] | None = None, op_types_to_exclude: Sequence[str] = (),
                   log_path: str | Path | None = None, timeout_s: int = 3600) -> dict:
     """Run ModelOpt INT8 PTQ (CPU calibration) and return a summary (command, seconds, Q/DQ node count).
 
@@ -189,6 +190,10 @@ def quantize_int8(onnx_path: str | Path, output_path: str | Path, calibration_pa
                "--high_precision_dtype", high_precision_dtype, "--output_path", str(output_path)]
     if exclude_nodes:
         command += ["--nodes_to_exclude", *exclude_nodes]
+    if op_types_to_quantize:
+        command += ["--op_types_to_quantize", *op_types_to_quantize]
+    if op_types_to_exclude:
+        command += ["--op_types_to_exclude", *op_types_to_exclude]
     LOG.info("ModelOpt INT8 PTQ: %s", " ".join(command))
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)

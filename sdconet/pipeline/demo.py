@@ -146,7 +146,8 @@ def default_train_processes() -> int:
 
 
 def build_stages(layout: DemoLayout, python: str = sys.executable, train_args: Sequence[str] = (),
-                 calib_images: int | None = None, bench_iters: int = 20, clients: int = 4,
+                 calib_images: int | None = None, gate_count: int | None = None, bench_iters: int = 20,
+                 clients: int = 4,
                  scene_size: int = SCENE_SIZE) -> list[Stage]:
     server = _Server(layout)
     given = any(a == "--nproc" or a.startswith("--nproc=") for a in train_args)
@@ -163,6 +164,7 @@ def build_stages(layout: DemoLayout, python: str = sys.executable, train_args: S
                                  "--int8", "--cpu-int8", "onnxruntime", "--cpu-int8", "openvino",
                                  # None: the shipped calibration default (256 inputs), as the issue asks
                                  *(["--calib-images", str(calib_images)] if calib_images else []),
+                                 *(["--gate-count", str(gate_count)] if gate_count else []),
                                  "--with-saliency",
                                  "--triton-repo", str(layout.triton_repo)],
               outputs=[layout.export_report, layout.onnx, layout.triton_repo]),
@@ -283,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="work directory (default runs/demo)")
     parser.add_argument("--calib-images", type=int, default=None,
                         help="INT8 calibration inputs (default: the exporter's shipped default, 256)")
+    parser.add_argument("--gate-count", type=int, default=None,
+                        help="held-out images of the accuracy gates (default: the exporter's, 200)")
     parser.add_argument("--bench-iters", type=int, default=20, help="measured calls per benchmark configuration")
     parser.add_argument("--scene-size", type=int, default=SCENE_SIZE,
                         help=f"side in HR pixels of the synthetic GeoTIFF scene (default {SCENE_SIZE})")
@@ -294,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner = StageRunner(layout.work, cwd=REPO_ROOT)
         try:
             runner.run_all(build_stages(layout, train_args=train_args, calib_images=args.calib_images,
+                                             gate_count=args.gate_count,
                                         bench_iters=args.bench_iters, scene_size=args.scene_size))
         except StageFailed as err:
             print(f"\ndemo stopped: {err}\nearlier stages' outputs are kept in {layout.work}; run the same command "
