@@ -18,12 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdconet.deploy.exporter import (CPU_INT8_BACKENDS, MSDA_MODES, TRITON_BACKENDS,  # noqa: E402
+from sdconet.deploy.exporter import (CPU_INT8_BACKENDS, DEFAULT_INT8_EXCLUDE, DEFAULT_INT8_OP_TYPES,  # noqa: E402
+                                      MSDA_MODES, TRITON_BACKENDS,
                                       TRITON_CPU_PRECISIONS, TRITON_CPU_RUNTIMES, ExportError, ExportOptions,
                                       print_summary, run_export)
 from sdconet.kernels.msda_plugin import sdconet_plugin_available  # noqa: E402
 from sdconet.deploy.op_support import UnsupportedOpError  # noqa: E402
-from sdconet.deploy.quantize import QuantizationError  # noqa: E402
+from sdconet.deploy.quantize import DEFAULT_CALIB_IMAGES, QuantizationError  # noqa: E402
 from sdconet.serve.triton_repo import RepositoryError  # noqa: E402
 from sdconet.engine.checkpoint import CheckpointError  # noqa: E402
 from sdconet.serve.python_env import PythonEnvError  # noqa: E402
@@ -61,9 +62,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="INT8 for a CPU runtime by its own quantizer (onnxruntime: quantize_static QDQ -> "
                            "<name>.cpu_int8.onnx; openvino: NNCF -> <name>.openvino_int8.xml), gated against FP32; "
                            "repeatable")
-    prec.add_argument("--calib-images", type=int, default=64, help="training images for INT8 calibration")
+    prec.add_argument("--calib-images", type=int, default=DEFAULT_CALIB_IMAGES,
+                      help=f"INT8 calibration inputs (default {DEFAULT_CALIB_IMAGES}; augmented crops of the training "
+                           f"split when it has fewer images)")
+    prec.add_argument("--calib-dir", default=None, metavar="DIR",
+                      help="calibrate on your own images (LR pixels, as the network is fed) instead of the training "
+                           "split")
+    prec.add_argument("--calib-method", choices=["entropy", "max"], default="entropy",
+                      help="ModelOpt calibration of the Q/DQ graph (default entropy; docs/export.md has both measured)")
+    prec.add_argument("--int8-exclude", action="append", default=None, metavar="REGEX",
+                      help="keep the Conv/MatMul/Gemm nodes whose name fully matches REGEX in float in every INT8 path "
+                           f"(repeatable; replaces the defaults {list(DEFAULT_INT8_EXCLUDE)}; pass '' for none)")
+    prec.add_argument("--int8-op-types", nargs="*", default=None, metavar="OP",
+                      help=f"op types ModelOpt's Q/DQ graph quantizes (default {' '.join(DEFAULT_INT8_OP_TYPES)}; "
+                           f"no value: ModelOpt's own default, which also quantizes residual Adds, LayerNorm and "
+                           f"TopK inputs and costs accuracy here, docs/export.md)")
     prec.add_argument("--eval-images", type=int, default=None,
-                      help="validation images for the FP32-vs-INT8 AP comparison (default: all)")
+                      help="cap on the accuracy gate's images (default: all of the gate set)")
+    prec.add_argument("--gate-count", type=int, default=200,
+                      help="held-out synthetic images of the accuracy gate (default 200; a seed the training data "
+                           "never used)")
+    prec.add_argument("--gate-images", default=None, metavar="DIR", help="gate on your own held-out images ...")
+    prec.add_argument("--gate-ann", default=None, metavar="FILE", help="... and their COCO JSON")
     prec.add_argument("--int8-high-precision", choices=["auto", "fp16", "fp32"], default="auto",
                       help="type of the layers INT8 leaves unquantized (ModelOpt --high_precision_dtype); auto = fp16 "
                            "when this machine's TensorRT is >= 11 (strongly typed), else fp32; pass fp16 when a CPU "
@@ -99,6 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="environment of the repository's python models (EXECUTION_ENV_PATH): current = this "
                           "Python's (checked: numpy < 2), none = the server's own Python (NVIDIA's container), a "
                           "path that exists on the serving machine, or auto = none for trt/onnx, current for cpu")
+    out.add_argument("--allow-failed-gate", action="store_true",
+                     help="let the Triton repository serve a reduced-precision model whose accuracy gate failed "
+                          "(recorded in its manifest)")
     out.add_argument("--seed", type=int, default=0, help="seed for the parity batch and calibration sampling")
     return parser.parse_args(argv)
 
@@ -110,7 +133,14 @@ def main(argv: list[str] | None = None) -> int:
                             imgsz=args.imgsz, max_batch=args.max_batch, opt_batch=args.opt_batch, msda=args.msda,
                             plugin_version=args.plugin_version, opset=args.opset, with_saliency=args.with_saliency,
                             fp16=args.fp16, int8=args.int8, cpu_int8=tuple(args.cpu_int8),
-                            calib_images=args.calib_images,
+                            calib_images=args.calib_images, calib_dir=args.calib_dir,
+                            calib_method=args.calib_method,
+                            int8_exclude=(DEFAULT_INT8_EXCLUDE if args.int8_exclude is None
+                                          else tuple(p for p in args.int8_exclude if p)),
+                            int8_op_types=(DEFAULT_INT8_OP_TYPES if args.int8_op_types is None
+                                           else tuple(args.int8_op_types)),
+                            gate_count=args.gate_count, gate_images=args.gate_images, gate_ann=args.gate_ann,
+                            allow_failed_gate=args.allow_failed_gate,
                             eval_images=args.eval_images, modelopt_python=args.modelopt_python,
                             plugin_libs=tuple(args.plugin_lib), workspace_gib=args.workspace,
                             timing_cache=args.timing_cache, require_engine=args.require_engine,

@@ -112,14 +112,15 @@ def _table(shift=0.0, drop_label=False):
 def test_gate_passes_identical_and_fails_a_broken_candidate(tmp_path):
     dataset = _Dataset(tmp_path)
     reference = _TableRunner(_table(), "fp32")
-    same = accuracy_gate(reference, _TableRunner(_table(), "int8"), dataset)
+    full = {"int8_mac_fraction": 1.0}
+    same = accuracy_gate(reference, _TableRunner(_table(), "int8"), dataset, macs=full)
     assert same["passed"] and same["agreement"] == 1.0
     assert same["AP50"] == same["AP50_fp32"] > 0.9 and same["ap50_drop_points"] == 0.0
     assert same["images"] == 3 and same["reference_detections"] == 6
     assert same["min_agreement"] == GATE_TARGETS["int8"]["min_agreement"]
     assert same["score_threshold"] == DEFAULT_SCORE_THRESHOLD
 
-    shifted = accuracy_gate(reference, _TableRunner(_table(shift=4.0), "int8"), dataset)
+    shifted = accuracy_gate(reference, _TableRunner(_table(shift=4.0), "int8"), dataset, macs=full)
     assert not shifted["passed"] and shifted["agreement"] == 0.5  # the true boxes moved, the others did not
     assert any("agreement" in reason for reason in shifted["reasons"])
 
@@ -135,3 +136,50 @@ def test_gate_refuses_mismatched_sizes(tmp_path):
     other.imgsz = 128
     with pytest.raises(ValueError, match="both must take"):
         accuracy_gate(_TableRunner(_table(), "fp32"), other, dataset)
+
+
+def test_gate_checks_the_ap_drop_the_mac_share_and_reuses_the_reference(tmp_path):
+    """AP@[.5:.95] drop against max_ap_drop (per path: 0.5 for the Q/DQ graph, 1.0 for CPU INT8), the INT8 share of
+    the MACs, and one fp32 pass for several candidates."""
+    from sdconet.deploy.accuracy import reference_results
+
+    dataset = _Dataset(tmp_path)
+    fp32 = _TableRunner(_table(), "fp32")
+    reference = reference_results(fp32, dataset, IMGSZ)
+    # a 1 px shift of a 20 px box: AP50 is unchanged, AP@[.5:.95] drops (IoU 0.82 fails the 0.85..0.95 thresholds)
+    moved = _TableRunner(_table(shift=1.0), "int8")
+    qdq = accuracy_gate(fp32, moved, dataset, reference=reference, macs={"int8_mac_fraction": 0.9},
+                        target="int8-qdq")
+    assert qdq["ap50_drop_points"] == 0.0 and qdq["ap_drop_points"] > 0.5
+    assert qdq["max_ap_drop"] == GATE_TARGETS["int8-qdq"]["max_ap_drop"] == 0.5
+    assert qdq["AP75"] <= qdq["AP75_fp32"] and any("AP drop" in r for r in qdq["reasons"])
+    loose = accuracy_gate(fp32, moved, dataset, reference=reference, macs={"int8_mac_fraction": 0.9},
+                          max_ap_drop=100.0, min_agreement=0.0)
+    assert loose["passed"] and loose["int8_mac_fraction"] == 0.9
+    # everything kept in float: the same detections, but not an INT8 model
+    floated = accuracy_gate(fp32, _TableRunner(_table(), "int8"), dataset, reference=reference,
+                            macs={"int8_mac_fraction": 0.1})
+    assert not floated["passed"] and floated["reasons"] == ["int8_mac_fraction 0.100 < 0.5"]
+    unmeasured = accuracy_gate(fp32, _TableRunner(_table(), "int8"), dataset, reference=reference)
+    assert not unmeasured["passed"] and "not measured" in unmeasured["reasons"][0]
+    with pytest.raises(ValueError, match="reference results"):
+        accuracy_gate(fp32, moved, dataset, reference=reference, limit=2)
+
+
+def test_gate_dataset_is_held_out_and_named_errors(tmp_path):
+    from sdconet.config import load_config
+    from sdconet.data import build_dataset
+    from sdconet.deploy.accuracy import gate_dataset
+
+    cfg = load_config("tiny", ["data.synthetic.num_images=4", "data.synthetic.image_size=64",
+                               f"data.cache_dir={tmp_path / 'cache'}"])
+    held_out = gate_dataset(cfg.data, 2, images=5)
+    assert len(held_out) == 5
+    train = build_dataset(cfg.data, "train", 2, train=False)
+    # another seed: no held-out image equals a training image
+    first = held_out[0]["image_lr"]
+    assert all(not np.array_equal(first.numpy(), train[i]["image_lr"].numpy()) for i in range(len(train)))
+    with pytest.raises(ValueError, match="--gate-images and --gate-ann"):
+        gate_dataset(cfg.data, 2, gate_images=tmp_path)
+    with pytest.raises(ValueError, match="--gate-ann .*missing.json"):
+        gate_dataset(cfg.data, 2, gate_images=tmp_path, gate_ann=tmp_path / "missing.json")

@@ -223,12 +223,16 @@ def test_exporter_cpu_int8_and_an_honest_gate(tmp_path):
                                     {"category_names": names})
     out = tmp_path / "engines"
     result = run_export(ExportOptions(checkpoint=str(checkpoint), out=str(out), imgsz=imgsz, max_batch=4,
-                                      msda="onnx", name="tiny", cpu_int8=("onnxruntime",), calib_images=4))
+                                      msda="onnx", name="tiny", cpu_int8=("onnxruntime",), calib_images=4,
+                                      gate_count=4))
     gate = result.report["accuracy"]["onnxruntime_int8"]
-    assert {"AP", "AP50", "AP_fp32", "AP50_fp32", "agreement", "passed"} <= set(gate)
+    assert {"AP", "AP50", "AP75", "AP_fp32", "AP50_fp32", "ap_drop_points", "int8_mac_fraction", "agreement",
+            "passed"} <= set(gate)
     assert gate["images"] == 4 and gate["reference_detections"] >= 20
+    assert gate["calibration_images"] == 4 and 0.5 < gate["int8_mac_fraction"] <= 1.0
     # the verdict follows the stated targets, whatever the figures of an untrained model
-    assert gate["passed"] == (gate["agreement"] >= 0.95 and gate["ap50_drop_points"] <= 1.0)
+    assert gate["passed"] == (gate["agreement"] >= 0.95 and gate["ap50_drop_points"] <= 1.0
+                              and gate["ap_drop_points"] <= gate["max_ap_drop"] == 1.0)
     assert result.exit_code == 0  # a failed gate fails the export only with --require-accuracy
     kinds = {a["kind"]: a for a in result.report["artifacts"]}
     assert kinds["onnx_cpu_int8"]["quantization"]["tool"].startswith("onnxruntime")
@@ -247,12 +251,14 @@ def test_exporter_cpu_int8_and_an_honest_gate(tmp_path):
     def runner(path):
         return OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"], class_names=names)
 
-    val_set = build_dataset(cfg.data, "val", cfg.model.upscale, train=False)
+    from sdconet.deploy.accuracy import gate_dataset
+
+    val_set = gate_dataset(cfg.data, cfg.model.upscale, images=4)  # the held-out set the exporter gated on
     with runner(out / "tiny.onnx") as fp32, runner(int8_path) as int8, runner(broken_path) as bad:
         assert int8.precision == "int8"
         same = accuracy_gate(fp32, runner(out / "tiny.onnx"), val_set)
-        genuine = accuracy_gate(fp32, int8, val_set)
-        corrupted = accuracy_gate(fp32, bad, val_set)
+        genuine = accuracy_gate(fp32, int8, val_set, macs={"int8_mac_fraction": gate["int8_mac_fraction"]})
+        corrupted = accuracy_gate(fp32, bad, val_set, macs={"int8_mac_fraction": gate["int8_mac_fraction"]})
     assert same["agreement"] == 1.0 and same["passed"]
     assert genuine["agreement"] == pytest.approx(gate["agreement"])  # the exporter's figure is the gate's
     assert not corrupted["passed"]

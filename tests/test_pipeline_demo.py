@@ -22,7 +22,8 @@ def demo_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         # every stage runs the tiny model: one thread per process (two threads contend on a shared 2-core CPU)
         patch.setenv("OMP_NUM_THREADS", "1")
-        code = main(["--out", str(out), "--calib-images", "2", "--bench-iters", "3", "--scene-size", "256", "--",
+        code = main(["--out", str(out), "--calib-images", "2", "--gate-count", "4", "--bench-iters", "3",
+                     "--scene-size", "256", "--",
                      "--epochs", "1", "data.synthetic.num_images=10", "data.synthetic.image_size=128",
                      f"data.cache_dir={out / 'cache'}"])
     assert code == 0

@@ -27,10 +27,11 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from sdconet.deploy.layer_groups import COMPUTE_OPS, matching_nodes, name_compute_nodes
 from sdconet.deploy.msda_plugin import MSDA_EXCLUDE_PATTERN, TRT_PLUGIN_OP_TYPE
 from sdconet.kernels.cpu import fused_cpu_kernel_ready
 from sdconet.kernels.trt_plugin import SDCONET_MSDA_OP_TYPE
@@ -74,13 +75,16 @@ def _batches(images: np.ndarray) -> Iterator[np.ndarray]:
 def quantize_onnxruntime_int8(onnx_path: str | Path, output_path: str | Path, calibration: np.ndarray, *,
                               input_name: str = "images", activation_type: str = "int8",
                               per_channel: bool = True, reduce_range: bool | None = None,
-                              calibration_method: str = "minmax", preprocess: bool = True) -> dict:
+                              calibration_method: str = "minmax", preprocess: bool = True,
+                              exclude: Sequence[str] = ()) -> dict:
     """Static QDQ INT8 model of the pure graph ``onnx_path`` for ONNX Runtime CPU.
 
     ``calibration`` ``[N, 3, S, S]`` float32 (about [0, 1]): training-split LR images, fed one by one.
     ``activation_type`` ``int8`` (S8S8) or ``uint8`` (U8S8); weights are always int8. ``reduce_range=None`` picks
     7-bit weights exactly when the CPU has no VNNI. ``preprocess`` runs ONNX Runtime's recommended
-    ``quant_pre_process`` (shape inference + graph optimisation) first. Returns a summary for the export report.
+    ``quant_pre_process`` (shape inference + graph optimisation) first. ``exclude``: node-name regexes kept in float
+    (``--int8-exclude``; matched after pre-processing, whose fused nodes are renamed after their module as in the
+    export). Returns a summary for the export report.
     """
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
@@ -114,11 +118,17 @@ def quantize_onnxruntime_int8(onnx_path: str | Path, output_path: str | Path, ca
         prepared = output_path.with_name(output_path.stem + ".prep.onnx")
         try:
             quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+            prepared_model = onnx.load(str(prepared))
+            if name_compute_nodes(prepared_model):
+                onnx.save(prepared_model, str(prepared))
             source = prepared
         except Exception as err:  # the optimiser may reject a graph; quantizing the unprocessed one is still valid
             LOG.warning("ONNX Runtime quant_pre_process failed on %s (%s): quantizing without it", onnx_path, err)
             preprocess = False
-    excluded = msda_node_names(onnx.load(str(source)))  # names after pre-processing
+    source_model = onnx.load(str(source))
+    excluded = msda_node_names(source_model)  # names after pre-processing
+    user_excluded = matching_nodes(source_model, list(exclude), COMPUTE_OPS)
+    excluded += user_excluded
     try:
         quantize_static(str(source), str(output_path), _Reader(), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(ORT_INT8_OP_TYPES), per_channel=per_channel,
@@ -150,7 +160,8 @@ def quantize_onnxruntime_int8(onnx_path: str | Path, output_path: str | Path, ca
             "activation_type": activation_type, "weight_type": "int8", "per_channel": per_channel,
             "reduce_range": reduce_range, "cpu_vnni": vnni, "op_types": list(ORT_INT8_OP_TYPES),
             "calibration_method": calibration_method, "calibration_images": int(images.shape[0]),
-            "preprocessed": preprocess, "excluded_nodes": len(excluded), "dequantize_linear": dq_nodes,
+            "preprocessed": preprocess, "excluded_nodes": len(excluded), "exclude": list(exclude),
+            "excluded_compute_nodes": user_excluded, "dequantize_linear": dq_nodes,
             "quantize_linear": sum(node.op_type == "QuantizeLinear" for node in quantized.graph.node),
             "seconds": round(time.perf_counter() - start, 1)}
 
@@ -207,10 +218,35 @@ def activation_matmul_names(model) -> list[str]:
                   if op.get_type_name() == "MatMul" and not any(constant(v) for v in op.inputs()))
 
 
+def openvino_names_of_onnx_nodes(model, onnx_path: str | Path, patterns: Sequence[str]) -> list[str]:
+    """Friendly names of the OpenVINO MatMul / Convolution ops that implement the ONNX compute nodes of
+    ``onnx_path`` matching ``patterns``: found by the nodes' output tensor names (a Gemm becomes MatMul + Add, so the
+    search walks back through Add / Reshape to the MatMul)."""
+    import onnx
+
+    source = onnx.load(str(onnx_path), load_external_data=False)
+    wanted = set(matching_nodes(source, list(patterns), COMPUTE_OPS))
+    tensors = {node.output[0] for node in source.graph.node if node.name in wanted}
+    names = []
+    for op in model.get_ops():
+        if not any(tensors & set(out.get_names()) for out in op.outputs()):
+            continue
+        node = op
+        for _ in range(4):
+            if node.get_type_name() in ("MatMul", "Convolution"):
+                names.append(node.get_friendly_name())
+                break
+            if not node.inputs():
+                break
+            node = node.input(0).get_source_output().get_node()
+    return sorted(set(names))
+
+
 def quantize_openvino_int8(onnx_path: str | Path, output_path: str | Path, calibration: np.ndarray, *,
                            preset: str = "performance", fast_bias_correction: bool = True,
                            fp32_msda_projections: bool = False, fp32_activation_matmuls: bool = False,
-                           overflow_fix: str | None = None) -> dict:
+                           overflow_fix: str | None = None, exclude: Sequence[str] = (),
+                           accuracy_control: dict | None = None) -> dict:
     """NNCF post-training INT8 for OpenVINO of a plugin-mode or pure ONNX, written as IR ``output_path``
     (``.xml`` + ``.bin``).
 
@@ -219,7 +255,12 @@ def quantize_openvino_int8(onnx_path: str | Path, output_path: str | Path, calib
     ignored scope by type and stays fp32 (the IR then needs the extension to be read, which
     :class:`sdconet.runtime.openvino_runner.OpenVINORunner` loads); pure ONNX: the MSDA subgraphs are the ignored
     scope by name pattern. The IR has a static batch of 1 (see below): ``model.reshape`` it to the batch to run
-    before compiling.
+    before compiling. ``exclude``: ONNX node-name regexes (``--int8-exclude``) kept fp32, mapped to the OpenVINO
+    ops through the nodes' output tensors.
+
+    ``accuracy_control`` ``{"validation": [N, 3, S, S] images, "validate": fn(compiled_model, items) -> metric,
+    "max_drop": float}``: NNCF's accuracy-controlled quantization (``nncf.quantize_with_accuracy_control``), which
+    returns layers to fp32, most sensitive first, until the metric drops by at most ``max_drop`` (absolute).
     """
     try:
         import nncf
@@ -262,6 +303,8 @@ def quantize_openvino_int8(onnx_path: str | Path, output_path: str | Path, calib
     # NNCF would not quantize an op type it does not know, but say so: the fused op's inputs stay fp32
     kept = msda_projection_names(model) if fused and fp32_msda_projections else []
     kept += activation_matmul_names(model) if fp32_activation_matmuls else []
+    user_kept = openvino_names_of_onnx_nodes(model, onnx_path, exclude) if exclude else []
+    kept += user_kept
     ignored = (nncf.IgnoredScope(types=[FUSED_MSDA_OV_TYPE], names=kept, validate=False) if fused else
                nncf.IgnoredScope(patterns=[MSDA_EXCLUDE_PATTERN], names=kept, validate=False))
     fixes = {"enable": nncf.OverflowFix.ENABLE, "first_layer": nncf.OverflowFix.FIRST_LAYER,
@@ -274,11 +317,24 @@ def quantize_openvino_int8(onnx_path: str | Path, output_path: str | Path, calib
         raise ValueError(f"overflow_fix must be one of {', '.join(fixes)}, got {overflow_fix!r}")
     advanced = nncf.AdvancedQuantizationParameters(overflow_fix=fixes[overflow_fix])
     try:
-        quantized = nncf.quantize(model, dataset, preset=presets[preset], subset_size=int(images.shape[0]),
-                                  model_type=nncf.ModelType.TRANSFORMER, fast_bias_correction=fast_bias_correction,
-                                  ignored_scope=ignored, advanced_parameters=advanced)
+        if accuracy_control:
+            validation = nncf.Dataset(list(_batches(_check_calibration(accuracy_control["validation"]))))
+            quantized = nncf.quantize_with_accuracy_control(
+                model, dataset, validation, validation_fn=accuracy_control["validate"],
+                max_drop=float(accuracy_control["max_drop"]), drop_type=nncf.DropType.ABSOLUTE,
+                preset=presets[preset], subset_size=int(images.shape[0]), model_type=nncf.ModelType.TRANSFORMER,
+                fast_bias_correction=fast_bias_correction, ignored_scope=ignored,
+                advanced_quantization_parameters=advanced)
+        else:
+            quantized = nncf.quantize(model, dataset, preset=presets[preset], subset_size=int(images.shape[0]),
+                                      model_type=nncf.ModelType.TRANSFORMER,
+                                      fast_bias_correction=fast_bias_correction, ignored_scope=ignored,
+                                      advanced_parameters=advanced)
     except Exception as err:
         raise CPUQuantizationError(f"nncf.quantize failed on {onnx_path}: {err}") from err
+    from sdconet.deploy.layer_groups import openvino_int8_mac_fraction
+
+    macs = openvino_int8_mac_fraction(quantized)  # FakeQuantize-fed MatMul / Convolution, before weight compression
     ov.save_model(quantized, str(output_path), compress_to_fp16=False)  # float parts stay fp32
     ops = quantized.get_ops()
     fake_quantize = sum(op.get_type_name() == "FakeQuantize" for op in ops)
@@ -291,9 +347,13 @@ def quantize_openvino_int8(onnx_path: str | Path, output_path: str | Path, calib
     return {"tool": "nncf.quantize", "nncf_version": nncf.__version__, "openvino_version": ov.__version__,
             "preset": preset, "model_type": "transformer", "calibration_images": int(images.shape[0]),
             "static_batch": 1, "source": str(onnx_path), "msda": "fused" if fused else "onnx",
-            "fused_msda_ops": fused_ops, "fp32_matmuls": len(kept), "overflow_fix": overflow_fix, "cpu_vnni": vnni,
+            "fused_msda_ops": fused_ops, "fp32_matmuls": len(kept), "exclude": list(exclude),
+            "excluded_compute_nodes": user_kept, "accuracy_control": (
+                {"max_drop": accuracy_control["max_drop"], "validation_images": len(accuracy_control["validation"])}
+                if accuracy_control else None),
+            "overflow_fix": overflow_fix, "cpu_vnni": vnni,
             "ignored_scope": [f"type:{FUSED_MSDA_OV_TYPE}"] if fused else [MSDA_EXCLUDE_PATTERN],
-            "fake_quantize": fake_quantize, "seconds": round(time.perf_counter() - start, 1)}
+            "fake_quantize": fake_quantize, "macs": macs, "seconds": round(time.perf_counter() - start, 1)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import onnx
 import torch
 
 from sdconet.deploy import msda_plugin
+from sdconet.deploy.layer_groups import name_compute_nodes
 from sdconet.deploy.msda_plugin import MSDA_EXCLUDE_PATTERN  # noqa: F401  (old import path)
 from sdconet.engine.inference_graph import INPUT_NAME, build_inference_graph
 from sdconet.deploy.onnx_export import (DEFAULT_OPSET, check_model, export_module, op_counts, save_model,
@@ -32,6 +33,21 @@ from sdconet.utils.logging import get_logger
 LOG = get_logger(__name__)
 
 MSDA_MODES = ("plugin", "onnx", "sdconet")
+# --int8-exclude defaults, kept in float by every INT8 path: the layers whose INT8 moves the boxes (measured by
+# benchmarks/results/int8_study.md on the demo checkpoint; docs/export.md "Where INT8 loses accuracy" says why).
+# Everything before and around the token selection: the Swin stem and first stage, the neck, the saliency head and
+# the deformable encoder, the proposal (query selection) head, and the decoder's box heads; the Swin stages 1-3, the
+# decoder's attention, FFNs and class heads (70 % of the MACs) stay INT8.
+# ops ModelOpt's Q/DQ graph quantizes: the compute ops only. ModelOpt's own default also puts Q/DQ on residual
+# Adds, LayerNorm inputs and TopK scores (TensorRT fusion points); on the demo checkpoint that cost 1.0 AP point and
+# dropped agreement to 0.54, compute ops only: -0.09 / 0.972 (benchmarks/results/int8_study.md)
+DEFAULT_INT8_OP_TYPES: tuple[str, ...] = ("Conv", "Gemm", "MatMul")
+DEFAULT_INT8_FLOAT_GROUPS = ("swin.patch_embed", "swin.stage0", "neck", "saliency_head", r"encoder\..*", "proposal_head",
+                             "decoder.box_heads")  # the layer_groups.LAYER_GROUPS those patterns select
+DEFAULT_INT8_EXCLUDE: tuple[str, ...] = (
+    r".*patch_embed.*", r".*(?:/encoder/layers_0/|swin\.layers_0\.).*", r".*neck.*", r".*saliency.*",
+    r".*foreground_attn.*", r".*(?:/encoder/layers\.|encoder\.layers\.)[0-9]+[/.].*", r".*query_selection.*",
+    r".*box_heads.*")
 
 
 TRITON_BACKENDS = ("auto", "trt", "onnx", "cpu")
@@ -61,8 +77,17 @@ class ExportOptions:
     with_saliency: bool | None = None  # None = whenever the model has saliency on (scene maps need it)
     fp16: bool = False
     int8: bool = False
-    calib_images: int = 64
-    eval_images: int | None = None  # validation images for the INT8 AP comparison (None = all)
+    calib_images: int = 256  # >= 256 (issue 21): augmented crops of the training split when it is smaller
+    calib_dir: str | None = None  # calibrate on the user's own (LR) images instead of the training split
+    calib_method: str = "entropy"  # ModelOpt's calibration (entropy | max); the CPU quantizers keep theirs
+    # node-name regexes kept in float by every INT8 path (on top of the MSDA sampling subgraphs)
+    int8_exclude: Sequence[str] = DEFAULT_INT8_EXCLUDE
+    int8_op_types: Sequence[str] = DEFAULT_INT8_OP_TYPES  # ModelOpt --op_types_to_quantize (empty: its default)
+    eval_images: int | None = None  # cap on the gate images (None = all of the gate set)
+    gate_count: int = 200  # held-out synthetic images of the accuracy gate (sdconet.deploy.accuracy.gate_dataset)
+    gate_images: str | None = None  # the user's held-out COCO images + JSON instead
+    gate_ann: str | None = None
+    allow_failed_gate: bool = False  # serve a reduced-precision model whose accuracy gate failed
     modelopt_python: str | None = None
     plugin_libs: Sequence[str] = field(default_factory=tuple)
     workspace_gib: float = 4.0
@@ -120,6 +145,20 @@ class ExportOptions:
                                       else {self.triton_cpu_runtime})):
             raise ExportError(f"--triton-cpu-precision int8 serves the CPU quantizer's model: add --cpu-int8 "
                               f"{'openvino' if self.triton_cpu_runtime == 'auto' else self.triton_cpu_runtime}")
+        if self.calib_method not in ("entropy", "max"):
+            raise ExportError(f"--calib-method must be entropy or max, got '{self.calib_method}'")
+        if self.calib_dir is not None and not Path(self.calib_dir).is_dir():
+            raise ExportError(f"--calib-dir {self.calib_dir}: not a directory")
+        if (self.gate_images is None) != (self.gate_ann is None):
+            raise ExportError("--gate-images and --gate-ann go together (a folder of images and its COCO JSON)")
+        if self.gate_count < 1:
+            raise ExportError(f"--gate-count must be >= 1, got {self.gate_count}")
+        from sdconet.deploy.layer_groups import check_patterns
+
+        try:
+            check_patterns(self.int8_exclude)
+        except ValueError as err:
+            raise ExportError(str(err)) from err
         if self.int8_high_precision not in ("auto", "fp16", "fp32"):
             raise ExportError(f"--int8-high-precision must be auto, fp16 or fp32, got '{self.int8_high_precision}'")
         if self.parity_batch < 1:
@@ -211,6 +250,8 @@ class Exporter:
             LOG.error("--require-engine: no engine was built (%s)",
                       "; ".join(s["reason"] for s in self.report.skipped if s["step"] == "engine"))
             exit_code = 1
+        if (self.report.triton or {}).get("refused"):
+            exit_code = 1
         failed_gates = [k for k, v in self.report.accuracy.items() if v.get("passed") is False]
         if failed_gates:
             if opts.require_accuracy:
@@ -235,6 +276,8 @@ class Exporter:
             exported = export_module(graph, images, input_name=INPUT_NAME, output_names=self.output_names,
                                      opset=self.options.opset, custom_domains=[self.spec.domain])
         plugin_model = simplify_around_custom_nodes(exported)
+        # onnxsim's fused Gemm_<k> nodes get their module's name back: --int8-exclude and the study address them
+        name_compute_nodes(plugin_model)
         pure_model = msda_plugin.plugin_nodes_to_onnx(plugin_model, self.plugin_types)
         return plugin_model, pure_model
 
@@ -273,11 +316,55 @@ class Exporter:
 
     # ------------------------------------------------------------------------------------------------------------
     def _datasets(self):
+        """(training split, gate set): the gate set is the held-out set of
+        :func:`sdconet.deploy.accuracy.gate_dataset` (built once)."""
         from sdconet.data import build_dataset
+        from sdconet.deploy.accuracy import gate_dataset
 
         data_cfg, upscale = self.cfg.data, self.cfg.model.upscale
-        return (build_dataset(data_cfg, "train", upscale, train=False),
-                build_dataset(data_cfg, "val", upscale, train=False))
+        if getattr(self, "_gate_set", None) is None:
+            self._gate_set = gate_dataset(data_cfg, upscale, images=self.options.gate_count,
+                                          gate_images=self.options.gate_images, gate_ann=self.options.gate_ann)
+        return build_dataset(data_cfg, "train", upscale, train=False), self._gate_set
+
+    def calibration(self) -> np.ndarray:
+        """The calibration inputs of every INT8 path (drawn once): ``--calib-dir`` images, else the training
+        split (augmented crops when it has fewer than ``--calib-images``)."""
+        from sdconet.deploy import quantize
+
+        if getattr(self, "_calib", None) is None:
+            opts = self.options
+            if opts.calib_dir is not None:
+                self._calib = quantize.calibration_images_from_dir(opts.calib_dir, opts.calib_images, opts.imgsz,
+                                                                   opts.seed)
+                source = f"--calib-dir {opts.calib_dir}"
+            else:
+                train_set, _ = self._datasets()
+                self._calib = quantize.calibration_images(train_set, opts.calib_images, opts.imgsz, opts.seed)
+                source = f"training split ({len(train_set)} images)"
+            self.report.calibration = {"images": int(self._calib.shape[0]), "source": source}
+        return self._calib
+
+    def int8_exclusions(self, model: onnx.ModelProto) -> list[str]:
+        """Names of ``model``'s compute nodes that ``--int8-exclude`` keeps in float (recorded in the report)."""
+        from sdconet.deploy.layer_groups import COMPUTE_OPS, matching_nodes
+
+        names = matching_nodes(model, list(self.options.int8_exclude), COMPUTE_OPS)
+        if self.options.int8_exclude and not names:
+            LOG.warning("--int8-exclude %s matches no Conv/MatMul/Gemm node", list(self.options.int8_exclude))
+        return names
+
+    def gate_reference(self, pure_path: Path) -> dict:
+        """The FP32 pure ONNX's results on the gate set (computed once for every gated artifact)."""
+        from sdconet.deploy.accuracy import reference_results
+        from sdconet.runtime.onnxruntime_runner import OnnxRuntimeRunner
+
+        if getattr(self, "_reference", None) is None:
+            _, gate_set = self._datasets()
+            with OnnxRuntimeRunner(pure_path, providers=["CPUExecutionProvider"],
+                                   class_names=self.class_names()) as fp32:
+                self._reference = reference_results(fp32, gate_set, self.options.imgsz, self.options.eval_images)
+        return self._reference
 
     def step_int8(self, pure_path: Path, plugin_model: onnx.ModelProto) -> dict | None:
         """ModelOpt INT8 PTQ on the pure graph (MSDA subgraphs excluded), plugin swap, FP32-vs-INT8 AP on CPU."""
@@ -290,29 +377,43 @@ class Exporter:
             self.report.int8 = {"skipped": reason}
             LOG.warning("INT8 skipped: %s", reason)
             return None
-        train_set, val_set = self._datasets()
-        calib = quantize.calibration_images(train_set, opts.calib_images, opts.imgsz, opts.seed)
+        _, val_set = self._datasets()
+        calib = self.calibration()
         calib_path = quantize.write_calibration_data(calib, self.out / f"{self.name}.calib.npz", INPUT_NAME)
         int8_path = self.out / f"{self.name}.int8.onnx"
+        excluded = self.int8_exclusions(onnx.load(str(pure_path), load_external_data=False))
         summary = quantize.quantize_int8(pure_path, int8_path, calib_path, python=opts.modelopt_python,
-                                         exclude_nodes=[MSDA_EXCLUDE_PATTERN],
+                                         exclude_nodes=[MSDA_EXCLUDE_PATTERN, *opts.int8_exclude],
+                                         calibration_method=opts.calib_method,
+                                         op_types_to_quantize=tuple(opts.int8_op_types) or None,
                                          high_precision_dtype=self.int8_high_precision(),
                                          log_path=self.out / f"{self.name}.int8.log")
+        summary["excluded"] = excluded
         int8_model = onnx.load(str(int8_path))
         self.write_graph("onnx_int8", int8_model, int8_path.name)
         paths = {"onnx": int8_path}
         if opts.msda != "onnx":
             paths["plugin"] = self.write_plugin_twin(int8_model, plugin_model, "int8")
-        ap = quantize.compare_int8_ap(pure_path, int8_path, val_set, opts.imgsz, opts.eval_images)
-        self.report.int8 = ap | {"calibration_images": int(calib.shape[0]), "quantization": summary}
-        LOG.info("INT8 AP %.4f vs FP32 %.4f (drop %.2f points)", ap["int8"]["AP"], ap["fp32"]["AP"],
-                 ap["ap_drop_points"])
+        self.report.int8 = {"calibration_images": int(calib.shape[0]), "quantization": summary}
         if summary.get("high_precision_dtype", "fp32") == "fp32":  # an FP16-typed Q/DQ graph is TensorRT's alone
+            from sdconet.deploy.layer_groups import int8_mac_fraction
             from sdconet.runtime.onnxruntime_runner import OnnxRuntimeRunner
 
             with OnnxRuntimeRunner(int8_path, providers=["CPUExecutionProvider"],
                                    class_names=self.class_names()) as runner:
-                self.engine_accuracy(runner, pure_path, key="onnxruntime_int8-qdq")
+                gate = self.engine_accuracy(runner, pure_path, key="onnxruntime_int8-qdq", target="int8-qdq",
+                                            macs=int8_mac_fraction(int8_path),
+                                            extra={"calibration_images": int(calib.shape[0]),
+                                                   "excluded": list(opts.int8_exclude)})
+            if gate is not None:
+                self.report.int8 |= {"fp32": {"AP": gate["AP_fp32"], "AP75": gate["AP75_fp32"]},
+                                     "int8": {"AP": gate["AP"], "AP75": gate["AP75"]},
+                                     "ap_drop_points": gate["ap_drop_points"], "images": gate["images"]}
+                LOG.info("INT8 Q/DQ AP %.4f vs FP32 %.4f (drop %.2f points)", gate["AP"], gate["AP_fp32"],
+                         gate["ap_drop_points"])
+        else:
+            self.report.skip("int8_accuracy", "the FP16-typed Q/DQ graph runs on TensorRT only: its gate is the "
+                                              "engine's (tensorrt_int8)")
         return paths
 
     def int8_high_precision(self) -> str:
@@ -436,58 +537,77 @@ class Exporter:
         plugin-mode ONNX (fused MSDA op kept fp32) when there is one and the fused kernel builds here."""
         from sdconet.deploy import cpu_quantize, quantize
 
+        from sdconet.deploy import layer_groups
+
         opts = self.options
-        train_set, _ = self._datasets()
-        calib = quantize.calibration_images(train_set, opts.calib_images, opts.imgsz, opts.seed)
+        calib = self.calibration()
         try:
             if backend == "onnxruntime":
                 from sdconet.runtime.onnxruntime_runner import OnnxRuntimeRunner
 
                 path = self.out / f"{self.name}.cpu_int8.onnx"
-                summary = cpu_quantize.quantize_onnxruntime_int8(pure_path, path, calib, input_name=INPUT_NAME)
+                summary = cpu_quantize.quantize_onnxruntime_int8(pure_path, path, calib, input_name=INPUT_NAME,
+                                                                 exclude=opts.int8_exclude)
                 # not write_graph: a CPU graph (asymmetric activation zero-points) is not checked against TensorRT;
                 # the quantizer carried the sdconet.* metadata over
                 check_model(path)
                 self.report.add_artifact("onnx_cpu_int8", path, quantization=summary)
                 runner = OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"], class_names=self.class_names())
+                macs = layer_groups.int8_mac_fraction(path)
             else:
                 from sdconet.runtime.openvino_runner import OpenVINORunner
 
                 path = self.out / f"{self.name}.openvino_int8.xml"
                 fused = plugin_path is not None and fused_cpu_kernel_ready("OpenVINO INT8 of the pure ONNX")
                 source = plugin_path if fused else pure_path
-                summary = cpu_quantize.quantize_openvino_int8(source, path, calib)
+                summary = cpu_quantize.quantize_openvino_int8(source, path, calib, exclude=opts.int8_exclude)
                 self.report.add_artifact("openvino_int8", path, quantization=summary)
                 self.report.add_artifact("openvino_int8_weights", path.with_suffix(".bin"))
                 runner = OpenVINORunner(path, precision="int8", class_names=self.class_names())
+                macs = summary.get("macs")
         except cpu_quantize.CPUQuantizationError as err:
             self.report.skip(f"{backend}_int8", str(err))
             LOG.warning("%s INT8 skipped: %s", backend, err)
             return None
         LOG.info("%s INT8 written to %s (%s s)", backend, path, summary["seconds"])
         with runner:
-            self.engine_accuracy(runner, pure_path, key=f"{backend}_int8")
+            self.engine_accuracy(runner, pure_path, key=f"{backend}_int8", target="int8", macs=macs,
+                                 extra={"calibration_images": int(calib.shape[0]),
+                                        "excluded": list(opts.int8_exclude)})
         return path
 
-    def engine_accuracy(self, engine_runner, pure_path: Path, key: str | None = None) -> dict | None:
+    def engine_accuracy(self, engine_runner, pure_path: Path, key: str | None = None, *, target: str | None = None,
+                        macs: dict | None = None, extra: dict | None = None) -> dict | None:
         """The accuracy gate of a reduced-precision runner (default key ``tensorrt_<precision>``) against the FP32
-        pure ONNX (ONNX Runtime CPU), recorded as ``report.accuracy[key]``."""
+        pure ONNX (ONNX Runtime CPU) on the held-out gate set, recorded as ``report.accuracy[key]`` (with
+        ``extra``: calibration size, exclusions). ``macs``: the candidate's INT8 MAC share
+        (:mod:`sdconet.deploy.layer_groups`); a TensorRT INT8 engine takes the share of the Q/DQ ONNX it was built
+        from."""
         from sdconet.deploy.accuracy import accuracy_gate
         from sdconet.runtime.onnxruntime_runner import OnnxRuntimeRunner
 
         key = key or f"tensorrt_{engine_runner.precision}"
         try:
             _, val_set = self._datasets()
-        except Exception as err:  # noqa: BLE001 - no validation data on this machine: the gate cannot run
-            self.report.skip("engine_accuracy", f"no validation set for the accuracy gate ({err})")
+            reference = self.gate_reference(pure_path)
+        except Exception as err:  # noqa: BLE001 - no held-out data on this machine: the gate cannot run
+            self.report.skip("engine_accuracy", f"no held-out set for the accuracy gate ({err})")
             return None
+        if macs is None and engine_runner.precision == "int8" and (self.report.engine or {}).get("onnx"):
+            from sdconet.deploy.layer_groups import int8_mac_fraction
+
+            macs = int8_mac_fraction((self.report.engine or {})["onnx"])
         with OnnxRuntimeRunner(pure_path, providers=["CPUExecutionProvider"],
                                class_names=self.class_names()) as fp32:
             gate = accuracy_gate(fp32, engine_runner, val_set, limit=self.options.eval_images,
-                                 imgsz=self.options.imgsz)
+                                 imgsz=self.options.imgsz, reference=reference, macs=macs,
+                                 target=target or ("int8-qdq" if engine_runner.precision == "int8" else None))
+        gate |= extra or {}
         self.report.accuracy[key] = gate
-        LOG.info("accuracy gate %s: AP50 %.4f vs FP32 %.4f, agreement %s -> %s", key, gate["AP50"],
-                 gate["AP50_fp32"], gate["agreement"], "ok" if gate["passed"] else "FAILED")
+        LOG.info("accuracy gate %s: AP %.4f vs FP32 %.4f (drop %.2f pt), AP50 drop %.2f pt, agreement %s, int8 MAC "
+                 "share %s -> %s", key, gate["AP"], gate["AP_fp32"], gate["ap_drop_points"], gate["ap50_drop_points"],
+                 gate["agreement"], gate["int8_mac_fraction"], "ok" if gate["passed"] else
+                 "FAILED (" + "; ".join(gate.get("reasons", [])) + ")")
         return gate
 
     def step_triton(self, pure_path: Path, engine_path: Path | None) -> None:
@@ -508,16 +628,44 @@ class Exporter:
         repo_options = RepositoryOptions(python_env=python_env, check_python_env=check_env,
                                          plugin_libs=tuple(self.options.plugin_libs) if backend == "trt" else (),
                                          cpu_runtime=cpu_runtime, cpu_precision=self.options.triton_cpu_precision)
+        gate = self.served_gate(backend, cpu_runtime)
+        if gate is not None and gate["passed"] is False and not self.options.allow_failed_gate:
+            reason = (f"the accuracy gate of the model it would serve ({gate['key']}) failed: "
+                      f"{'; '.join(gate['reasons'])}; the artifact is kept, pass --allow-failed-gate to serve it")
+            self.report.skip("triton", reason)
+            self.report.triton = {"repo": None, "backend": backend, "refused": reason}
+            LOG.error("Triton repository not written: %s", reason)
+            return
         repo = build_repository(self.options.triton_repo, onnx_path=pure_path, engine_path=engine_path,
                                 backend=backend, imgsz=self.options.imgsz, max_batch=self.options.max_batch,
-                                class_names=class_names, options=repo_options, cpu_model=cpu_model)
-        self.report.triton = {"repo": str(repo), "backend": backend}
+                                class_names=class_names, options=repo_options, cpu_model=cpu_model,
+                                gate=gate, allow_failed_gate=self.options.allow_failed_gate)
+        self.report.triton = {"repo": str(repo), "backend": backend, "accuracy_gate": gate}
         if backend == "cpu":
             self.report.triton["cpu_runtime"] = load_manifest(repo)["cpu_runtime"]
         if engine_path is None:
             self.report.skip("triton_trt", f"no TensorRT engine: the repository serves the pure ONNX ({backend} "
                                            "deployment)")
         LOG.info("Triton repository written to %s (backend %s)", repo, backend)
+
+    def served_gate(self, backend: str, cpu_runtime: str) -> dict | None:
+        """The accuracy gate of the model a repository of ``backend`` would serve (None for fp32: nothing to gate;
+        a reduced precision whose gate could not run gives ``passed: None``)."""
+        if backend == "trt":
+            precision = (self.report.engine or {}).get("precision", "fp32")
+            key = f"tensorrt_{precision}"
+        elif backend == "cpu" and self.options.triton_cpu_precision == "int8":
+            precision, key = "int8", f"{cpu_runtime}_int8"
+        else:  # fp32 ONNX, or OpenVINO's bf16 hint (an execution hint of the server, not an artifact gated here)
+            return None
+        if precision == "fp32":
+            return None
+        gate = self.report.accuracy.get(key)
+        if gate is None:
+            return {"key": key, "passed": None, "reasons": ["no accuracy gate was run for this model"]}
+        return {"key": key, "passed": gate["passed"], "reasons": gate.get("reasons", []),
+                **{k: gate.get(k) for k in ("ap_drop_points", "ap50_drop_points", "agreement", "int8_mac_fraction",
+                                            "images")}}
 
     def triton_cpu_model(self) -> tuple[Path | None, str]:
         """(cpu_model, cpu_runtime) of a cpu repository for ``--triton-cpu-runtime`` / ``--triton-cpu-precision``.

@@ -79,19 +79,82 @@ def _warn_on_resize(image: torch.Tensor, imgsz: int, what: str) -> None:
                     image.shape[-2], image.shape[-1], imgsz, imgsz, image.shape[-1])
 
 
-def calibration_images(dataset, count: int, imgsz: int, seed: int = 0) -> np.ndarray:
-    """``count`` LR images (``[N, 3, imgsz, imgsz]`` float32 in [0, 1]) drawn reproducibly from ``dataset``."""
+DEFAULT_CALIB_IMAGES = 256  # calibration inputs of every INT8 path (issue 21: >= 256, augmented when fewer)
+CALIB_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def _augmented_view(image: torch.Tensor, imgsz: int, rng: np.random.Generator) -> torch.Tensor:
+    """One augmented crop of a ``[3, h, w]`` LR image at ``imgsz``: the training augmentations (flips, a 90 degree
+    turn) and a random crop of 70-100 % of the side, resized back (object scale changes by at most 1/0.7)."""
+    if rng.random() < 0.5:
+        image = image.flip(-1)
+    if rng.random() < 0.5:
+        image = image.flip(-2)
+    image = torch.rot90(image, int(rng.integers(4)), dims=(-2, -1))
+    h, w = image.shape[-2:]
+    side = max(8, int(round(min(h, w) * rng.uniform(0.7, 1.0))))
+    top, left = int(rng.integers(h - side + 1)), int(rng.integers(w - side + 1))
+    crop = image[:, top:top + side, left:left + side]
+    return F.interpolate(crop[None], size=(imgsz, imgsz), mode="bilinear", align_corners=False)[0]
+
+
+def calibration_images(dataset, count: int = DEFAULT_CALIB_IMAGES, imgsz: int = 128, seed: int = 0
+                       ) -> np.ndarray:
+    """``count`` LR images (``[N, 3, imgsz, imgsz]`` float32, about [0, 1]) drawn reproducibly from ``dataset``.
+
+    Every image is used once (in a seeded order); when the split has fewer than ``count`` images the rest are
+    augmented crops of them (:func:`_augmented_view`), so a small training split still calibrates on ``count``
+    distinct inputs.
+    """
     if count < 1:
         raise ValueError(f"--calib-images must be >= 1, got {count}")
     if len(dataset) == 0:
         raise ValueError("the calibration dataset is empty")
     generator = np.random.default_rng(seed)
     indices = generator.permutation(len(dataset))[:count]
-    if count > len(dataset):
-        LOG.warning("asked for %d calibration images, the training set has %d: using all of them", count,
-                    len(dataset))
     _warn_on_resize(dataset[int(indices[0])]["image_lr"], imgsz, "calibration")
     images = [fit_to_input(dataset[int(i)]["image_lr"], imgsz) for i in tqdm(indices, desc="calibration images")]
+    extra = count - len(images)
+    if extra > 0:
+        LOG.info("calibration: %d training images, %d augmented crops of them to reach %d inputs", len(images),
+                 extra, count)
+        for _ in range(extra):
+            source = dataset[int(generator.integers(len(dataset)))]["image_lr"]
+            images.append(_augmented_view(source, imgsz, generator))
+    return torch.stack(images).numpy().astype(np.float32)
+
+
+def calibration_images_from_dir(directory: str | Path, count: int = DEFAULT_CALIB_IMAGES, imgsz: int = 128,
+                                seed: int = 0) -> np.ndarray:
+    """``count`` calibration inputs from the user's own images in ``directory`` (``--calib-dir``): images the
+    network would be given (LR pixels), taken as random ``imgsz`` crops (resized up when smaller), round-robin over
+    the files so that every file contributes."""
+    from sdconet.data.image_io import load_image
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"--calib-dir {directory}: not a directory")
+    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in CALIB_EXTENSIONS)
+    if not files:
+        raise ValueError(f"--calib-dir {directory}: no image files ({', '.join(CALIB_EXTENSIONS)})")
+    if count < 1:
+        raise ValueError(f"--calib-images must be >= 1, got {count}")
+    generator = np.random.default_rng(seed)
+    images = []
+    for k in tqdm(range(count), desc="calibration images"):
+        path = files[k % len(files)]
+        try:
+            array = load_image(path)
+        except Exception as err:  # noqa: BLE001 - a named error for the file that cannot be read
+            raise ValueError(f"--calib-dir: cannot read {path}: {err}") from err
+        image = torch.from_numpy(np.ascontiguousarray(array[..., :3])).permute(2, 0, 1).float() / 255.0
+        h, w = image.shape[-2:]
+        if min(h, w) < imgsz:
+            image = F.interpolate(image[None], size=(max(h, imgsz), max(w, imgsz)), mode="bilinear",
+                                  align_corners=False)[0]
+            h, w = image.shape[-2:]
+        top, left = int(generator.integers(h - imgsz + 1)), int(generator.integers(w - imgsz + 1))
+        images.append(image[:, top:top + imgsz, left:left + imgsz])
     return torch.stack(images).numpy().astype(np.float32)
 
 
@@ -106,6 +169,7 @@ def write_calibration_data(images: np.ndarray, path: str | Path, input_name: str
 def quantize_int8(onnx_path: str | Path, output_path: str | Path, calibration_path: str | Path, *,
                   python: str | Path | None = None, exclude_nodes: Sequence[str] = (),
                   calibration_method: str = "entropy", high_precision_dtype: str = "fp32",
+                  op_types_to_quantize: Sequence[str] | None = None, op_types_to_exclude: Sequence[str] = (),
                   log_path: str | Path | None = None, timeout_s: int = 3600) -> dict:
     """Run ModelOpt INT8 PTQ (CPU calibration) and return a summary (command, seconds, Q/DQ node count).
 
@@ -126,6 +190,10 @@ def quantize_int8(onnx_path: str | Path, output_path: str | Path, calibration_pa
                "--high_precision_dtype", high_precision_dtype, "--output_path", str(output_path)]
     if exclude_nodes:
         command += ["--nodes_to_exclude", *exclude_nodes]
+    if op_types_to_quantize:
+        command += ["--op_types_to_quantize", *op_types_to_quantize]
+    if op_types_to_exclude:
+        command += ["--op_types_to_exclude", *op_types_to_exclude]
     LOG.info("ModelOpt INT8 PTQ: %s", " ".join(command))
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)

@@ -75,6 +75,7 @@ class ExportReport:
     graphs: dict[str, dict] = field(default_factory=dict)
     parity: dict[str, dict] = field(default_factory=dict)
     int8: dict | None = None
+    calibration: dict | None = None  # the INT8 paths' calibration inputs: count and source
     engine: dict | None = None
     # accuracy gate results (sdconet.deploy.accuracy.accuracy_gate) by artifact, e.g. "tensorrt_fp16"
     accuracy: dict[str, dict] = field(default_factory=dict)
@@ -95,7 +96,8 @@ class ExportReport:
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "checkpoint": self.checkpoint, "options": self.options, "environment": environment(),
                 "artifacts": self.artifacts, "graphs": self.graphs, "parity": self.parity, "int8": self.int8,
-                "engine": self.engine, "accuracy": self.accuracy, "triton": self.triton, "skipped": self.skipped}
+                "calibration": self.calibration, "engine": self.engine, "accuracy": self.accuracy,
+                "triton": self.triton, "skipped": self.skipped}
 
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
         out_dir = Path(out_dir)
@@ -133,15 +135,10 @@ def render_summary(data: dict) -> str:
     for kind, figures in data["parity"].items():
         lines.append(f"| {kind} | {figures['max_box_error_px']:.3g} / {figures['max_box_error_rel']:.2e} | "
                      f"{figures['max_score_error']:.2e} | {figures['top_labels_match']} | {figures['passed']} |")
-    int8 = data.get("int8")
-    if int8 and "fp32" in int8:
-        lines += ["", f"## INT8 (ModelOpt PTQ, {int8.get('calibration_images')} calibration images)", "",
-                  "| model | AP | AP50 | AP75 |", "|---|---|---|---|"]
-        for key in ("fp32", "int8"):
-            ap = int8[key]
-            lines.append(f"| {key.upper()} ONNX | {ap['AP']:.4f} | {ap['AP50']:.4f} | {ap['AP75']:.4f} |")
-        lines.append(f"\nAP drop: {int8['ap_drop_points']:.2f} points on {int8['images']} validation images "
-                     f"(target <= {int8['target_drop_points']:.0f})")
+    if data.get("accuracy"):
+        calib = data.get("calibration") or {}
+        lines += ["", f"## Accuracy gates (calibration: {calib.get('images')} inputs from {calib.get('source')})", "",
+                  gate_table(data["accuracy"])]
     engine = data.get("engine")
     if engine:
         lines += ["", "## TensorRT engine", "",
@@ -152,3 +149,20 @@ def render_summary(data: dict) -> str:
     if data["skipped"]:
         lines += ["", "## Skipped", ""] + [f"- **{s['step']}**: {s['reason']}" for s in data["skipped"]]
     return "\n".join(lines) + "\n"
+
+
+def gate_table(accuracy: dict[str, dict]) -> str:
+    """Markdown table of ``report["accuracy"]`` (one row per gated artifact; the demo's summary shows it too)."""
+    def num(value, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    lines = ["| artifact | AP (fp32 -> candidate) | AP drop (pt) | AP50 drop (pt) | AP75 | agreement | int8 MAC share "
+             "| images | gate |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, gate in accuracy.items():
+        verdict = "passed" if gate.get("passed") else "FAILED: " + "; ".join(gate.get("reasons", []))
+        lines.append(f"| {key} | {num(gate.get('AP_fp32'), '.4f')} -> {num(gate.get('AP'), '.4f')} | "
+                     f"{num(gate.get('ap_drop_points'), '+.2f')} (<= {gate.get('max_ap_drop')}) | "
+                     f"{num(gate.get('ap50_drop_points'), '+.2f')} | {num(gate.get('AP75'), '.4f')} | "
+                     f"{num(gate.get('agreement'), '.3f')} (>= {gate.get('min_agreement')}) | "
+                     f"{num(gate.get('int8_mac_fraction'), '.3f')} | {gate.get('images')} | {verdict} |")
+    return "\n".join(lines)

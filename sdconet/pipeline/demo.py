@@ -146,7 +146,8 @@ def default_train_processes() -> int:
 
 
 def build_stages(layout: DemoLayout, python: str = sys.executable, train_args: Sequence[str] = (),
-                 calib_images: int = 16, bench_iters: int = 20, clients: int = 4,
+                 calib_images: int | None = None, gate_count: int | None = None, bench_iters: int = 20,
+                 clients: int = 4,
                  scene_size: int = SCENE_SIZE) -> list[Stage]:
     server = _Server(layout)
     given = any(a == "--nproc" or a.startswith("--nproc=") for a in train_args)
@@ -160,7 +161,11 @@ def build_stages(layout: DemoLayout, python: str = sys.executable, train_args: S
               outputs=[layout.eval_report]),
         Stage("export", lambda: [python, "export/build_engine.py", "--checkpoint", str(layout.best_checkpoint),
                                  "--out", str(layout.engines), "--name", EXPORT_NAME, "--imgsz", str(lr_size(layout)),
-                                 "--int8", "--calib-images", str(calib_images), "--with-saliency",
+                                 "--int8", "--cpu-int8", "onnxruntime", "--cpu-int8", "openvino",
+                                 # None: the shipped calibration default (256 inputs), as the issue asks
+                                 *(["--calib-images", str(calib_images)] if calib_images else []),
+                                 *(["--gate-count", str(gate_count)] if gate_count else []),
+                                 "--with-saliency",
                                  "--triton-repo", str(layout.triton_repo)],
               outputs=[layout.export_report, layout.onnx, layout.triton_repo]),
         Stage("serve", client_argv, outputs=[layout.detections], before=server.start, after=server.stop),
@@ -215,6 +220,8 @@ def collect_summary(layout: DemoLayout) -> dict[str, Any]:
                               "passed": v["passed"]} for kind, v in (report.get("parity") or {}).items()},
             "int8": ({"fp32_AP": int8["fp32"]["AP"], "int8_AP": int8["int8"]["AP"],
                       "ap_drop_points": int8["ap_drop_points"]} if "fp32" in int8 else None),
+            "calibration": report.get("calibration"),
+            "accuracy": report.get("accuracy") or {},
             "skipped": report.get("skipped", []),
         },
         "serving": {"images": len(detections), "failures": len(failures),
@@ -241,6 +248,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     if int8:
         lines.append(f"INT8 Q/DQ: AP {int8['fp32_AP']:.4f} (fp32) -> {int8['int8_AP']:.4f} (int8), drop "
                      f"{int8['ap_drop_points']:.2f} points")
+    accuracy = summary["export"].get("accuracy") or {}
+    if accuracy:
+        from sdconet.deploy.report import gate_table
+
+        calib = summary["export"].get("calibration") or {}
+        lines += ["", f"accuracy gates ({calib.get('images')} calibration inputs from {calib.get('source')}):",
+                  gate_table(accuracy), ""]
     for skipped in summary["export"]["skipped"]:
         lines.append(f"skipped {skipped['step']}: {skipped['reason']}")
     serving = summary["serving"]
@@ -269,7 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdconet.pipeline.demo", description=__doc__.split("\n\n")[0],
                                      epilog="Extra arguments after -- go to train/run.py (e.g. -- --epochs 2).")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="work directory (default runs/demo)")
-    parser.add_argument("--calib-images", type=int, default=16, help="INT8 calibration images")
+    parser.add_argument("--calib-images", type=int, default=None,
+                        help="INT8 calibration inputs (default: the exporter's shipped default, 256)")
+    parser.add_argument("--gate-count", type=int, default=None,
+                        help="held-out images of the accuracy gates (default: the exporter's, 200)")
     parser.add_argument("--bench-iters", type=int, default=20, help="measured calls per benchmark configuration")
     parser.add_argument("--scene-size", type=int, default=SCENE_SIZE,
                         help=f"side in HR pixels of the synthetic GeoTIFF scene (default {SCENE_SIZE})")
@@ -281,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner = StageRunner(layout.work, cwd=REPO_ROOT)
         try:
             runner.run_all(build_stages(layout, train_args=train_args, calib_images=args.calib_images,
+                                             gate_count=args.gate_count,
                                         bench_iters=args.bench_iters, scene_size=args.scene_size))
         except StageFailed as err:
             print(f"\ndemo stopped: {err}\nearlier stages' outputs are kept in {layout.work}; run the same command "

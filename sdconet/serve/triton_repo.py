@@ -468,7 +468,8 @@ def _prepare_target(repo_dir: Path) -> None:
 def build_repository(repo_dir: str | Path, *, onnx_path: str | Path | None = None,
                      engine_path: str | Path | None = None, backend: str, imgsz: int, max_batch: int,
                      class_names: Sequence[str] | None = None, score_threshold: float = DEFAULT_SCORE_THRESHOLD,
-                     options: RepositoryOptions | None = None, cpu_model: str | Path | None = None) -> Path:
+                     options: RepositoryOptions | None = None, cpu_model: str | Path | None = None,
+                     gate: dict | None = None, allow_failed_gate: bool = False) -> Path:
     """Write a Triton model repository for one deployment (``backend`` = ``cpu`` | ``onnx`` | ``trt``).
 
     ``onnx_path`` is the exported pure-ONNX detector (always needed: its tensor signature drives the detector config;
@@ -476,9 +477,15 @@ def build_repository(repo_dir: str | Path, *, onnx_path: str | Path | None = Non
     ``trt``. ``cpu_model`` is what ``detector_cpu`` runs instead (``cpu`` only): the plugin-mode ONNX for OpenVINO's
     fused MSDA op, or a CPU INT8 model (``options.cpu_runtime`` / ``cpu_precision``). A previous repository written by this
     builder at ``repo_dir`` is replaced as a whole (so switching backend leaves no stale model behind).
-    ``class_names`` default to the ONNX's ``sdconet.class_names`` metadata. Returns ``repo_dir``.
+    ``class_names`` default to the ONNX's ``sdconet.class_names`` metadata. ``gate``: the accuracy gate of the
+    served model (``{"key", "passed", "reasons", ...}``, see :func:`sdconet.deploy.accuracy.accuracy_gate`); a
+    failed one is refused unless ``allow_failed_gate``, and the manifest records it. Returns ``repo_dir``.
     """
     options = options or RepositoryOptions()
+    if gate is not None and gate.get("passed") is False and not allow_failed_gate:
+        raise RepositoryError(f"refusing to serve a model whose accuracy gate ({gate.get('key')}) failed: "
+                              f"{'; '.join(gate.get('reasons') or ['no reason recorded'])} (allow_failed_gate / "
+                              f"--allow-failed-gate serves it anyway)")
     repo_dir = Path(repo_dir)
     onnx_path = Path(onnx_path) if onnx_path is not None else None
     engine_path = Path(engine_path) if engine_path is not None else None
@@ -582,6 +589,8 @@ def build_repository(repo_dir: str | Path, *, onnx_path: str | Path | None = Non
             "detector_artifact": {"file": str(Path(artifact).resolve()), "sha256": detector_sha256},
             "python_env_version": python_env_version, "plugin_libs": plugin_libs, "options": asdict(options),
             "cpu_runtime": cpu.manifest() if cpu is not None else None,
+            "accuracy_gate": (None if gate is None else dict(gate) | {"allowed_failed": bool(
+                gate.get("passed") is False and allow_failed_gate)}),
         }
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         if repo_dir.exists():
