@@ -202,7 +202,6 @@ def test_exporter_cpu_int8_and_an_honest_gate(tmp_path):
     """``--cpu-int8 onnxruntime`` through the exporter on the tiny SDCoNet, then the gate against fp32 itself and
     against a deliberately broken INT8 graph."""
     from sdconet.config import load_config
-    from sdconet.data import build_dataset
     from sdconet.deploy.accuracy import accuracy_gate
     from sdconet.deploy.exporter import ExportOptions, run_export
     from sdconet.engine.checkpoint import save_model_weights

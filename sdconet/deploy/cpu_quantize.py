@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
