@@ -535,9 +535,7 @@ class Exporter:
         """INT8 by ``backend``'s own quantizer on training-split images, then the accuracy gate vs FP32
         (``report.accuracy["<backend>_int8"]``). A missing quantizer is a recorded skip. OpenVINO quantizes the
         plugin-mode ONNX (fused MSDA op kept fp32) when there is one and the fused kernel builds here."""
-        from sdconet.deploy import cpu_quantize
-
-        from sdconet.deploy import layer_groups
+        from sdconet.deploy import cpu_quantize, layer_groups
 
         opts = self.options
         calib = self.calibration()
