@@ -143,18 +143,22 @@ class BenchContext:
         if precision == "int8-qdq":
             if self.int8_onnx_path is not None:
                 return self.int8_onnx_path
+            from sdconet.deploy.exporter import DEFAULT_INT8_EXCLUDE, DEFAULT_INT8_OP_TYPES, MSDA_EXCLUDE_PATTERN
             from sdconet.deploy.quantize import quantize_int8, write_calibration_data
 
             fp32 = self.fp32_onnx()  # an export failure is an error of its own, not a quantization one
             calib = write_calibration_data(self.calibration(), self.work_dir / "bench_calib.npz")
             out = self.work_dir / "bench_int8_qdq.onnx"
-            quantize_int8(fp32, out, calib)
+            # the exporter's shipped INT8 defaults (exclusions, op types), so the timed graph is the one it gates
+            quantize_int8(fp32, out, calib, exclude_nodes=[MSDA_EXCLUDE_PATTERN, *DEFAULT_INT8_EXCLUDE],
+                          op_types_to_quantize=DEFAULT_INT8_OP_TYPES)
             return out
         from sdconet.deploy.cpu_quantize import quantize_onnxruntime_int8
+        from sdconet.deploy.exporter import DEFAULT_INT8_EXCLUDE
 
         fp32 = self.fp32_onnx()
         out = self.work_dir / "bench_cpu_int8.onnx"
-        quantize_onnxruntime_int8(fp32, out, self.calibration())
+        quantize_onnxruntime_int8(fp32, out, self.calibration(), exclude=DEFAULT_INT8_EXCLUDE)
         return out
 
     def openvino_int8(self) -> Path:
@@ -162,9 +166,11 @@ class BenchContext:
         stays fp32, the OpenVINO fp32 rows' graph), or of the user's ``--onnx`` as given."""
         def make() -> Path:
             from sdconet.deploy.cpu_quantize import quantize_openvino_int8
+            from sdconet.deploy.exporter import DEFAULT_INT8_EXCLUDE
 
             out = self.work_dir / "bench_openvino_int8.xml"
-            quantize_openvino_int8(self.onnx_path or self.plugin_onnx(), out, self.calibration())
+            quantize_openvino_int8(self.onnx_path or self.plugin_onnx(), out, self.calibration(),
+                                   exclude=DEFAULT_INT8_EXCLUDE)
             return out
 
         path = _cached_artifact(self, "openvino_int8", make)
