@@ -7,6 +7,7 @@ single place to swap the model) are the session fixtures of ``serving_fixtures.p
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -97,6 +98,15 @@ def test_select_detections_thresholds_sorts_and_maps():
     np.testing.assert_allclose(out_scores, [0.9, 0.4])
     np.testing.assert_array_equal(out_labels, [0, 2])
     np.testing.assert_allclose(out_boxes, [[10, 10, 40, 40], [0, 0, 20, 20]])
+
+
+def test_letterbox_refuses_arrays_that_are_not_rgb_uint8():
+    """An IMAGE array of 4 channels (RGBA), 1 channel or float dtype is refused by name, never letterboxed into a
+    3-channel canvas."""
+    for bad in (np.zeros((20, 30, 4), np.uint8), np.zeros((20, 30, 1), np.uint8), np.zeros((20, 30), np.uint8),
+                np.zeros((20, 30, 3), np.float32)):
+        with pytest.raises(processing.InvalidImageError, match=re.escape(f"got shape {bad.shape}")):
+            processing.letterbox(bad, IMGSZ)
 
 
 def test_decode_image_refuses_bad_input():
