@@ -191,7 +191,8 @@ def test_the_study_tool_writes_its_table_and_the_group_variants_hold_what_they_s
     out = tmp_path / "int8_study"
     assert int8_study.main(["--checkpoint", str(tiny_random_checkpoint), "--images", "4", "--imgsz", "64",
                             "--calib-images", "4", "--groups", "neck", "encoder.layer0.value_proj",
-                            "--error-images", "2", "--work-dir", str(study_export), "--out", str(out)]) == 0
+                            "--error-images", "2", "--work-dir", str(study_export), "--out", str(out),
+                            "--float-set", "stem=swin.patch_embed,neck"]) == 0
     study = json.loads(out.with_suffix(".json").read_text())
     assert {"rows", "groups", "activation_error", "provenance"} <= set(study)
     assert study["gate_images"] == 4 and study["calibration_images"] == 4
@@ -204,6 +205,9 @@ def test_the_study_tool_writes_its_table_and_the_group_variants_hold_what_they_s
         assert row["int8_only"]["int8_mac_fraction"] == pytest.approx(row["mac_share"], abs=2e-4)
         assert row["float_only"]["int8_mac_fraction"] == pytest.approx(full - row["mac_share"], abs=2e-4)
     assert "| neck |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
+    (candidate,) = study["exclusion_sets"]
+    assert candidate["name"] == "stem" and candidate["float_groups"] == ["swin.patch_embed", "neck"]
+    assert candidate["kept_nodes"] > 0 and candidate["int8_mac_fraction"] < full
 
 
 def test_the_default_exclusions_select_exactly_the_groups_the_study_chose(study_export):

@@ -176,6 +176,17 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
                      row["int8_only"]["ap_drop_points"], row["int8_only"]["agreement"] or 0,
                      row["float_only"]["ap_drop_points"], row["float_only"]["agreement"] or 0)
             results.append(row)
+        exclusion_sets = []
+        for name, patterns in (args.float_set or []):
+            # a candidate exclusion set: these groups in float, every other compute node INT8
+            chosen = [g for g in groups if any(re.fullmatch(p, g) for p in patterns)]
+            kept = [n for g in chosen for n in groups[g]]
+            variant = qdq_variant(pure, work / "float_set.onnx", calib, cache, exclude=[*msda, *kept],
+                                  calibration_method=args.calibration_method)
+            gate = _gate_row(gate_of(variant, reference, fp32))
+            exclusion_sets.append({"name": name, "float_groups": chosen, "kept_nodes": len(kept), **gate})
+            LOG.info("float set %-24s AP drop %+.2f, agreement %.3f, int8 MAC share %.3f", name,
+                     gate["ap_drop_points"], gate["agreement"] or 0, gate["int8_mac_fraction"])
         t0 = time.perf_counter()
         errors = activation_errors(pure, everything, calib[:args.error_images], compute)
         timings["activation_error_s"] = time.perf_counter() - t0
@@ -191,6 +202,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
              "scheme": "ONNX Runtime QDQ: symmetric int8 activations per tensor, symmetric per-channel int8 weights, "
                        "Conv/MatMul/Gemm incl. activation x activation MatMuls, MSDA sampling float",
              "fp32": reference["ap"], "all_int8": _gate_row(full), "groups": results,
+             "exclusion_sets": exclusion_sets,
              "activation_error": sorted(per_group_error, key=lambda r: -r["max_rel_error"]),
              "timings_s": {k: round(v, 1) for k, v in timings.items()}}
     if args.modelopt:
@@ -289,6 +301,12 @@ def render_markdown(study: dict) -> str:
                      f"{_fmt(o['AP75'], '.4f')} / {_fmt(o['agreement'], '.3f')} | "
                      f"{_fmt(f['ap_drop_points'], '+.2f')} / {_fmt(f['agreement'], '.3f')} | "
                      f"{_fmt(r['recovered_points'], '+.2f')} |")
+    if study.get("exclusion_sets"):
+        lines += ["", "## Candidate exclusion sets (these groups in float, everything else INT8)", "",
+                  "| set | groups kept in float | AP drop (pt) | agreement | int8 MAC share |", "|---|---|---|---|---|"]
+        for r in study["exclusion_sets"]:
+            lines.append(f"| {r['name']} | {', '.join(r['float_groups'])} | {_fmt(r['ap_drop_points'], '+.2f')} | "
+                         f"{_fmt(r['agreement'], '.3f')} | {_fmt(r['int8_mac_fraction'], '.3f')} |")
     lines += ["", "## Activation error of the all-INT8 graph (worst compute node per group)", "",
               "Relative L2 error of each node's output against FP32, position by position. After the saliency "
               "token filter and the query selection (deformable encoder, proposal head, decoder) the tokens are "
@@ -338,6 +356,13 @@ def plot(study: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _float_set(text: str) -> tuple[str, list[str]]:
+    name, sep, patterns = text.partition("=")
+    if not sep or not name or not patterns:
+        raise argparse.ArgumentTypeError(f"--float-set wants NAME=REGEX[,REGEX...], got {text!r}")
+    return name, patterns.split(",")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdconet.deploy.int8_study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="weights file or run directory")
@@ -347,6 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                        "default, 256)")
     parser.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile"), default="minmax")
     parser.add_argument("--groups", nargs="*", default=None, metavar="REGEX", help="only these groups")
+    parser.add_argument("--float-set", action="append", type=_float_set, default=None, metavar="NAME=REGEX[,REGEX]",
+                        help="also gate one candidate exclusion set: the groups matching the regexes in float, "
+                             "the rest INT8 (repeatable)")
     parser.add_argument("--error-images", type=int, default=8, help="images for the per-tensor activation error")
     parser.add_argument("--modelopt", action="store_true", help="also ModelOpt fp32 vs fp16 high precision")
     parser.add_argument("--report", type=Path, default=None,
