@@ -21,7 +21,7 @@ from sdconet.serve.server import free_ports, process_group_members, stub_pids  #
 from sdconet.serve import soak as soak_module  # noqa: E402
 from sdconet.serve.soak import (BAD_KINDS, _growth, compare_detections, is_bad, run_soak, status_class,  # noqa: E402
                                 write_report)
-from serving_fixtures import png_bytes, require_server, scene  # noqa: E402
+from serving_fixtures import MAX_IMAGE_PIXELS, png_bytes, require_server, scene  # noqa: E402
 
 
 def test_fixed_mix_and_growth_definition():
@@ -253,3 +253,18 @@ def test_launcher_heals_a_stub_and_restarts_a_dead_server_while_a_client_retries
                     pass
     for pid in pids:  # the first server and the restarted one: nothing of either outlives the launcher
         assert not process_group_members(pid)
+
+
+def test_large_oversize_arrays_are_paced_and_left_out_of_the_growth(server, monkeypatch):
+    """An oversize array above PACED_OVERSIZE_BYTES (forced to 0 here: the test repository's is 0.7 MB) goes at most
+    once per interval, one at a time; the other slots of its turn take the next kind, so the mix stays exact."""
+    monkeypatch.setattr(soak_module, "PACED_OVERSIZE_BYTES", 0)
+    report = run_soak(server.endpoints.http, soak_seconds=4, warmup_seconds=0.5, concurrency=4, bad_fraction=0.5,
+                      good_images=[png_bytes(scene(48, 40, seed=14))], server_pgid=server.process.pid,
+                      oversize_interval_s=1.5)
+    sent = report.bad_by_kind["oversize_array"]["rejected"] + report.bad_by_kind["oversize_array"]["accepted"]
+    assert 1 <= sent <= 4, report.bad_by_kind  # 4 s measured at one per 1.5 s (one may have started in the warm-up)
+    others = sum(v["rejected"] for k, v in report.bad_by_kind.items() if k != "oversize_array")
+    assert others > 3 * sent and report.bad_accepted == 0 and report.passed, report.failures
+    assert report.oversize_bytes == soak_module._oversize_nbytes(MAX_IMAGE_PIXELS)
+    assert report.rss_samples_excluded_s and report.rss_growth_all_samples_mb is not None
