@@ -209,7 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     soak.add_argument("--max-oversize-mb", type=float, default=256.0,
                       help="skip the oversize_array kind when an array over the server's pixel limit exceeds this "
                            "(default %(default)s; 201 MB at the default 8192^2 limit)")
-    soak.add_argument("--oversize-interval-s", type=float, default=10.0,
+    soak.add_argument("--oversize-interval-s", type=float, default=30.0,
                       help="send an oversize array over 16 MB at most once per this many seconds, one at a time "
                            "(default %(default)s)")
     args = parser.parse_args(argv)

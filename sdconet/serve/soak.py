@@ -323,7 +323,7 @@ def run_soak(url: str, *, protocol: str = "http", model: str = ENSEMBLE_MODEL, s
              timeout_s: float = 60.0, on_request: Optional[Callable[[], None]] = None,
              heal: Optional[Callable[[], list[str]]] = None, recovery_target_s: float = 30.0,
              check_every: int = 1, score_tol: float = 1e-3, box_tol: float = 0.5,
-             max_oversize_bytes: int = MAX_OVERSIZE_BYTES, oversize_interval_s: float = 10.0) -> SoakReport:
+             max_oversize_bytes: int = MAX_OVERSIZE_BYTES, oversize_interval_s: float = 30.0) -> SoakReport:
     """Soak ``model`` at ``url`` (see the module docstring).
 
     ``server_pgid``: the server's process group for the RSS samples (None: no memory figures). ``kill_stubs``:
