@@ -269,6 +269,7 @@ class SoakReport:
     requests_ok: int = 0
     requests_wrong: int = 0
     requests_checked: int = 0
+    reference_detections: list[int] = field(default_factory=list)  # per good image: detections in its reference
     requests_lost: int = 0
     requests_failed_in_fault: int = 0
     bad_rejected: int = 0
@@ -367,6 +368,11 @@ def run_soak(url: str, *, protocol: str = "http", model: str = ENSEMBLE_MODEL, s
     finally:
         probe.close()
     references = _reference_answers(module, url, protocol, model, good_images, timeout_s, client_options)
+    report.reference_detections = [len(ref) for ref in references]
+    if not any(report.reference_detections):
+        # the check then only catches spurious detections, not changed ones: say so instead of a silent "0 wrong"
+        log.warning("soak: no good image has a detection above the server's score threshold %s; the answer check "
+                    "compares empty answers (pass --images with objects the model finds)", score_threshold)
     bad_inputs = {}
     for kind in BAD_KINDS:
         inputs = make_bad_inputs(module, kind, good_images[0], max_pixels, max_oversize_bytes)
