@@ -1,5 +1,7 @@
 """Fused MSDA CPU kernel (sdconet.kernels.cpu): parity with sdconet.ops.msda on every ISA path this CPU runs (forced
 with SDCONET_CPU_ISA), through the C entry point and through OpenVINO reading a plugin-mode ONNX node; errors."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -181,3 +183,88 @@ def test_op_benchmark_times_the_cpu_forms_and_checks_them():
     assert rows["fused"]["max_abs_err"] <= TOL and rows["onnx_gather"]["max_abs_err"] <= TOL
     assert rows["fused"]["speedup_vs_onnx_gather"] > 0 and report["target_cpu"]["met"] is not None
     assert "speedup vs onnx_gather" in bench.markdown(report)
+
+
+def _malformed_node_model(tmp_path, heads_in_weights: int, dynamic: bool = False):
+    """The plugin node with attention_weights of another head count than value/sampling_locations (dynamic: every
+    dimension of every input unknown, so only the tensors at run time show the mismatch)."""
+    import onnx
+
+    value, loc, _ = _inputs(ODD_LEVELS, batch=1, queries=5, heads=2, channels=8, points=2)
+    model = cpu.plugin_node_model(ODD_LEVELS, value.shape, loc.shape)
+    for item in model.graph.input:
+        dims = item.type.tensor_type.shape.dim
+        if item.name == "attention_weights" and not dynamic:
+            dims[2].dim_value = heads_in_weights
+        if dynamic:
+            for i, dim in enumerate(dims):
+                dim.dim_param = f"{item.name}_{i}"
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, path)
+    return path, value.numpy(), loc.numpy()
+
+
+def test_malformed_graph_is_refused_with_the_shapes(tmp_path):
+    import openvino as ov
+
+    core = ov.Core()
+    core.add_extension(str(cpu.extension_path()))
+    path, value, loc = _malformed_node_model(tmp_path, heads_in_weights=3)
+    with pytest.raises(Exception, match=r"attention_weights .*3.* does not match sampling_locations"):
+        core.read_model(str(path))
+    # shapes unknown until run time: the op refuses the tensors before the kernel reads them. OpenVINO 2026.4's CPU
+    # plugin does not pass that error on for a dynamic-shape custom op: the request returns an empty output instead
+    # (no element computed, nothing read past a tensor); a well-formed request on the same model is computed
+    path, value, loc = _malformed_node_model(tmp_path, heads_in_weights=0, dynamic=True)
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_NUM_THREADS": 1})
+    short = np.ones(loc.shape[:2] + (1,) + loc.shape[3:5], np.float32)  # 1 head instead of 2
+    assert compiled({"value": value, "sampling_locations": loc, "attention_weights": short})[0].size == 0
+    fine = np.full(loc.shape[:5], 0.25, np.float32)
+    out = compiled({"value": value, "sampling_locations": loc, "attention_weights": fine})[0]
+    assert out.shape == (1, 5, 2, 8) and np.isfinite(out).all()
+    # the C entry point (tests, op benchmark) refuses the same mismatch with the shapes
+    with pytest.raises(ValueError, match=r"attention_weights \[1, 5, 1, 4, 2\] do not match value \[1, 143, 2, 8\]"):
+        cpu.msda_forward(value, ODD_LEVELS, level_start_index_for(ODD_LEVELS), loc, short)
+
+
+def test_unwritable_build_folder_is_a_kernel_build_error_and_callers_fall_back(tmp_path, monkeypatch, caplog):
+    import os
+
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    if os.access(readonly, os.W_OK):  # root ignores modes; sysfs refuses new folders to everyone
+        readonly = Path("/sys/sdconet-kernel-build")
+        if not Path("/sys").is_dir():
+            pytest.skip("running as root without /sys: no folder here refuses writes")
+    monkeypatch.setenv("SDCONET_KERNEL_BUILD_DIR", str(readonly))
+    with pytest.raises(cpu.KernelBuildError, match=r"cannot build the fused MSDA CPU kernel in .*SDCONET_KERNEL_BUILD_DIR"):
+        cpu.build_extension()
+    assert cpu.fused_cpu_kernel_ready("Triton cpu runtime: onnxruntime") is False
+    assert "Triton cpu runtime: onnxruntime, the fused MSDA CPU kernel cannot be built" in caplog.text
+
+
+def test_truncated_library_is_not_trusted_and_is_rebuilt(tmp_path, monkeypatch):
+    import shutil
+
+    from sdconet.kernels.cpu import build
+
+    good = cpu.extension_path()
+    monkeypatch.setenv("SDCONET_KERNEL_BUILD_DIR", str(tmp_path / "kernels"))
+    key_dir = build.build_dir() / good.parent.name
+    key_dir.mkdir(parents=True)
+    library = key_dir / build.LIBRARY_NAME
+    shutil.copy2(good, library)
+    shutil.copy2(good.with_name(good.name + build.DIGEST_SUFFIX), key_dir)
+    assert build.trusted_library(library)
+    library.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # what a killed link leaves
+    (key_dir / ".build-killed").mkdir()  # and the temporary folder of that build
+    assert not build.trusted_library(library)
+    assert build.build_extension() == library  # rebuilt in place, not loaded as it was
+    assert build.trusted_library(library) and library.stat().st_size > good.stat().st_size // 2
+    assert not list(key_dir.glob(".build-*"))
+    import openvino as ov
+
+    ov.Core().add_extension(str(library))  # the rebuilt library loads
+    library.unlink()
+    assert not build.trusted_library(library)  # a record without its library is no build either

@@ -18,8 +18,10 @@ import pytest
 import tritonclient.http  # noqa: E402,F401
 from sdconet.serve.client import RetryPolicy, SDCoNetClient, call_with_retries, is_retryable  # noqa: E402
 from sdconet.serve.server import free_ports, process_group_members, stub_pids  # noqa: E402
-from sdconet.serve.soak import BAD_KINDS, _growth, is_bad, run_soak, write_report  # noqa: E402
-from serving_fixtures import png_bytes, require_server, scene  # noqa: E402
+from sdconet.serve import soak as soak_module  # noqa: E402
+from sdconet.serve.soak import (BAD_KINDS, _growth, compare_detections, is_bad, run_soak, status_class,  # noqa: E402
+                                write_report)
+from serving_fixtures import MAX_IMAGE_PIXELS, png_bytes, require_server, scene  # noqa: E402
 
 
 def test_fixed_mix_and_growth_definition():
@@ -28,6 +30,38 @@ def test_fixed_mix_and_growth_definition():
     samples = [[0, 100.0], [5, 300.0], [10, 310.0], [20, 330.0], [29, 320.0], [30, 315.0]]
     # base = the last sample of the warm-up (t <= 5); max over the second half of [5, 30] = t >= 17.5
     assert _growth(samples, warmup_s=5, end_s=30) == 30.0
+    assert _growth(samples, warmup_s=5, end_s=30, exclude=[20]) == 20.0  # a sample with an oversize array in flight
+
+
+def test_status_classes_and_answer_comparison():
+    import numpy as np
+    from tritonclient.utils import InferenceServerException
+
+    from sdconet.runtime.triton_client import Detections
+
+    assert status_class(None) == "200"
+    assert status_class(InferenceServerException("preprocess: image exceeds the limit", status="400")) == "400"
+    assert status_class(InferenceServerException("Stub process is not healthy", status="500")) == "5xx"
+    assert status_class(InferenceServerException("bad", status="StatusCode.INVALID_ARGUMENT")) == "400"
+    assert status_class(InferenceServerException("gone", status="StatusCode.UNAVAILABLE")) == "5xx"
+    assert status_class(InferenceServerException("Deadline Exceeded", status="StatusCode.DEADLINE_EXCEEDED")) == \
+        "timeout"
+    assert status_class(TimeoutError("timed out")) == "timeout"
+    assert status_class(ConnectionRefusedError(111, "Connection refused")) == "connection"
+    assert status_class(ValueError("something else")) == "other"
+
+    def dets(rows):
+        rows = np.array(rows, np.float32).reshape(-1, 6)
+        return Detections(rows[:, :4], rows[:, 4], rows[:, 5].astype(np.int64), ["x"] * len(rows))
+
+    reference = dets([[10, 10, 20, 20, 0.9, 1], [30, 30, 40, 45, 0.5, 2], [1, 1, 5, 5, 0.0204, 0]])
+    same = dets([[30, 30.2, 40, 45, 0.5004, 2], [10, 10, 20, 20, 0.9, 1]])  # order, rounding, a near-threshold drop
+    assert compare_detections(reference, same, score_threshold=0.02) is None
+    moved = dets([[10, 10, 20, 20, 0.9, 1], [33, 30, 40, 45, 0.5, 2]])
+    assert "missing" in compare_detections(reference, moved, score_threshold=0.02)
+    relabelled = dets([[10, 10, 20, 20, 0.9, 3], [30, 30, 40, 45, 0.5, 2]])
+    assert "unexpected" in compare_detections(reference, relabelled, score_threshold=0.02)
+    assert "0 detections" in compare_detections(reference, dets([]), score_threshold=0.02)
 
 
 def test_retry_policy_retries_only_what_is_safe():
@@ -79,9 +113,17 @@ def test_soak_with_malformed_traffic_and_stub_kills(server, tmp_path):
     png = write_report(report, tmp_path / "soak.json")
     assert report.requests_lost == 0, report.lost_errors
     assert report.bad_accepted == 0, report.accepted_bad_kinds
-    assert report.requests_ok > 0
+    assert report.requests_wrong == 0 and report.requests_checked > 0, report.wrong_examples
+    assert len(report.reference_detections) == 2 and any(report.reference_detections)  # the check is not vacuous
+    assert report.requests_ok > 0 and report.passed, report.failures
     assert set(report.bad_by_kind) == set(BAD_KINDS), report.bad_kinds_skipped  # every kind was sent
     assert all(counts["rejected"] > 0 for counts in report.bad_by_kind.values())
+    good, bad = report.status_classes["good"], report.status_classes["bad"]
+    assert good["200"] == report.requests_ok + report.requests_wrong
+    assert sum(good.values()) == report.requests_ok + report.requests_failed_in_fault + report.requests_lost
+    # malformed requests are refused as such (400); the few that met a killed stub got its 5xx instead
+    assert bad["200"] == 0 and sum(bad.values()) == report.bad_rejected and bad["other"] == 0, bad
+    assert bad["400"] >= 0.9 * report.bad_rejected and good["other"] == 0, (good, bad)
     assert [fault["model"] for fault in report.faults] == ["detector_cpu", "preprocess"]
     # properties that hold at any speed: each kill found a stub, a good request after it succeeded (recovery is a
     # figure, not a bound), and the model now runs on a new stub (the healer reloaded it; the killed pids are gone)
@@ -93,6 +135,41 @@ def test_soak_with_malformed_traffic_and_stub_kills(server, tmp_path):
     assert report.rss_growth_mb is not None and report.p50_ms <= report.p99_ms
     saved = json.loads((tmp_path / "soak.json").read_text())
     assert saved["requests_ok"] == report.requests_ok and png.is_file() and png.stat().st_size > 10_000
+    assert saved["passed"] and saved["provenance"]["commit"] and saved["provenance"]["cpu"]["isa"]
+
+
+def test_soak_fails_on_wrong_answers_and_on_a_fault_past_the_recovery_target(server, monkeypatch):
+    """The checks can fail: a reference that no answer matches makes every checked answer wrong; a stub killed
+    with nobody healing it never recovers within the target and fails the run (the server is healed after)."""
+    good = [png_bytes(scene(64, 64, seed=13))]
+    real_references = soak_module._reference_answers
+
+    def shifted(*args, **kwargs):
+        references = real_references(*args, **kwargs)
+        for ref in references:
+            ref.boxes = ref.boxes + 5.0
+        return references
+
+    monkeypatch.setattr(soak_module, "_reference_answers", shifted)
+    report = run_soak(server.endpoints.http, soak_seconds=3, warmup_seconds=0.5, concurrency=2, bad_fraction=0.0,
+                      good_images=good)
+    if len(report.wrong_examples) == 0:  # the reference must have detections for a shift to show
+        assert report.requests_wrong == 0
+        pytest.skip("the random-init model found nothing on this image above the threshold")
+    assert report.requests_wrong == report.requests_checked > 0 and report.requests_ok == 0
+    assert not report.passed and "differ from the reference" in report.failures[0]
+    monkeypatch.undo()
+    try:
+        report = run_soak(server.endpoints.http, soak_seconds=5, warmup_seconds=0.5, concurrency=2,
+                          bad_fraction=0.0, good_images=good, server_pgid=server.process.pid,
+                          kill_stubs=[("postprocess", 0.5)], recovery_target_s=2.0)
+    finally:
+        server.heal()
+    assert report.faults[0]["recovery_s"] is None
+    assert any("never served a correct answer" in f for f in report.failures), report.failures
+    # failures later than the target are no longer excused by the fault: they are lost
+    assert report.requests_lost > 0 and report.status_classes["good"]["5xx"] > 0
+    assert not server.missing_stubs()
 
 
 def test_launcher_heals_a_stub_and_restarts_a_dead_server_while_a_client_retries(cpu_repo, tmp_path, monkeypatch):
@@ -177,3 +254,18 @@ def test_launcher_heals_a_stub_and_restarts_a_dead_server_while_a_client_retries
                     pass
     for pid in pids:  # the first server and the restarted one: nothing of either outlives the launcher
         assert not process_group_members(pid)
+
+
+def test_large_oversize_arrays_are_paced_and_left_out_of_the_growth(server, monkeypatch):
+    """An oversize array above PACED_OVERSIZE_BYTES (forced to 0 here: the test repository's is 0.7 MB) goes at most
+    once per interval, one at a time; the other slots of its turn take the next kind, so the mix stays exact."""
+    monkeypatch.setattr(soak_module, "PACED_OVERSIZE_BYTES", 0)
+    report = run_soak(server.endpoints.http, soak_seconds=4, warmup_seconds=0.5, concurrency=4, bad_fraction=0.5,
+                      good_images=[png_bytes(scene(48, 40, seed=14))], server_pgid=server.process.pid,
+                      oversize_interval_s=1.5)
+    sent = report.bad_by_kind["oversize_array"]["rejected"] + report.bad_by_kind["oversize_array"]["accepted"]
+    assert 1 <= sent <= 4, report.bad_by_kind  # 4 s measured at one per 1.5 s (one may have started in the warm-up)
+    others = sum(v["rejected"] for k, v in report.bad_by_kind.items() if k != "oversize_array")
+    assert others > 3 * sent and report.bad_accepted == 0 and report.passed, report.failures
+    assert report.oversize_bytes == soak_module._oversize_nbytes(MAX_IMAGE_PIXELS)
+    assert report.rss_samples_excluded_s and report.rss_growth_all_samples_mb is not None

@@ -28,6 +28,16 @@ def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
     return path
 
 
+def fsync_directory(path: str | Path) -> None:
+    """Flush ``path``'s directory entries to disk, so that renames into it survive a power loss (a rename is atomic
+    against a killed process without this; it is durable only once the directory itself is synced)."""
+    fd = os.open(str(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_text_atomically(path: str | Path, text: str) -> Path:
     """``write_atomically`` for a text file."""
     return write_atomically(path, lambda tmp: tmp.write_text(text))

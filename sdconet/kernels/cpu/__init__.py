@@ -30,7 +30,12 @@ _ERROR_SIZE = 512
 def _library() -> ctypes.CDLL:
     import openvino  # noqa: F401  (loads libopenvino/libtbb the extension links to)
 
-    lib = ctypes.CDLL(str(extension_path()))
+    path = extension_path()
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as err:  # e.g. replaced by a foreign file after its build record was checked
+        raise KernelBuildError(f"cannot load the fused MSDA CPU kernel {path} ({err}); rebuild it with "
+                               f"`python -m sdconet.kernels.cpu --force`") from err
     i64, f32p, i64p = ctypes.c_int64, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64)
     lib.sdconet_msda_forward_f32.argtypes = [f32p, i64p, i64p, f32p, f32p, f32p] + [i64] * 7 + [
         ctypes.c_char_p, ctypes.c_size_t]

@@ -8,6 +8,7 @@
 // Also exports a C entry point (sdconet_msda_forward_f32) so that tests and the op benchmark can call the kernel on
 // NumPy arrays without building a graph.
 #include <cstring>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -43,14 +44,40 @@ public:
                                   type == ov::element::bf16, "MSDA input ", i, " must be f32, f16 or bf16, got ",
                                   type);
         }
-        ov::PartialShape out = ov::PartialShape::dynamic(4);
-        if (value.rank().is_static() && locations.rank().is_static()) {
-            NODE_VALIDATION_CHECK(this, value.rank().get_length() == 4, "MSDA value must be [N, S, M, D], got ",
-                                  value);
-            NODE_VALIDATION_CHECK(this, locations.rank().get_length() == 6,
-                                  "MSDA sampling_locations must be [N, Lq, M, L, P, 2], got ", locations);
-            out = ov::PartialShape{value[0], locations[1], value[2], value[3]};
+        // every dimension the kernel derives a stride or a loop bound from must agree between the inputs: a graph
+        // where they do not would make the kernel read past a tensor (dynamic dimensions are checked in evaluate)
+        const auto& weights = get_input_partial_shape(4);
+        const auto& level_hw = get_input_partial_shape(1);
+        const auto& level_start = get_input_partial_shape(2);
+        NODE_VALIDATION_CHECK(this, value.rank().compatible(4), "MSDA value must be [N, S, M, D], got ", value);
+        NODE_VALIDATION_CHECK(this, locations.rank().compatible(6),
+                              "MSDA sampling_locations must be [N, Lq, M, L, P, 2], got ", locations);
+        NODE_VALIDATION_CHECK(this, weights.rank().compatible(5),
+                              "MSDA attention_weights must be [N, Lq, M, L, P], got ", weights);
+        if (locations.rank().is_static()) {
+            NODE_VALIDATION_CHECK(this, locations[5].compatible(2), "MSDA sampling_locations must end in 2 (x, y), "
+                                  "got ", locations);
+            if (value.rank().is_static())
+                NODE_VALIDATION_CHECK(this, locations[0].compatible(value[0]) && locations[2].compatible(value[2]),
+                                      "MSDA sampling_locations ", locations, " does not match value ", value,
+                                      " (batch N and heads M must agree)");
+            if (weights.rank().is_static())
+                for (int64_t i = 0; i < 5; ++i)
+                    NODE_VALIDATION_CHECK(this, weights[i].compatible(locations[i]), "MSDA attention_weights ",
+                                          weights, " does not match sampling_locations ", locations,
+                                          " (must be its first 5 dimensions: N, Lq, M, L, P)");
+            if (level_hw.rank().is_static())
+                NODE_VALIDATION_CHECK(this, level_hw.rank().get_length() == 2 && level_hw[0].compatible(locations[3]) &&
+                                      level_hw[1].compatible(2), "MSDA spatial_shapes must be [L, 2] with L = ",
+                                      locations[3], " levels of sampling_locations, got ", level_hw);
+            if (level_start.rank().is_static())
+                NODE_VALIDATION_CHECK(this, level_start.rank().get_length() == 1 &&
+                                      level_start[0].compatible(locations[3]), "MSDA level_start_index must be [L] "
+                                      "with L = ", locations[3], " levels of sampling_locations, got ", level_start);
         }
+        ov::PartialShape out = ov::PartialShape::dynamic(4);
+        if (value.rank().is_static() && locations.rank().is_static())
+            out = ov::PartialShape{value[0], locations[1], value[2], value[3]};
         set_output_type(0, get_input_element_type(0), out);
     }
 
@@ -65,8 +92,7 @@ public:
     bool evaluate(ov::TensorVector& outputs, const ov::TensorVector& inputs) const override {
         const ov::Shape& value_shape = inputs[0].get_shape();
         const ov::Shape& loc_shape = inputs[3].get_shape();
-        if (value_shape.size() != 4 || loc_shape.size() != 6 || loc_shape[5] != 2)
-            throw std::runtime_error("MSDA: value must be [N,S,M,D] and sampling_locations [N,Lq,M,L,P,2]");
+        check_shapes(value_shape, loc_shape, inputs[4].get_shape());
         const int64_t levels = static_cast<int64_t>(loc_shape[3]);
         std::vector<int64_t> level_hw = as_int64(inputs[1], 2 * levels, "spatial_shapes");
         std::vector<int64_t> level_start = as_int64(inputs[2], levels, "level_start_index");
@@ -98,6 +124,21 @@ public:
     }
 
 private:
+    // The shapes of the tensors actually passed (dynamic dimensions resolved): the kernel indexes all three with
+    // value's batch/heads and the locations' levels/points, so any disagreement is refused before it runs.
+    static void check_shapes(const ov::Shape& value, const ov::Shape& locations, const ov::Shape& weights) {
+        bool ok = value.size() == 4 && locations.size() == 6 && weights.size() == 5 && locations[5] == 2 &&
+                  locations[0] == value[0] && locations[2] == value[2];
+        for (size_t i = 0; ok && i < 5; ++i) ok = weights[i] == locations[i];
+        if (!ok) {
+            std::ostringstream msg;
+            msg << "MSDA: input shapes do not match: value " << value << " (expected [N, S, M, D]), "
+                << "sampling_locations " << locations << " (expected [N, Lq, M, L, P, 2] with value's N and M), "
+                << "attention_weights " << weights << " (expected [N, Lq, M, L, P] as sampling_locations)";
+            throw std::runtime_error(msg.str());
+        }
+    }
+
     static std::vector<int64_t> as_int64(const ov::Tensor& t, int64_t expected, const char* name) {
         if (static_cast<int64_t>(t.get_size()) != expected)
             throw std::runtime_error(std::string("MSDA: ") + name + " has " + std::to_string(t.get_size()) +
