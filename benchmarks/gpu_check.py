@@ -23,8 +23,13 @@ It writes the JSON and the markdown table next to it (``.md``) after every measu
 until the end), so a run cut short, even killed, still leaves its figures; at the end the JSON says
 ``"complete": true`` and the table also goes to stdout. The budget clock starts before ``import torch``, and an alarm
 that torch.compile wraps in its own exception still stops the check as budgeted. Before any model row the timm
-version is checked the way the encoder checks it, so an unsupported timm skips those rows with one clear reason. Without CUDA it prints the plan, writes it to ``--json`` and exits 0 (``--device cpu`` runs the CPU-capable
-rows instead, with tiny settings, to test the check itself: its figures are not GPU figures).
+version is checked the way the encoder checks it, so an unsupported timm skips those rows with one clear reason.
+Without CUDA it prints the plan, writes it to ``--json`` and exits 0 (``--device cpu`` runs the CPU-capable rows
+instead, e.g. with ``--config tiny --imgsz 64``, to test the check itself: its figures are not GPU figures).
+
+On a GPU the JSON's ``environment.results_file`` names where it is committed:
+``benchmarks/results/gpu_check_<gpu>.json`` (:func:`gpu_slug` of the GPU name); docs/gpu-and-jetson.md § 0 has the
+plan of the day.
 
 It imports only torch, triton, numpy and this package's model code (which needs timm): no onnx, onnxruntime,
 pycocotools or TensorRT, so it runs on a bare GPU machine that cannot install packages.
@@ -36,6 +41,7 @@ import contextlib
 import importlib.util
 import json
 import platform
+import re
 import signal
 import sys
 import time
@@ -195,6 +201,12 @@ def _module_version(name: str) -> str | None:
     return getattr(module, "__version__", "unknown")
 
 
+def gpu_slug(name: str) -> str:
+    """``nvidia-smi``'s GPU name as it goes into ``benchmarks/results/gpu_check_<gpu>.json``: lowercased, each run of
+    non-alphanumerics one ``-`` (``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
 def environment_facts() -> dict[str, Any]:
     import torch
 
@@ -206,7 +218,8 @@ def environment_facts() -> dict[str, Any]:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         facts.update(compute_capability=f"{props.major}.{props.minor}", sm_count=props.multi_processor_count,
-                     bf16_supported=torch.cuda.is_bf16_supported())
+                     bf16_supported=torch.cuda.is_bf16_supported(),
+                     results_file=f"benchmarks/results/gpu_check_{gpu_slug(props.name)}.json")
     return facts
 
 

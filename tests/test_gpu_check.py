@@ -223,3 +223,10 @@ def test_documented_device_commands_use_python3():
         lines = [line for line in path.read_text().splitlines() if "benchmarks/gpu_check.py --" in line]
         assert lines, path
         assert all("python3 benchmarks/gpu_check.py" in line for line in lines), (path, lines)
+
+
+def test_results_file_name_rule():
+    gpu_check = _load()
+    assert gpu_check.gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert gpu_check.gpu_slug("NVIDIA H200") == "nvidia-h200"
+    assert gpu_check.gpu_slug("Orin (nvgpu)") == "orin-nvgpu"
