@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The GPU check: one command that measures what only a CUDA GPU can tell us, within a fixed time budget.
 
-    python benchmarks/gpu_check.py --json runs/gpu_check.json          # default --budget-s 240
+    python3 benchmarks/gpu_check.py --json runs/gpu_check.json          # default --budget-s 240
 
 What it runs, in this order (each step is skipped, with the reason, when the remaining budget is too small):
 
@@ -19,10 +19,17 @@ What it runs, in this order (each step is skipped, with the reason, when the rem
 A row that does not fit the remaining budget is recorded as skipped; a measurement still running when the budget
 ends is interrupted (SIGALRM) and the check stops there.
 
-It writes the JSON after every measurement (``"complete": false`` until the end), so a run cut short still leaves
-its figures; at the end the JSON says ``"complete": true`` and a markdown table goes next to it (``.md``) and to
-stdout. Without CUDA it prints the plan, writes it to ``--json`` and exits 0 (``--device cpu`` runs the CPU-capable
-rows instead, with tiny settings, to test the check itself: its figures are not GPU figures).
+It writes the JSON and the markdown table next to it (``.md``) after every measurement (``"complete": false``
+until the end), so a run cut short, even killed, still leaves its figures; at the end the JSON says
+``"complete": true`` and the table also goes to stdout. The budget clock starts before ``import torch``, and an alarm
+that torch.compile wraps in its own exception still stops the check as budgeted. Before any model row the timm
+version is checked the way the encoder checks it, so an unsupported timm skips those rows with one clear reason.
+Without CUDA it prints the plan, writes it to ``--json`` and exits 0 (``--device cpu`` runs the CPU-capable rows
+instead, e.g. with ``--config tiny --imgsz 64``, to test the check itself: its figures are not GPU figures).
+
+On a GPU the JSON's ``environment.results_file`` names where it is committed:
+``benchmarks/results/gpu_check_<gpu>.json`` (:func:`gpu_slug` of the GPU name); docs/gpu-and-jetson.md § 0 has the
+plan of the day.
 
 It imports only torch, triton, numpy and this package's model code (which needs timm): no onnx, onnxruntime,
 pycocotools or TensorRT, so it runs on a bare GPU machine that cannot install packages.
@@ -34,6 +41,7 @@ import contextlib
 import importlib.util
 import json
 import platform
+import re
 import signal
 import sys
 import time
@@ -115,11 +123,12 @@ def build_plan(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 class Report:
-    """The JSON document, rewritten atomically after every row so a cut-short run keeps its figures."""
+    """The JSON document and its markdown table, both rewritten atomically after every row so a run cut short (by
+    the budget, or by the device machine's own time limit killing the process) keeps its figures in both forms."""
 
-    def __init__(self, path: Path, args: argparse.Namespace) -> None:
+    def __init__(self, path: Path, args: argparse.Namespace, started: float | None = None) -> None:
         self.path = path
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started  # the budget's start: before import torch
         self.data: dict[str, Any] = {
             "command": " ".join([Path(sys.argv[0]).name if sys.argv else "gpu_check.py", *sys.argv[1:]]),
             "budget_s": args.budget_s, "complete": False, "stopped_by_budget": False, "environment": {},
@@ -135,9 +144,15 @@ class Report:
     def save(self) -> None:
         self.data["elapsed_s"] = round(self.elapsed(), 1)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
-        tmp.replace(self.path)
+        for path, text in ((self.path, json.dumps(self.data, indent=2, default=str)),
+                           (self.markdown_path, markdown(self.data))):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text + "\n")
+            tmp.replace(path)
+
+    @property
+    def markdown_path(self) -> Path:
+        return self.path.with_suffix(".md")
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -186,6 +201,12 @@ def _module_version(name: str) -> str | None:
     return getattr(module, "__version__", "unknown")
 
 
+def gpu_slug(name: str) -> str:
+    """``nvidia-smi``'s GPU name as it goes into ``benchmarks/results/gpu_check_<gpu>.json``: lowercased, each run of
+    non-alphanumerics one ``-`` (``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
 def environment_facts() -> dict[str, Any]:
     import torch
 
@@ -197,7 +218,8 @@ def environment_facts() -> dict[str, Any]:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         facts.update(compute_capability=f"{props.major}.{props.minor}", sm_count=props.multi_processor_count,
-                     bf16_supported=torch.cuda.is_bf16_supported())
+                     bf16_supported=torch.cuda.is_bf16_supported(),
+                     results_file=f"benchmarks/results/gpu_check_{gpu_slug(props.name)}.json")
     return facts
 
 
@@ -217,6 +239,13 @@ def timm_status() -> dict[str, Any]:
         status.update(usable=False, error=f"this timm ({status['version']}) does not fit the model code: "
                                           f"{type(err).__name__}: {err}")
         return status
+    from sdconet.models.encoder import UnsupportedTimmError, check_timm_version
+
+    try:  # the check the encoder makes when it is built: without it every model row would error one by one
+        check_timm_version(status["version"])
+    except UnsupportedTimmError as err:
+        status.update(usable=False, error=str(err))
+        return status
     status["usable"] = True
     return status
 
@@ -228,7 +257,8 @@ class Budget:
     """Remaining time, and a hard stop: an alarm raises BudgetSpent if one measurement overruns the budget."""
 
     def __init__(self, seconds: float) -> None:
-        self.deadline = time.monotonic() + seconds
+        self.started = time.monotonic()
+        self.deadline = self.started + seconds
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -300,7 +330,22 @@ def measure_row(row: dict[str, Any], make_call: Callable[[], Callable[[], object
     except BudgetSpent:
         raise
     except Exception as err:  # noqa: BLE001 - one failing row is a finding, not the end of the check
+        spent = budget_spent_in(err)
+        if spent is not None:  # the alarm, wrapped (torch.compile): stop as budgeted, not a row error
+            raise spent from err
         row["status"] = _error_status(err)
+
+
+def budget_spent_in(err: BaseException) -> BudgetSpent | None:
+    """The BudgetSpent behind ``err``: an alarm that fires inside torch.compile reaches us wrapped by Dynamo (e.g.
+    ``InternalTorchDynamoError`` or ``BackendCompilerFailed``, the alarm as ``__cause__``/``__context__``)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, BudgetSpent):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__ or getattr(err, "inner_exception", None)
+    return None
 
 
 def _error_status(err: BaseException) -> str:
@@ -395,6 +440,8 @@ def run_msda(report: Report, args: argparse.Namespace, budget: Budget, cuda: boo
                     except BudgetSpent:
                         raise
                     except Exception as err:  # noqa: BLE001 - e.g. no half kernel here, a Triton compile error
+                        if budget_spent_in(err) is not None:
+                            raise budget_spent_in(err) from err
                         row["status"] = _error_status(err)
                     rows[form] = row
                     base = rows.get("grid_sample")
@@ -578,6 +625,8 @@ def run_train(report: Report, args: argparse.Namespace, budget: Budget, cuda: bo
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # the clock starts before `import torch` (seconds on a cold machine) so the budget bounds the whole process
+    budget = Budget(args.budget_s)
     import torch
 
     cuda = torch.cuda.is_available() and args.device == "auto"
@@ -596,8 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plan written to {args.json}")
         return 0
 
-    budget = Budget(args.budget_s)
-    report = Report(args.json, args)
+    report = Report(args.json, args, started=budget.started)
     report.data["plan_rows"] = len(plan)
     report.data["environment"] = environment_facts()
     report.data["timm"] = timm_status()
@@ -616,13 +664,15 @@ def main(argv: list[str] | None = None) -> int:
     for name, step in steps:
         try:
             step(report, args, budget, cuda)
-        except BudgetSpent as err:
-            report.data["stopped_by_budget"] = True
-            report.data["skipped"].append(f"{name} and later steps: {err}")
-            break
         except Exception as err:  # noqa: BLE001 - a step that cannot even start (model build, OOM) is recorded
-            report.data.setdefault("errors", []).append(f"{name}: {_error_status(err)}")
-            report.save()
+            spent = budget_spent_in(err)
+            if spent is None:
+                report.data.setdefault("errors", []).append(f"{name}: {_error_status(err)}")
+                report.save()
+                continue
+            report.data["stopped_by_budget"] = True
+            report.data["skipped"].append(f"{name} and later steps: {spent}")
+            break
     budget_skips = sum(str(row.get("status", "")).startswith("skipped: budget")
                        for section in ("msda", "model", "train") for row in report.data[section])
     if budget_skips:
@@ -630,10 +680,8 @@ def main(argv: list[str] | None = None) -> int:
     # complete = every planned row was measured or is impossible here (no GPU, no timm), none lost to the budget
     report.data["complete"] = (not report.data["stopped_by_budget"] and not budget_skips
                                and not report.data.get("errors"))
-    report.save()
-    text = markdown(report.data)
-    args.json.with_suffix(".md").write_text(text + "\n")
-    print(text)
+    report.save()  # the JSON and the markdown, final
+    print(markdown(report.data))
     print(f"\nJSON: {args.json}  markdown: {args.json.with_suffix('.md')}")
     return 0
 

@@ -190,3 +190,27 @@ def test_cli_help_and_bad_checkpoint(tmp_path):
     bad = subprocess.run([sys.executable, str(script), "--checkpoint", str(missing), "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and str(missing) in bad.stderr
+
+
+def test_sdconet_plugin_engine_matches_the_gather_form(checkpoint, tmp_path):
+    """``--msda sdconet`` end to end: our plugin node exported, its engine built (aot_impl runs, so a TypeError
+    there makes the build return None) and run, against the pure-ONNX gather graph of the same checkpoint."""
+    reason = tensorrt_unavailable_reason() or (None if torch.cuda.is_available() else "no CUDA device")
+    if reason is not None:
+        pytest.skip(f"the --msda sdconet engine build needs TensorRT (>= 10.9, tensorrt.plugin) and a GPU: {reason}")
+    from sdconet.runtime.tensorrt_runner import TensorRTRunner
+
+    options = ExportOptions(checkpoint=str(checkpoint.parent.parent), out=str(tmp_path), imgsz=IMGSZ, max_batch=4,
+                            msda="sdconet", with_saliency=True, require_engine=True, name="tiny_sdconet")
+    result = run_export(options)
+    engine_path = Path(result.report.engine["path"])
+    assert engine_path.is_file() and result.report.engine["msda"] == "sdconet"
+    images = torch.rand(3, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(11)).numpy()
+    with TensorRTRunner(engine_path) as runner:
+        outputs = runner.run(images)
+    g_boxes, g_scores, g_labels, g_saliency = msda_plugin.ort_session(tmp_path / "tiny_sdconet.onnx").run(
+        None, {"images": images})
+    assert np.abs(outputs["boxes"] - g_boxes).max() <= BOX_TOLERANCE * IMGSZ
+    assert np.abs(outputs["scores"] - g_scores).max() <= SCORE_TOLERANCE
+    np.testing.assert_array_equal(outputs["labels"][:, :10], g_labels[:, :10])
+    np.testing.assert_allclose(outputs["saliency"], g_saliency, atol=1e-4)

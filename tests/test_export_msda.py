@@ -218,3 +218,87 @@ def test_sdconet_plugin_node_matches_the_kernel_plugin_signature():
     pure = mp.plugin_nodes_to_onnx(model, [spec.op_type])
     (out_pure,) = mp.ort_session(pure).run(None, {"tokens": tokens.numpy()})
     np.testing.assert_allclose(out_pure, reference, atol=1e-5, rtol=1e-5)
+
+
+# ops whose inputs must all have one element type (ONNX type constraint T): where an FP32 plugin output meeting FP16
+# weights would make a strongly typed TensorRT network fail
+SAME_TYPE_OPS = {"MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Concat", "Where"}
+
+
+def _fp16_after_msda(pure):
+    """What ModelOpt's ``high_precision_dtype=fp16`` does around an unquantized MSDA subgraph, by hand: the subgraph
+    ends in FP16 and everything downstream of it runs in FP16 (weights converted), the graph output cast back."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(pure)
+    graph = model.graph
+    (boundary,) = [o for n in graph.node if n.name.startswith(mp.MSDA_SUBGRAPH_PREFIX) for o in n.output
+                   if any(o in m.input for m in graph.node if not m.name.startswith(mp.MSDA_SUBGRAPH_PREFIX))]
+    producer = next(n for n in graph.node if boundary in n.output)
+    producer.output[list(producer.output).index(boundary)] = boundary + "_f32"
+    graph.node.append(helper.make_node("Cast", [boundary + "_f32"], [boundary], to=TensorProto.FLOAT16,
+                                       name=f"{mp.MSDA_SUBGRAPH_PREFIX}0/to_fp16"))
+    downstream, frontier = set(), {boundary}
+    while frontier:
+        frontier = {o for n in graph.node if set(n.input) & frontier for o in n.output} - downstream
+        downstream |= frontier
+    inits = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        if set(node.input) & (downstream | {boundary}):
+            for name in node.input:
+                if name in inits and inits[name].data_type == TensorProto.FLOAT:
+                    inits[name].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[name])
+                                                                 .astype(np.float16), name))
+    (out,) = graph.output
+    last = next(n for n in graph.node if out.name in n.output)
+    last.output[list(last.output).index(out.name)] = out.name + "_f16"
+    graph.node.append(helper.make_node("Cast", [out.name + "_f16"], [out.name], to=TensorProto.FLOAT))
+    del graph.value_info[:]
+    from sdconet.deploy.onnx_export import topological_sort
+
+    return topological_sort(model), boundary
+
+
+def _type_disagreements(model):
+    """Nodes of SAME_TYPE_OPS whose inputs' element types differ, after shape inference. A custom node's output type
+    is its declared value_info; the plugin computes in its value input's type, which must agree with it."""
+    types = mp.tensor_elem_types(model)
+    problems = []
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            declared = types.get(node.output[0])
+            assert declared is not None, f"custom node {node.name}: output type not declared"
+            assert declared == types[node.input[0]], (node.name, declared, types[node.input[0]])
+        elif node.op_type in SAME_TYPE_OPS:
+            data_inputs = node.input[1:] if node.op_type == "Where" else node.input  # Where's condition is bool
+            seen = {name: types.get(name) for name in data_inputs if name}
+            if len(set(seen.values())) > 1:
+                problems.append((node.op_type, node.name, seen))
+    return problems
+
+
+def test_int8_fp16_plugin_swap_keeps_consumer_types_consistent(exported):
+    """high_precision_dtype=fp16: the plugin's inputs are cast to FP32, so its output must be cast back to the FP16
+    the replaced subgraph produced, or the output projection's MatMul sees FP32 and FP16 (issue 24)."""
+    module, plugin_model = exported
+    pure = mp.plugin_nodes_to_onnx(plugin_model, [mp.TRT_PLUGIN_OP_TYPE])
+    half, boundary = _fp16_after_msda(pure)
+    check_model(half)
+    tokens = torch.randn(2, TOKENS, 32)
+    (out_half,) = mp.ort_session(half).run(None, {"tokens": tokens.numpy()})  # ONNX Runtime accepts its types
+    with torch.no_grad():
+        np.testing.assert_allclose(out_half, module(tokens).numpy(), atol=2e-2, rtol=2e-2)
+
+    swapped = mp.onnx_msda_to_plugin_nodes(half, plugin_model, [mp.TRT_PLUGIN_OP_TYPE], cast_float_inputs=True)
+    check_model(swapped)
+    assert _type_disagreements(swapped) == []
+    types = mp.tensor_elem_types(swapped)
+    assert types[boundary] == onnx.TensorProto.FLOAT16  # what the replaced subgraph produced
+    (plugin,) = [n for n in swapped.graph.node if n.op_type == mp.TRT_PLUGIN_OP_TYPE]
+    assert types[plugin.output[0]] == onnx.TensorProto.FLOAT  # it computes in FP32 (inputs cast)
+
+    fp32_swap = mp.onnx_msda_to_plugin_nodes(pure, plugin_model, [mp.TRT_PLUGIN_OP_TYPE], cast_float_inputs=True)
+    assert "plugin0_cast_out" in {n.name for n in swapped.graph.node}
+    assert "plugin0_cast_out" not in {n.name for n in fp32_swap.graph.node}  # FP32 graph: inputs cast, no cast back
+    assert _type_disagreements(fp32_swap) == []

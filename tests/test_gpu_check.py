@@ -143,3 +143,90 @@ def test_the_check_imports_only_torch_triton_numpy_timm(tmp_path):
     assert "LEAKED []" in result.stdout
     # without scipy the training rows fall back to the surrogate loss (ImportError is what run_train catches)
     assert "criterion unavailable" in result.stdout
+
+
+def test_unsupported_timm_version_skips_the_model_rows_up_front(monkeypatch):
+    """A newer timm imports fine but is outside the encoder's tested range: the check says so once, before any model
+    row, instead of every model/training/compile row erroring."""
+    import timm
+
+    from sdconet.models.encoder import SUPPORTED_TIMM
+
+    gpu_check = _load()
+    monkeypatch.setattr(timm, "__version__", SUPPORTED_TIMM[1] + ".0")
+    status = gpu_check.timm_status()
+    assert status["usable"] is False and status["version"] == SUPPORTED_TIMM[1] + ".0"
+    assert f"timm>={SUPPORTED_TIMM[0]},<{SUPPORTED_TIMM[1]}" in status["error"]
+
+
+def test_budget_alarm_wrapped_by_torch_compile_stops_the_check():
+    """The alarm fires inside a (deliberately slow) compiler backend: Dynamo re-raises it as its own exception, and
+    measure_row must still stop as budgeted rather than record a row error and go on."""
+    gpu_check = _load()
+    torch._dynamo.reset()
+
+    def slow_backend(graph_module, example_inputs):
+        time.sleep(60)  # interrupted by the budget's alarm
+        return graph_module.forward
+
+    compiled = torch.compile(lambda x: x * 2 + 1, backend=slow_backend)
+    args = gpu_check.parse_args(["--device", "cpu", "--iters", "1", "--warmup", "1"])
+    row: dict = {}
+    with pytest.raises(gpu_check.BudgetSpent):
+        gpu_check.measure_row(row, lambda: (lambda: compiled(torch.ones(4))), args, gpu_check.Budget(1.0),
+                              cuda=False, batch=1, share=1.0)
+    assert "status" not in row
+    torch._dynamo.reset()
+
+
+def test_markdown_is_rewritten_after_every_row(tmp_path):
+    gpu_check = _load()
+    args = gpu_check.parse_args(["--json", str(tmp_path / "r.json")])
+    report = gpu_check.Report(args.json, args)
+    report.add("model", {"variant": "eager_fp32", "batch": 1, "p50_ms": 12.5, "images_per_s": 80.0,
+                         "peak_mem_mb": 900.0, "status": "ok"})
+    text = (tmp_path / "r.md").read_text()
+    assert "| eager_fp32 | 1 | 12.50 | 80.0 | 900 | ok |" in text and "INCOMPLETE" in text
+    report.add("model", {"variant": "eager_fp32", "batch": 8, "status": "error: OutOfMemoryError: CUDA"})
+    assert "| eager_fp32 | 8 | - | - | - | error: OutOfMemoryError: CUDA |" in (tmp_path / "r.md").read_text()
+
+
+def test_budget_clock_starts_before_import_torch(tmp_path, monkeypatch):
+    """Seconds of `import torch` on a cold machine count against the budget: the order of the two events in main()."""
+    import builtins
+
+    gpu_check = _load()
+    events: list[str] = []
+    real_import = builtins.__import__
+
+    def recording_import(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            events.append("import torch")
+        return real_import(name, *args, **kwargs)
+
+    class RecordingBudget(gpu_check.Budget):
+        def __init__(self, seconds: float) -> None:
+            events.append("budget")
+            super().__init__(seconds)
+
+    monkeypatch.setattr(gpu_check, "Budget", RecordingBudget)
+    monkeypatch.setattr(builtins, "__import__", recording_import)
+    assert gpu_check.main(["--device", "cpu", "--steps", "msda", "--budget-s", "0.5", "--json",
+                           str(tmp_path / "c.json")]) == 0
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    assert events[:2] == ["budget", "import torch"], events[:5]
+
+
+def test_documented_device_commands_use_python3():
+    """The lent GPU machine has `python3`, not `python`: a documented command must run there as written."""
+    for path in (REPO_ROOT / "docs" / "gpu-and-jetson.md", SCRIPT):
+        lines = [line for line in path.read_text().splitlines() if "benchmarks/gpu_check.py --" in line]
+        assert lines, path
+        assert all("python3 benchmarks/gpu_check.py" in line for line in lines), (path, lines)
+
+
+def test_results_file_name_rule():
+    gpu_check = _load()
+    assert gpu_check.gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert gpu_check.gpu_slug("NVIDIA H200") == "nvidia-h200"
+    assert gpu_check.gpu_slug("Orin (nvgpu)") == "orin-nvgpu"

@@ -107,13 +107,47 @@ def plugin_nodes_to_onnx(model, op_types: Sequence[str]):
     return prune_dead_nodes(topological_sort(model))
 
 
+def tensor_elem_types(model) -> dict[str, int]:
+    """Element type (``onnx.TensorProto`` enum) of every tensor whose type the graph states or ONNX shape inference
+    can infer (custom nodes' outputs only where ``value_info`` declares them)."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - an uninferable graph still has its declared types
+        inferred = model
+    graph = inferred.graph
+    types = {init.name: init.data_type for init in graph.initializer}
+    for info in (*graph.input, *graph.value_info, *graph.output):
+        if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
+            types[info.name] = info.type.tensor_type.elem_type
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            types[node.output[0]] = node.attribute[0].t.data_type
+    return types
+
+
+def _declare_type(model, name: str, elem_type: int) -> None:
+    import onnx
+
+    for info in model.graph.value_info:
+        if info.name == name:
+            info.type.tensor_type.elem_type = elem_type
+            return
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
+
+
 def onnx_msda_to_plugin_nodes(model, plugin_model, op_types: Sequence[str], cast_float_inputs: bool = False):
     """Swap the ``msda_onnx<i>/`` subgraphs of ``model`` (e.g. its Q/DQ version) for ``plugin_model``'s plugin nodes.
 
     ``model`` must come from :func:`plugin_nodes_to_onnx` on ``plugin_model`` (possibly transformed by a tool that
     keeps node and boundary tensor names, as ModelOpt does with the subgraphs excluded from quantization).
     ``cast_float_inputs`` puts a Cast-to-FP32 on the plugin's float inputs: in a mixed-precision (AutoCast) graph
-    their producers may differ in type, and the plugin needs one type for all of them.
+    their producers may differ in type, and the plugin needs one type for all of them. The plugin then computes in
+    FP32, so its output is cast back to the type the replaced subgraph produced (FP16 in an INT8 graph made with
+    ``high_precision_dtype=fp16``): a strongly typed network (TensorRT 11) must not see a consumer such as the
+    output projection's MatMul fed FP32 and FP16. The plugin's own output type is declared in ``value_info``, since
+    ONNX shape inference cannot infer a custom node's.
     """
     import copy
 
@@ -143,12 +177,20 @@ def onnx_msda_to_plugin_nodes(model, plugin_model, op_types: Sequence[str], cast
             produced.add(name)
     new_nodes = [copy.deepcopy(n) for n in plugin_nodes]
     if cast_float_inputs:
+        produced_types = tensor_elem_types(model)  # before the swap: what each replaced subgraph produced
         for index, node in enumerate(new_nodes):
             for slot in (0, 3, 4):  # value, sampling_locations, attention_weights
                 cast_name = f"{node.input[slot]}_fp32_for_plugin{index}"
                 extra_nodes.append(onnx.helper.make_node("Cast", [node.input[slot]], [cast_name],
                                                          name=f"plugin{index}_cast{slot}", to=onnx.TensorProto.FLOAT))
                 node.input[slot] = cast_name
+            original = node.output[0]
+            wanted = produced_types.get(original, onnx.TensorProto.FLOAT)
+            if wanted != onnx.TensorProto.FLOAT:
+                node.output[0] = f"{original}_fp32_from_plugin{index}"
+                extra_nodes.append(onnx.helper.make_node("Cast", [node.output[0]], [original],
+                                                         name=f"plugin{index}_cast_out", to=wanted))
+            _declare_type(model, node.output[0], onnx.TensorProto.FLOAT)
     del model.graph.node[:]
     model.graph.node.extend(kept + extra_nodes + new_nodes)
     existing = {o.domain for o in model.opset_import}

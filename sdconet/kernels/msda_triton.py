@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from sdconet.ops.msda import SpatialShapes, register_msda_impl, spatial_shapes_as_ints
+from sdconet.utils.constants import constant_tensor
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_BLOCK_Q = 16  # queries per program; TensorRT times 16/32/64 as tactics (trt_plugin.TACTIC_BLOCK_Q)
@@ -231,7 +232,7 @@ def _prepare(value: torch.Tensor, spatial_shapes: SpatialShapes, level_start_ind
         if sum(h * w for h, w in shape_list) != s:
             raise ValueError(f"MSDA spatial_shapes {shape_list} hold {sum(h * w for h, w in shape_list)} tokens but "
                              f"value has S={s}")
-        shapes = torch.tensor(shape_list, dtype=torch.int32).to(value.device)
+        shapes = constant_tensor(tuple(shape_list), torch.int32, value.device)  # once per shape, not per call
     if tuple(shapes.shape) != (num_levels, 2):
         raise ValueError(f"MSDA spatial_shapes must be [L={num_levels}, 2], got {tuple(shapes.shape)}")
     if level_start_index is None:

@@ -332,7 +332,9 @@ def register_msda_plugin() -> None:
         if not expr.is_constant:
             raise ValueError(f"{SDCONET_MSDA_PLUGIN_ID}: {label} must be a static dimension (it is a compile-time "
                              "constant of the kernel); export the model at a fixed input size")
-        return int(expr.constant_value)
+        # constant_value() is a method in tensorrt.plugin (is_constant is the property); reading it as an attribute
+        # gave int(<bound method>) -> TypeError inside aot_impl, and build_serialized_network returned None
+        return int(expr.constant_value())
 
     # The signatures below are what tensorrt.plugin validates: tensor arguments named and ordered as
     # MSDA_PLUGIN_INPUTS, real (not postponed) annotations.

@@ -7,7 +7,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from sdconet.ops.msda import multi_scale_deformable_attn
+from sdconet.ops.msda import multi_scale_deformable_attn, spatial_shapes_as_ints
+from sdconet.utils.constants import constant_tensor
 
 
 class MSDeformAttn(nn.Module):
@@ -68,7 +69,9 @@ class MSDeformAttn(nn.Module):
 
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level
-            normalizer = query.new_tensor([[w, h] for h, w in spatial_shapes])  # [L, 2] (x, y)
+            # [L, 2] (x, y), cached per shape: no host->device copy per layer and forward
+            normalizer = constant_tensor(tuple((w, h) for h, w in spatial_shapes_as_ints(spatial_shapes)),
+                                         query.dtype, query.device)
             locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:
             # offsets are fractions of the reference box half-size

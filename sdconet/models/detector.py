@@ -26,6 +26,7 @@ from sdconet.models.dino_decoder import DINODecoder, TwoStageQuerySelection, pro
 from sdconet.models.position_encoding import SinePositionEncoding
 from sdconet.models.saliency import SaliencyPredictor
 from sdconet.ops.msda import level_start_index_for, spatial_shapes_as_ints
+from sdconet.utils.constants import constant_tensor
 
 
 class SaliencyDINO(nn.Module):
@@ -102,7 +103,8 @@ class SaliencyDINO(nn.Module):
         if masks is None:
             masks = [torch.zeros(batch, h, w, dtype=torch.bool, device=features[0].device) for h, w in shapes]
         sizes = [h * w for h, w in shapes]
-        level_start_index = torch.tensor(level_start_index_for(shapes), dtype=torch.long, device=features[0].device)
+        # per-shape cached device constants: no host->device copy inside forward (CUDA-graph capture)
+        level_start_index = constant_tensor(tuple(level_start_index_for(shapes)), torch.long, features[0].device)
 
         tokens = torch.cat([f.flatten(2).transpose(1, 2) for f in features], dim=1)  # [B, S, d]
         pos = torch.cat([(self.position_encoding(m).to(tokens.dtype).flatten(2).transpose(1, 2) + embed)
@@ -146,7 +148,7 @@ class SaliencyDINO(nn.Module):
         else:
             out["dn_outputs"] = None
             out["dn_meta"] = None
-        out["spatial_shapes"] = torch.tensor(shapes, dtype=torch.long, device=tokens.device)
+        out["spatial_shapes"] = constant_tensor(tuple(shapes), torch.long, tokens.device)
         out["level_masks"] = [m.flatten(1) for m in masks]
         out["valid_ratios"] = valid_ratios
         out["encoder_tokens_per_layer"] = tokens_per_layer

@@ -35,6 +35,7 @@ from packaging.version import InvalidVersion, Version
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 
 from sdconet.config import EncoderConfig
+from sdconet.utils.constants import cached_tensor
 from sdconet.utils.logging import get_logger
 
 _LOG = get_logger(__name__)
@@ -97,7 +98,11 @@ class PaddedShiftSwinBlock(nn.Module):
         attn_mask = None
         if has_shift:
             x = torch.roll(x, shifts=(-shift_h, -shift_w), dims=(1, 2))
-            attn_mask = shifted_window_mask(padded_h, padded_w, self.window_size, self.shift_size).to(x)
+            # built once per (size, dtype, device): no host->device copy per block and forward
+            attn_mask = cached_tensor(("swin_shift_mask", int(padded_h), int(padded_w), tuple(self.window_size),
+                                       tuple(self.shift_size)),
+                                      lambda: shifted_window_mask(padded_h, padded_w, self.window_size,
+                                                                  self.shift_size), x.dtype, x.device)
         windows = window_partition(x, self.window_size).view(-1, self.window_area, channels)
         windows = self.attn(windows, mask=attn_mask)
         x = window_reverse(windows.view(-1, window_h, window_w, channels), self.window_size, padded_h, padded_w)

@@ -8,13 +8,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from sdconet.utils.constants import constant_tensor
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    # cached per dtype/device: no host->device copy per call (CUDA-graph capturable)
+    mean = constant_tensor(IMAGENET_MEAN, x.dtype, x.device).view(-1, 1, 1)
+    std = constant_tensor(IMAGENET_STD, x.dtype, x.device).view(-1, 1, 1)
     return mean, std
 
 
