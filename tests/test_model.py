@@ -528,7 +528,7 @@ def test_official_preset_choices_and_tiny_forward_backward():
 def test_official_summary_sr_decoder_size(tmp_path):
     from sdconet.models.summary import model_cost
     cost = model_cost(load_config("official").model, (128, 128), ablations=False, serial_baseline=False)
-    assert 20.0 <= cost["params_m"]["sr_decoder"] <= 30.0  # official SRNet: ~24 M
+    assert cost["params_m"]["sr_decoder"] == pytest.approx(22.06, abs=0.005)  # official SRNet, our layout (measured)
     paper = model_cost(load_config("paper").model, (128, 128), ablations=False, serial_baseline=False)
     assert paper["params_m"]["sr_decoder"] < 5.0  # ours stays the light decoder
 
