@@ -405,8 +405,12 @@ def _assert_matches_reference(record: dict) -> None:
 
 
 def test_defaults_reproduce_the_outputs_recorded_before_the_switches():
+    """The snapshot was made by the code of bf1121a, before any switch existed (tests/data/make_tiny_reference.py);
+    tiny's value of each switch added since must reproduce it."""
+    assert json.loads(REFERENCE.read_text())["recorded_at"].startswith("bf1121a ")
     defaults = ("model.saliency.modulation=post_norm", "model.saliency.background=per_level",
-                "loss.dn_padding=ignore", "model.encoder.out_norm=false")
+                "loss.dn_padding=ignore", "model.encoder.out_norm=false", "model.detector.reference_update=normed",
+                "model.sr_grad_scale=1.0")
     _assert_matches_reference(_reference_run(*defaults)[0])
 
 
