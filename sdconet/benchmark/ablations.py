@@ -1,22 +1,29 @@
 """The paper's Table VI ablations with error bars: train + evaluate each ``train.schedule`` for several seeds.
 
-``python benchmarks/ablations.py --config demo --seeds 3 --json benchmarks/results/ablations.json`` trains every
-schedule (``det_only``, ``sr_only``, ``saliency_only``, ``full``, ``joint``; see :mod:`sdconet.engine.routing`)
+``python benchmarks/ablations.py --config demo --seeds 3 --jobs 2 --json benchmarks/results/ablations.json`` trains
+every schedule (``det_only``, ``sr_only``, ``saliency_only``, ``full``, ``joint``; see :mod:`sdconet.engine.routing`)
 once per seed, evaluates the last epoch on the validation set, and writes
 
-* the JSON ``{"settings": {...}, "records": [...], "summary": {...}}``: one record per (schedule, seed) with
-  ``AP``, ``AP50``, ``APs`` and ``PSNR`` (null without an SR branch); the summary holds, per schedule, the number of
-  seeds and the mean and sample standard deviation (ddof 1; null for a single seed) of each metric;
-* a markdown table (same stem, ``.md``) and a bar chart with one-standard-deviation error bars (``.png``).
+* the JSON ``{"settings", "records", "summary", "pairs", "provenance"}``: one record per (schedule, seed) with
+  ``AP``, ``AP50``, ``APs``, ``PSNR`` (null without an SR branch) and the run's provenance (``commit``, ``dirty``,
+  ``config_hash``, ``code_hash``, ``started``, ``finished``); ``summary`` per schedule and metric
+  ``{"mean", "std", "n"}`` (sample std, ddof 1; null below two values); ``pairs`` the paired-by-seed differences
+  ``a − b`` of every two rows (b first in Table VI's order) with their 95 % t-interval ``ci95``;
+* a markdown table of both (same stem, ``.md``) and a bar chart with one-standard-deviation error bars (``.png``).
 
 ``--jobs N`` trains N runs at once in separate processes with ``usable CPUs // N`` threads each: the tiny demo model
 does not scale past one or two threads (a demo epoch takes about as long on 1 thread as on 2), so on a small CPU
 two single-threaded runs finish in about half the wall time of two consecutive ones.
 
-Resumable: the JSON is rewritten after every run, and a (schedule, seed) already recorded is skipped. The settings
-(config, overrides, epochs) are stored with the records; a JSON written with other settings is refused rather than
-mixed. Seed ``s`` sets ``train.seed`` and ``data.seed`` (initialisation, batch order, augmentation); the synthetic
-dataset itself (``data.synthetic.seed``) is the same for every run.
+Resumable: the JSON is rewritten after every run, and a (schedule, seed) already recorded is skipped. A JSON written
+with other settings (config, overrides, epochs) is refused rather than mixed, and so is a record whose ``code_hash``
+(the training code, :data:`sdconet.utils.provenance.TRAINING_CODE`) differs from this tree's or whose
+``config_hash`` differs from what its schedule and seed resolve to now. ``--report`` recomputes the statistics of an
+existing file without training. Seed ``s`` sets ``train.seed`` and ``data.seed`` (initialisation, batch order,
+augmentation); the synthetic dataset itself (``data.synthetic.seed``) is the same for every run.
+
+The sweep mechanism (:class:`SweepPoint`, :func:`run_sweep`, :func:`check_records`) is shared with
+:mod:`sdconet.benchmark.routing_sweep`.
 """
 from __future__ import annotations
 
