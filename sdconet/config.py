@@ -56,7 +56,7 @@ class NeckConfig:
 class SRDecoderConfig:
     """U-Net style SR decoder with Swin refinement stages (training only; never exported)."""
 
-    embed_dim: int = 192  # lighter than the official 768 (~24M params); see docs/model.md
+    embed_dim: int = 192  # lighter than the official 768 (22.06 M params in our layout, measured); docs/model.md
     depths: tuple[int, ...] = (2, 2, 2, 2)
     num_heads: tuple[int, ...] = (6, 6, 6, 6)
     window_size: int = 7
@@ -111,6 +111,10 @@ class DetectorConfig:
     # multi-scale deformable attention core: "auto" (triton kernel on CUDA, else grid_sample), "gather", "grid_sample",
     # "triton"
     msda_impl: str = "auto"
+    # what box head i refines the next layer's reference from: "raw" (DINO / Salience DETR: the decoder layer's raw
+    # output; its LayerNorm-ed output feeds the prediction) | "normed" (the normed output for both; `tiny` keeps it
+    # so the committed demo and ablation figures stay reproducible); docs/detector.md "Switches"
+    reference_update: str = "raw"
 
 
 @dataclass
@@ -121,6 +125,10 @@ class ModelConfig:
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     sr: bool = True  # build the SR decoder (ablation switch)
+    # extension, not in the paper (1.0 = off): the encoder features feeding the SR decoder pass a GradScale,
+    # identity forward, gradient x this factor backward, so L_sr reaches the shared encoder scaled (0 = not at all)
+    # while the SR decoder itself still learns at rho * eta; sdconet/models/grad_scale.py
+    sr_grad_scale: float = 1.0
     upscale: int = 2  # HR = upscale x LR
 
 

@@ -11,7 +11,7 @@ from sdconet.models.denoising import ContrastiveDenoising, denoising_attn_mask
 from sdconet.models.detector import SaliencyDINO
 from sdconet.models.position_encoding import SinePositionEncoding
 from sdconet.models.saliency import SaliencyPredictor
-from sdconet.ops.box_ops import box_cxcywh_to_xyxy
+from sdconet.ops.box_ops import box_cxcywh_to_xyxy, inverse_sigmoid
 
 TRAIN_KEYS = {"pred_logits", "pred_boxes", "aux_outputs", "enc_outputs", "dn_outputs", "dn_meta", "saliency_logits",
               "spatial_shapes", "level_masks", "valid_ratios", "encoder_tokens_per_layer"}
@@ -381,3 +381,49 @@ def test_config_errors_name_the_field():
         SaliencyDINO(_tiny("model.saliency.level_ratio=[1.0, 1.0]"))
     with pytest.raises(ValueError, match="num_queries"):
         SaliencyDINO(_tiny()).eval()(_features(_tiny(), [(4, 4), (2, 2), (1, 1), (1, 1)]))
+
+
+def _decoder_trace(model, features):
+    """Per decoder layer: (reference fed in, raw output) and the decoder's per-layer boxes."""
+    fed, raw, result = [], [], {}
+    hooks = [layer.register_forward_pre_hook(lambda m, args: fed.append(args[2][:, :, 0].detach()))
+             for layer in model.decoder.layers]
+    hooks += [layer.register_forward_hook(lambda m, args, out: raw.append(out.detach()))
+              for layer in model.decoder.layers]
+    hooks.append(model.decoder.register_forward_hook(lambda m, args, out: result.update(boxes=out[1])))
+    with torch.no_grad():
+        model(features)
+    for hook in hooks:
+        hook.remove()
+    return fed, raw, result["boxes"]
+
+
+@pytest.mark.parametrize("mode", ["raw", "normed"])
+def test_reference_update_raw_is_dinos_and_normed_is_ours(mode):
+    """DINO (and Salience DETR) refine the next reference from the decoder layer's raw output and predict from its
+    LayerNorm-ed one; "normed" uses the normed output for both. Unpadded inputs: valid ratios 1, references as fed."""
+    assert load_config("paper").model.detector.reference_update == "raw"  # DINO's is the paper preset's default
+    assert load_config("tiny").model.detector.reference_update == "normed"  # the demo's measured figures keep theirs
+    cfg = _tiny("model.detector.num_decoder_layers=3", f"model.detector.reference_update={mode}")
+    model = SaliencyDINO(cfg).eval()
+    with torch.no_grad():  # the last layers start at zero: give every head a non-trivial output
+        for head in model.decoder.box_heads:
+            head.layers[-1].weight.normal_(std=0.05)
+        # the layers are post-norm, so an identity-initialised final LayerNorm barely changes their output: give it
+        # trained-looking affine parameters so raw and normed outputs differ
+        model.decoder.norm.weight.uniform_(0.5, 1.5)
+        model.decoder.norm.bias.normal_(std=0.2)
+    fed, raw, boxes = _decoder_trace(model, _features(cfg))
+    decoder = model.decoder
+    for i in range(len(decoder.layers)):
+        update_input = raw[i] if mode == "raw" else decoder.norm(raw[i])
+        with torch.no_grad():
+            delta_pred = decoder.box_heads[i](decoder.norm(raw[i]))
+            expected_ref = (decoder.box_heads[i](update_input) + inverse_sigmoid(fed[i])).sigmoid()
+            # the prediction refines box_{i-1} = the reference fed into layer i (same value, gradient aside)
+            expected_box = (delta_pred + inverse_sigmoid(fed[i])).sigmoid()
+        assert torch.allclose(boxes[i], expected_box, atol=1e-6), i
+        if i + 1 < len(decoder.layers):
+            assert torch.allclose(fed[i + 1], expected_ref, atol=1e-6), i
+            # the two modes really differ here: raw != normed output, so the reference != the prediction under "raw"
+            assert torch.allclose(fed[i + 1], boxes[i], atol=1e-6) == (mode == "normed"), i

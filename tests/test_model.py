@@ -18,6 +18,7 @@ from sdconet.losses.criterion import SetCriterion
 from sdconet.models import SDCoNet, SerialBaseline, build_model
 from sdconet.models.encoder import (SUPPORTED_TIMM, EncoderWeightsError, PaddedShiftSwinBlock, SwinEncoder,
                                     UnsupportedTimmError, check_timm_version)
+from sdconet.models.grad_scale import GradScale
 from sdconet.models.neck import ChannelMapperNeck
 from sdconet.models.postprocess import select_topk_detections, valid_image_sizes
 from sdconet.models.sr_decoder import SRDecoder
@@ -404,8 +405,12 @@ def _assert_matches_reference(record: dict) -> None:
 
 
 def test_defaults_reproduce_the_outputs_recorded_before_the_switches():
+    """The snapshot was made by the code of bf1121a, before any switch existed (tests/data/make_tiny_reference.py);
+    tiny's value of each switch added since must reproduce it."""
+    assert json.loads(REFERENCE.read_text())["recorded_at"].startswith("bf1121a ")
     defaults = ("model.saliency.modulation=post_norm", "model.saliency.background=per_level",
-                "loss.dn_padding=ignore", "model.encoder.out_norm=false")
+                "loss.dn_padding=ignore", "model.encoder.out_norm=false", "model.detector.reference_update=normed",
+                "model.sr_grad_scale=1.0")
     _assert_matches_reference(_reference_run(*defaults)[0])
 
 
@@ -527,6 +532,41 @@ def test_official_preset_choices_and_tiny_forward_backward():
 def test_official_summary_sr_decoder_size(tmp_path):
     from sdconet.models.summary import model_cost
     cost = model_cost(load_config("official").model, (128, 128), ablations=False, serial_baseline=False)
-    assert 20.0 <= cost["params_m"]["sr_decoder"] <= 30.0  # official SRNet: ~24 M
+    assert cost["params_m"]["sr_decoder"] == pytest.approx(22.06, abs=0.005)  # official SRNet, our layout (measured)
     paper = model_cost(load_config("paper").model, (128, 128), ablations=False, serial_baseline=False)
     assert paper["params_m"]["sr_decoder"] < 5.0  # ours stays the light decoder
+
+
+def _sr_loss_grads(scale: float, state_dict: dict | None) -> tuple[dict, dict, torch.nn.Module]:
+    """Gradients of L_sr alone on the encoder and the SR decoder of a tiny model with ``model.sr_grad_scale``."""
+    torch.manual_seed(0)
+    model = build_model(load_config("tiny", [f"model.sr_grad_scale={scale}"]).model).train()
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    g = torch.Generator().manual_seed(3)
+    images, images_hr = torch.rand(1, 3, 64, 64, generator=g), torch.rand(1, 3, 128, 128, generator=g)
+    out = model(images, None, _reference_targets()[:1])
+    from sdconet.utils.image import normalize
+    torch.nn.functional.l1_loss(out["sr_image"], normalize(images_hr)).backward()
+    grads = {part: {n: p.grad.clone() for n, p in getattr(model, part).named_parameters() if p.grad is not None}
+             for part in ("encoder", "sr_decoder")}
+    return grads["encoder"], grads["sr_decoder"], model
+
+
+@pytest.mark.parametrize("scale", [0.25, 0.0])
+def test_sr_grad_scale_scales_the_sr_gradient_into_the_encoder_only(scale):
+    assert load_config("paper").model.sr_grad_scale == 1.0 and load_config("official").model.sr_grad_scale == 1.0
+    encoder_1, sr_1, model = _sr_loss_grads(1.0, None)
+    assert isinstance(model.sr_grad_scale, GradScale) and len(encoder_1) > 0
+    encoder_s, sr_s, _ = _sr_loss_grads(scale, model.state_dict())
+    assert encoder_s.keys() == encoder_1.keys()
+    for name, grad in encoder_1.items():  # dL_sr/d(encoder weights) scales with the factor ...
+        assert torch.allclose(encoder_s[name], scale * grad, rtol=1e-5, atol=1e-9), name
+    assert any(float(g.abs().max()) > 0 for g in encoder_1.values())
+    for name, grad in sr_1.items():  # ... while the SR decoder's own gradient (and the forward) is unchanged
+        assert torch.equal(sr_s[name], grad), name
+
+
+def test_sr_grad_scale_refuses_a_negative_factor():
+    with pytest.raises(ValueError, match="model.sr_grad_scale must be >= 0"):
+        build_model(load_config("tiny", ["model.sr_grad_scale=-0.5"]).model)

@@ -71,7 +71,8 @@ class SaliencyDINO(nn.Module):
             self.encoder = DeformableEncoder(**layer_args)
         self.query_selection = TwoStageQuerySelection(det.d_model, det.num_classes, det.num_queries)
         self.decoder = DINODecoder(det.num_decoder_layers, det.d_model, det.num_classes, det.ffn_dim, det.dropout,
-                                   det.num_heads, num_levels, det.num_points, det.msda_impl)
+                                   det.num_heads, num_levels, det.num_points, det.msda_impl,
+                                   det.reference_update)
         self.denoising = ContrastiveDenoising(det.num_classes, det.d_model, det.num_dn_queries,
                                               det.label_noise_ratio, det.box_noise_scale)
 

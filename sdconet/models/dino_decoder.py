@@ -19,6 +19,9 @@ from sdconet.ops.box_ops import inverse_sigmoid
 SpatialShapes = Sequence[tuple[int, int]]
 
 
+REFERENCE_UPDATES = ("raw", "normed")
+
+
 def class_bias_prior(prior_prob: float = 0.01) -> float:
     """Bias that makes the initial sigmoid class score equal ``prior_prob`` (focal-loss init)."""
     return -math.log((1 - prior_prob) / prior_prob)
@@ -157,11 +160,21 @@ class DINODecoder(nn.Module):
     Look forward twice (DINO): layer i's prediction is ``sigmoid(delta_i + logit(box_{i-1}))`` with ``box_{i-1}``
     NOT detached, so layer i's loss also trains layer i-1's box head; ``box_{i-1}`` itself was computed from the
     detached ``box_{i-2}``, so the gradient stops there (no earlier head). The reference fed into layer i is detached.
+
+    ``reference_update`` picks the value the next reference is refined from (``model.detector.reference_update``):
+    ``"raw"`` (DINO, Salience DETR) applies box head i to layer i's raw output for the reference update and to its
+    LayerNorm-ed output for the prediction, so ``box_{i-1}`` in the prediction is the raw-output refinement;
+    ``"normed"`` uses the normed output for both (the prediction's delta is then reused as the update).
     """
 
     def __init__(self, num_layers: int, d_model: int, num_classes: int, ffn_dim: int, dropout: float,
-                 num_heads: int, num_levels: int, num_points: int, msda_impl: str) -> None:
+                 num_heads: int, num_levels: int, num_points: int, msda_impl: str,
+                 reference_update: str = "raw") -> None:
         super().__init__()
+        if reference_update not in REFERENCE_UPDATES:
+            raise ValueError(f"model.detector.reference_update must be one of {', '.join(REFERENCE_UPDATES)}, "
+                             f"got {reference_update!r}")
+        self.reference_update = reference_update
         self.d_model = d_model
         self.layers = nn.ModuleList(
             DINODecoderLayer(d_model, ffn_dim, dropout, num_heads, num_levels, num_points, msda_impl)
@@ -188,7 +201,8 @@ class DINODecoder(nn.Module):
             delta = bbox_head(normed)
             all_logits.append(cls_head(normed))
             all_boxes.append((delta + inverse_sigmoid(previous_boxes)).sigmoid())
-            # same value as the prediction, but its gradient reaches head i only
-            previous_boxes = (delta + inverse_sigmoid(reference)).sigmoid()
+            # "normed": same value as the prediction, but its gradient reaches head i only; "raw": DINO's update
+            update = bbox_head(queries) if self.reference_update == "raw" else delta
+            previous_boxes = (update + inverse_sigmoid(reference)).sigmoid()
             reference = previous_boxes.detach()
         return all_logits, all_boxes

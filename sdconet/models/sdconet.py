@@ -20,6 +20,7 @@ import torch.nn as nn
 from sdconet.config import ModelConfig
 from sdconet.models.detector import SaliencyDINO
 from sdconet.models.encoder import SwinEncoder
+from sdconet.models.grad_scale import GradScale
 from sdconet.models.neck import ChannelMapperNeck
 from sdconet.models.postprocess import full_image_sizes, select_topk_detections, valid_image_sizes
 from sdconet.models.sr_decoder import SRDecoder
@@ -54,6 +55,8 @@ class SDCoNet(nn.Module):
         self.neck = ChannelMapperNeck(self.encoder.channels[1:], cfg.neck)
         self.detector = SaliencyDINO(cfg)
         self.sr_decoder: Optional[SRDecoder] = build_sr_decoder(self.encoder, cfg) if cfg.sr else None
+        # extension (1.0 = off, the paper): scales L_sr's gradient into the shared encoder, not the SR decoder's own
+        self.sr_grad_scale = GradScale(cfg.sr_grad_scale)
 
     def forward(self, images_lr: torch.Tensor, masks_lr: Optional[torch.Tensor] = None,
                 targets: Optional[list[dict]] = None, run_sr: bool = True) -> dict:
@@ -73,7 +76,9 @@ class SDCoNet(nn.Module):
         levels, level_masks = self.neck(encoded.features[1:], masks_lr)
         out = self.detector(levels, level_masks, targets)
         if self.sr_decoder is not None and run_sr:
-            out["sr_image"] = self.sr_decoder(encoded.features, encoded.patch_tokens, images_lr.shape[-2:])
+            features = [self.sr_grad_scale(f) for f in encoded.features]
+            out["sr_image"] = self.sr_decoder(features, self.sr_grad_scale(encoded.patch_tokens),
+                                              images_lr.shape[-2:])
         return out
 
     def infer(self, images_lr: torch.Tensor, masks_lr: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:

@@ -11,7 +11,9 @@ so this module stays at the bottom layer and reports the kernel that actually ra
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import importlib.metadata
+import json
 import platform
 import subprocess
 import sys
@@ -53,6 +55,37 @@ def git_state() -> tuple[str | None, bool | None]:
     return commit, (bool(status) if status is not None else None)
 
 
+# what decides a training run's numbers: the network, criterion, data pipeline, trainer, the ops they call and the
+# config system with its presets (dataclass defaults are part of every resolved config)
+TRAINING_CODE = ("sdconet/models", "sdconet/losses", "sdconet/data", "sdconet/engine", "sdconet/ops",
+                 "sdconet/configs", "sdconet/config.py")
+
+
+def code_hash(paths: Sequence[str] = TRAINING_CODE, root: Path = _REPO_ROOT) -> str:
+    """sha256 over the ``.py`` / ``.yaml`` files under ``paths`` (relative to ``root``), path and content, in sorted
+    order: the working tree as it is, so uncommitted edits count and commits that touch none of them do not."""
+    digest = hashlib.sha256()
+    files: list[Path] = []
+    for rel in paths:
+        target = root / rel
+        if not target.exists():
+            raise FileNotFoundError(f"code_hash: {target} does not exist")
+        files += [target] if target.is_file() else [f for f in target.rglob("*") if f.suffix in (".py", ".yaml")]
+    for path in sorted(set(files)):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """sha256 of a resolved config (``sdconet.config.config_to_dict``) as canonical JSON (sorted keys)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def utc_now() -> str:
+    """ISO 8601 UTC timestamp, seconds."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def package_versions(packages: Sequence[str] = VERSION_PACKAGES) -> dict[str, str | None]:
     """Installed distribution versions (None where a package is not installed)."""
     versions: dict[str, str | None] = {"python": platform.python_version()}
@@ -72,7 +105,7 @@ def provenance(command: Sequence[str] | None = None, **extra: Any) -> dict[str, 
         "command": list(command) if command is not None else [Path(sys.executable).name, *sys.argv],
         "commit": commit,
         "dirty": dirty,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": utc_now(),
         "versions": package_versions(),
         "cpu": {"model": cpu_model_name(), "isa": [f for f in ISA_FLAGS if f in flags],
                 "kernel_path": _loaded_kernels[-1] if _loaded_kernels else None},
@@ -81,4 +114,5 @@ def provenance(command: Sequence[str] | None = None, **extra: Any) -> dict[str, 
     return record
 
 
-__all__ = ["ISA_FLAGS", "git_state", "package_versions", "provenance", "record_kernel"]
+__all__ = ["ISA_FLAGS", "TRAINING_CODE", "code_hash", "config_hash", "git_state", "package_versions", "provenance",
+           "record_kernel", "utc_now"]
