@@ -148,30 +148,13 @@ def test_export_options_name_the_bad_int8_value(tmp_path):
         ExportOptions(gate_images=str(tmp_path)).validate()
 
 
-def test_repository_refuses_a_failed_gate_unless_allowed_and_records_it(tmp_path):
+def test_repository_refuses_a_failed_gate_unless_allowed_and_records_it(tmp_path, detector_onnx):
+    from serving_fixtures import IMGSZ
     from sdconet.serve.triton_repo import MANIFEST_NAME, RepositoryError, build_repository, load_manifest
 
-    rng = np.random.default_rng(0)
-    flat, dets = 3 * 32 * 32, 5
-    inits = [numpy_helper.from_array(rng.random((flat, dets), dtype=np.float32), "w_scores"),
-             numpy_helper.from_array(rng.random((flat, 4 * dets), dtype=np.float32), "w_boxes"),
-             numpy_helper.from_array(np.array([0, -1], np.int64), "flat_shape"),
-             numpy_helper.from_array(np.array([0, dets, 4], np.int64), "box_shape")]
-    nodes = [helper.make_node("Reshape", ["images", "flat_shape"], ["flat"]),
-             helper.make_node("MatMul", ["flat", "w_scores"], ["scores"]),
-             helper.make_node("MatMul", ["flat", "w_boxes"], ["boxes_flat"]),
-             helper.make_node("Reshape", ["boxes_flat", "box_shape"], ["boxes"]),
-             helper.make_node("Cast", ["scores"], ["labels"], to=TensorProto.INT32)]
-    graph = helper.make_graph(
-        nodes, "detector", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["B", 3, 32, 32])],
-        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["B", dets, 4]),
-         helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["B", dets]),
-         helper.make_tensor_value_info("labels", TensorProto.INT32, ["B", dets])], inits)
-    detector = tmp_path / "detector.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(detector))
     failed = {"key": "onnxruntime_int8", "passed": False, "reasons": ["agreement 0.400 < 0.95"],
               "ap_drop_points": 2.5}
-    common = dict(onnx_path=detector, backend="onnx", imgsz=32, max_batch=2, class_names=["a", "b"])
+    common = dict(onnx_path=detector_onnx, backend="onnx", imgsz=IMGSZ, max_batch=2, class_names=["a", "b"])
     with pytest.raises(RepositoryError, match=re.escape("accuracy gate (onnxruntime_int8) failed: agreement 0.400 "
                                                         "< 0.95") + ".*--allow-failed-gate"):
         build_repository(tmp_path / "refused", gate=failed, **common)

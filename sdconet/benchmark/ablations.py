@@ -321,6 +321,13 @@ def check_records(records: Sequence[dict[str, Any]], config: str, overrides: Seq
                              f"resolve to {expected[:12]} now; pass another --json path")
 
 
+def report_failed_runs(failed: Sequence[SweepPoint]) -> int:
+    """Name the failed runs of a sweep on stderr; the exit code (1) of a sweep CLI that has some."""
+    print(f"error: {len(failed)} run(s) failed: {[p.run_name for p in failed]}; rerun the same command to train "
+          "only those", file=sys.stderr)
+    return 1
+
+
 def run_sweep(plan: Sequence[SweepPoint], config: str, overrides: Sequence[str], result: dict[str, Any],
               path: Path, out_dir: Path, jobs: int, save: Callable[[dict[str, Any], Path], None],
               sort_key: Callable[[dict[str, Any]], Any]) -> list[SweepPoint]:
@@ -434,9 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = run_sweep(plan, args.config, args.overrides, result, args.json, args.out_dir, args.jobs, save_result,
                        _plan_sort_key)
     if failed:
-        print(f"error: {len(failed)} run(s) failed: {[p.run_name for p in failed]}; rerun the same command to train "
-              "only those", file=sys.stderr)
-        return 1
+        return report_failed_runs(failed)
     print(markdown_table(result))
     print(f"wrote {args.json}, {args.json.with_suffix('.md')}" +
           (f", {args.json.with_suffix('.png')}" if result["records"] else ""))

@@ -186,9 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = ablations.run_sweep(plan, args.config, args.overrides, result, args.json, args.out_dir, args.jobs, save,
                                  sort_key)
     if failed:
-        print(f"error: {len(failed)} run(s) failed: {[p.run_name for p in failed]}; rerun the same command to train "
-              "only those", file=sys.stderr)
-        return 1
+        return ablations.report_failed_runs(failed)
     print(markdown(result))
     return 0
 
