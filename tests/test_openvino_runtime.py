@@ -199,6 +199,48 @@ def test_int8_keeps_the_fused_op_and_is_gated_against_fp32(export, tmp_path):
     assert gate["passed"] is False and any("int8_mac_fraction" in r for r in gate["reasons"])
 
 
+def test_int8_gate_passes_genuine_and_fails_a_broken_calibration(tmp_path):
+    """The OpenVINO INT8 gate tells a genuine NNCF model from a broken one: the tiny model's scores lifted (as
+    ``test_cpu_quantize.py`` does) so that the gate compares real detections, then NNCF calibrated once on the
+    training split and once on the same images scaled by 255 (the classic 0-255 vs 0-1 bug: every activation range
+    far too wide, the input rounds to a few levels)."""
+    from sdconet.data import build_dataset
+    from sdconet.deploy.accuracy import accuracy_gate
+    from sdconet.deploy.cpu_quantize import quantize_openvino_int8
+    from sdconet.deploy.quantize import calibration_images
+
+    cfg = load_config("tiny", ["model.sr=false", "data.synthetic.num_images=12", "data.synthetic.val_fraction=0.34",
+                               f"data.cache_dir={tmp_path / 'cache'}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    with torch.no_grad():  # untrained scores sit near 0.04: lift them so that the gate has detections to compare
+        for name, param in model.named_parameters():
+            if "class_head" in name and name.endswith("bias"):
+                param += 3.0
+    checkpoint = save_model_weights(model, cfg, tmp_path / "run" / "checkpoints" / "best.safetensors",
+                                    {"category_names": NAMES})
+    result = run_export(ExportOptions(checkpoint=str(checkpoint), out=str(tmp_path / "engines"), imgsz=IMGSZ,
+                                      max_batch=4, msda="plugin", name="tiny"))
+    assert result.exit_code == 0, result.report["parity"]
+    plugin = tmp_path / "engines" / "tiny.plugin.onnx"
+    train_set = build_dataset(cfg.data, "train", cfg.model.upscale, train=False)
+    val_set = build_dataset(cfg.data, "val", cfg.model.upscale, train=False)
+    calib = calibration_images(train_set, 4, IMGSZ)
+    good = quantize_openvino_int8(plugin, tmp_path / "good.xml", calib)
+    bad = quantize_openvino_int8(plugin, tmp_path / "bad.xml", calib * 255.0)
+    assert 0.5 < good["macs"]["int8_mac_fraction"] <= 1.0
+    with open_runner("openvino", model=plugin, threads=2) as fp32, \
+            open_runner("openvino", model=tmp_path / "good.xml", precision="int8", threads=2,
+                        class_names=NAMES) as genuine_runner, \
+            open_runner("openvino", model=tmp_path / "bad.xml", precision="int8", threads=2,
+                        class_names=NAMES) as broken_runner:
+        genuine = accuracy_gate(fp32, genuine_runner, val_set, limit=4, macs=good["macs"])
+        broken = accuracy_gate(fp32, broken_runner, val_set, limit=4, macs=bad["macs"])
+    assert genuine["reference_detections"] >= 20  # lifted scores: the gate compares real detections
+    assert not broken["passed"] and any("agreement" in r for r in broken["reasons"])
+    assert genuine["agreement"] >= broken["agreement"] + 0.2, (genuine["agreement"], broken["agreement"])
+
+
 def test_bad_arguments_name_the_value(export, tmp_path):
     assert RUNNERS["openvino"].endswith(":OpenVINORunner")
     with pytest.raises(RunnerError, match="precision must be one of fp32, bf16, int8, got 'fp8'"):
