@@ -62,7 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
                              "train.batch_size stays per process")
     parser.add_argument("--eval-only", action="store_true", help="evaluate a checkpoint instead of training")
     parser.add_argument("--checkpoint", metavar="CKPT",
-                        help="with --eval-only: weights file or run directory (default: the latest run's best)")
+                        help="with --eval-only: weights file or run directory (default: the latest run's best); "
+                             "with --qat: the FP32 checkpoint to fine-tune")
+    qat = parser.add_argument_group("quantization-aware training (sdconet.deploy.qat)")
+    qat.add_argument("--qat", action="store_true",
+                     help="fine-tune --checkpoint with INT8 fake quantization for --epochs (default 4); export the "
+                          "result with export/build_engine.py --checkpoint <out>/checkpoints/best.safetensors --int8")
+    qat.add_argument("--qat-lr-scale", type=float, default=None, metavar="F",
+                     help="QAT lr = F x the checkpoint's train.lr (default 0.1)")
+    qat.add_argument("--qat-exclude", action="append", default=None, metavar="REGEX",
+                     help="module-name regex kept in float (repeatable; default: the saliency, foreground-attention, "
+                          "proposal and box heads, see sdconet.deploy.qat.DEFAULT_QAT_EXCLUDE)")
+    qat.add_argument("--qat-calib-images", type=int, default=None, metavar="N",
+                     help="training-split inputs that calibrate the activation ranges (default 256)")
     return parser
 
 
@@ -86,12 +98,18 @@ def resolve_config(args: argparse.Namespace) -> Config:
     train = cfg.train
     if args.epochs is not None:
         train = dataclasses.replace(train, epochs=args.epochs) if args.resume else scale_epochs(train, args.epochs)
+    if args.schedule is not None:
+        train = dataclasses.replace(train, schedule=args.schedule)
+    return with_run_flags(dataclasses.replace(cfg, train=train), args)
+
+
+def with_run_flags(cfg: Config, args: argparse.Namespace) -> Config:
+    """``--batch-size``, ``--device`` and ``--data`` applied to ``cfg`` (training and QAT alike)."""
+    train = cfg.train
     if args.batch_size is not None:
         train = dataclasses.replace(train, batch_size=args.batch_size)
     if args.device is not None:
         train = dataclasses.replace(train, device=args.device)
-    if args.schedule is not None:
-        train = dataclasses.replace(train, schedule=args.schedule)
     data = cfg.data if args.data is None else dataclasses.replace(cfg.data, root=args.data)
     return dataclasses.replace(cfg, train=train, data=data)
 
@@ -162,6 +180,32 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def qat_train(args: argparse.Namespace) -> int:
+    """``--qat``: the QAT fine-tune of :func:`sdconet.deploy.qat.run_qat`, configured by the same flags."""
+    from sdconet.deploy import qat
+
+    setup_logging()
+
+    def configure(cfg: Config) -> Config:
+        return with_run_flags(config_with_overrides(cfg, args.overrides), args)
+
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    out = Path(args.out) if args.out else checkpoint.parent.parent / "qat"
+    summary = qat.run_qat(str(checkpoint), str(out), epochs=args.epochs or 4,
+                          lr_scale=qat.DEFAULT_QAT_LR_SCALE if args.qat_lr_scale is None else args.qat_lr_scale,
+                          exclude=tuple(args.qat_exclude) if args.qat_exclude else qat.DEFAULT_QAT_EXCLUDE,
+                          calib_images=args.qat_calib_images or qat.DEFAULT_QAT_CALIB_IMAGES, configure=configure)
+    (out / "qat.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in summary.items()},
+                                             indent=2))
+    print(f"\nQAT of {checkpoint}: {summary['qat']['quantized_layers']} fake-quant layers, {summary['epochs']} "
+          f"epoch(s) at lr {summary['qat']['lr']:.2e}")
+    if summary["metrics"]:
+        print(metrics_table(summary["metrics"]))
+    print(f"\nQAT checkpoint: {summary['best']}\nexport it: python export/build_engine.py --checkpoint "
+          f"{summary['best']} --int8")
+    return 0
+
+
 def _without_nproc(argv: list[str]) -> list[str]:
     out, skip = [], False
     for token in argv:
@@ -198,8 +242,16 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(f"--nproc must be >= 1, got {args.nproc}")
     if args.nproc > 1 and args.eval_only:
         build_parser().error("--nproc goes with training; --eval-only runs in one process")
-    if args.checkpoint and not args.eval_only:
-        build_parser().error("--checkpoint goes with --eval-only (use --resume to continue training)")
+    if args.checkpoint and not (args.eval_only or args.qat):
+        build_parser().error("--checkpoint goes with --eval-only or --qat (use --resume to continue training)")
+    if args.qat:
+        conflicts = [flag for flag, on in (("--eval-only", args.eval_only), ("--resume", args.resume),
+                                           ("--schedule", args.schedule), ("--nproc", args.nproc > 1)) if on]
+        if conflicts:
+            build_parser().error(f"--qat fine-tunes --checkpoint in one process; {', '.join(conflicts)} cannot go "
+                                 "with it")
+        if not args.checkpoint:
+            build_parser().error("--qat needs --checkpoint (the FP32 weights to fine-tune)")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # after the usage checks: one error, not one per rank
         try:
             return launch_data_parallel(args, list(sys.argv[1:] if argv is None else argv))
@@ -213,11 +265,14 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().error(f"--eval-only evaluates a checkpoint as trained; {', '.join(ignored)} "
                                  "would have no effect")
     from sdconet.data.validation import DataError
+    from sdconet.deploy.qat import QATError
     from sdconet.engine.trainer import TrainingDiverged
 
     try:
+        if args.qat:
+            return qat_train(args)
         return eval_only(args) if args.eval_only else train(args)
-    except (ConfigError, CheckpointError, DataError, TrainingDiverged) as err:
+    except (ConfigError, CheckpointError, DataError, TrainingDiverged, QATError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

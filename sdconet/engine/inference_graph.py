@@ -53,6 +53,11 @@ def build_inference_graph(cfg: Config, state_dict: dict[str, torch.Tensor] | Non
         # for inference, but anything else missing means the checkpoint does not fit this config
         missing = [k for k in missing if not k.startswith("sr_decoder")]
         unexpected = [k for k in unexpected if not k.startswith("sr_decoder")]
+        if any(k.endswith(".input_amax") for k in unexpected):
+            raise RuntimeError("these weights hold QAT fake-quant ranges (*.input_amax) but the checkpoint has no "
+                               "meta.qat: export a QAT run's own checkpoints (python export/build_engine.py "
+                               "--checkpoint <qat run>/checkpoints/best.safetensors --int8), which rebuild the "
+                               "fake-quant layers")
         if missing or unexpected:
             raise RuntimeError(f"checkpoint does not match the model config: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")

@@ -134,15 +134,17 @@ class Trainer:
             run_sr)``; datasets follow docs/architecture.md ("Data -> trainer") and expose ``num_classes``,
             ``category_names``, ``label_to_category_id`` and ``ann_file``.
         collate_fn: batch collation (default ``sdconet.data.collate_fn``).
+        checkpoint_meta: extra metadata written into every checkpoint (a QAT run's ``qat`` entry).
         dist_info, device: from :func:`sdconet.engine.distributed.init_distributed` (single CPU process default).
     """
 
     def __init__(self, cfg: Config, out_dir: str | Path, *, model: Optional[nn.Module] = None,
                  criterion: Optional[nn.Module] = None, train_set: Optional[Dataset] = None,
                  val_set: Optional[Dataset] = None, collate_fn=None, dist_info: Optional[DistributedInfo] = None,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, checkpoint_meta: Optional[dict[str, Any]] = None):
         self.dist = dist_info or DistributedInfo()
         self.device = device or torch.device("cpu")
+        self.checkpoint_meta = dict(checkpoint_meta or {})
         self.paths = RunPaths(Path(out_dir))
         cfg = apply_schedule(cfg)
         if cfg.train.amp is not None and cfg.train.amp not in (*AMP_DTYPES, "auto"):
@@ -255,6 +257,7 @@ class Trainer:
                 "label_to_category_id": [int(c) for c in getattr(self.train_set, "label_to_category_id", [])]}
         if note:
             meta["note"] = note
+        meta |= self.checkpoint_meta
         if metrics is not None and metrics.get("AP", -math.inf) > self.counters.best_ap:
             self.counters.best_ap = metrics["AP"]
             ckpt.save_model_weights(self.model, self.cfg, self.paths.best, meta)
