@@ -50,7 +50,9 @@ def test_summary_numbers_come_from_stage_files(demo_run, capsys):
     assert summary["serving"]["detections"] == sum(d.get("num_detections", 0) for d in served)
     assert all(p["passed"] for p in summary["export"]["parity"].values())
     assert summary["export"]["int8"]["ap_drop_points"] == report["int8"]["ap_drop_points"]
-    latency = json.loads(layout.latency_json.read_text())
+    latency_file = json.loads(layout.latency_json.read_text())
+    latency = latency_file["rows"]
+    assert latency_file["provenance"]["commit"] and latency_file["provenance"]["cpu"]["model"]
     assert [r["p50_ms"] for r in summary["latency"]] == [r["p50_ms"] for r in latency]
     assert {r["backend"] for r in latency} == {"torch", "onnxruntime", "openvino", "triton"}
     assert all(r["status"] == "ok" for r in latency)

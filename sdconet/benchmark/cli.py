@@ -9,7 +9,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from sdconet.benchmark.report import (compare_chart, compare_table, load_records, markdown_table, write_records)
+from sdconet.benchmark.report import (compare_chart, compare_table, load_results, markdown_table, write_records)
 from sdconet.benchmark.runners import BACKENDS, PRECISIONS, BenchContext, run_benchmark
 from sdconet.config import ConfigError, load_config
 from sdconet.utils.logging import get_logger, setup_logging
@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "with the fused MSDA op where it builds, else onnxruntime)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch and ONNX Runtime (default: all)")
     parser.add_argument("--work-dir", type=Path, help="where on-the-fly exports go (default: a temp dir)")
-    parser.add_argument("--json", type=Path, help="write the records (a JSON list) here")
+    parser.add_argument("--json", type=Path,
+                        help='write {"rows": [records], "provenance": {...}} here (--compare also reads the bare '
+                             'record lists of older files)')
     parser.add_argument("--markdown", type=Path, help="also write the markdown table here")
     parser.add_argument("--compare", nargs="+", type=Path, metavar="JSON",
                         help="render a side-by-side table and a PNG chart of earlier --json files, then exit")
@@ -63,10 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _compare(paths: Sequence[Path], chart: Path) -> int:
-    runs = {}
+    runs, sources = {}, {}
     for path in paths:
-        runs[path.stem if path.stem not in runs else str(path)] = load_records(path)
+        name = path.stem if path.stem not in runs else str(path)
+        runs[name], sources[name] = load_results(path)
     print(compare_table(runs))
+    for name, prov in sources.items():  # where each run came from (older files carry no provenance)
+        where = (f"{(prov.get('cpu') or {}).get('model')}, commit {str(prov.get('commit'))[:12]}"
+                 f"{' (dirty)' if prov.get('dirty') else ''}, {prov.get('created')}" if prov else "no provenance")
+        print(f"{name}: {where}")
     print(f"\nchart: {compare_chart(runs, chart)}")
     return 0
 

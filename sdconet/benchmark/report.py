@@ -1,4 +1,7 @@
-"""Benchmark records: JSON files, markdown tables, side-by-side comparison and a PNG chart."""
+"""Benchmark records: JSON files, markdown tables, side-by-side comparison and a PNG chart.
+
+A results file is ``{"rows": [record, ...], "provenance": {...}}`` (:func:`sdconet.utils.provenance.provenance`);
+files written before results carried provenance are a bare list of records, and every reader here takes both."""
 from __future__ import annotations
 
 import json
@@ -6,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from sdconet.utils.io import save_figure
+from sdconet.utils.provenance import provenance as _provenance
 
 REQUIRED_KEYS = ("backend", "precision", "batch", "imgsz", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput",
                  "peak_mem_mb", "device", "status")
@@ -46,25 +50,42 @@ def markdown_table(records: Iterable[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def load_records(path: str | Path) -> list[dict[str, Any]]:
-    """Read a benchmark JSON (a list of records), checking the required keys."""
+def rows_of(data: Any, source: str | Path = "benchmark JSON") -> list[dict[str, Any]]:
+    """The records of a parsed results document: the ``rows`` of ``{"rows", "provenance"}`` or an old bare list."""
+    if isinstance(data, dict) and isinstance(data.get("rows"), list):
+        return data["rows"]
+    if isinstance(data, list):
+        return data
+    raise ValueError(f"{source}: expected {{\"rows\": [...], \"provenance\": {{...}}}} or a list of records")
+
+
+def load_results(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Read a benchmark JSON, checking the required keys: (records, provenance; None for an old bare-list file)."""
     path = Path(path)
     try:
-        records = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a readable benchmark JSON ({err})") from err
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a list of records")
+    records = rows_of(data, path)
     for i, record in enumerate(records):
         missing = [k for k in REQUIRED_KEYS if k not in record]
         if missing:
             raise ValueError(f"{path}: record {i} lacks {', '.join(missing)}")
-    return records
+    return records, (data.get("provenance") if isinstance(data, dict) else None)
 
 
-def write_records(records: list[dict[str, Any]], path: str | Path) -> None:
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a benchmark JSON (either format), checking the required keys."""
+    return load_results(path)[0]
+
+
+def write_records(records: list[dict[str, Any]], path: str | Path,
+                  provenance: dict[str, Any] | None = None) -> None:
+    """Write ``{"rows": records, "provenance": ...}``; the provenance defaults to this process's (taken now, so
+    it names the kernel the runs loaded)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(records, indent=2))
+    document = {"rows": records, "provenance": provenance if provenance is not None else _provenance()}
+    Path(path).write_text(json.dumps(document, indent=2) + "\n")
 
 
 def compare_table(runs: dict[str, list[dict[str, Any]]]) -> str:

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from sdconet.benchmark.report import REQUIRED_KEYS, markdown_table
+from sdconet.benchmark.report import REQUIRED_KEYS, markdown_table, rows_of
 from sdconet.pipeline.stages import Stage, StageFailed, StageRunner
 from sdconet.utils.cpu import usable_cpus
 
@@ -197,7 +197,7 @@ def collect_summary(layout: DemoLayout) -> dict[str, Any]:
     history = _read_json(layout.metrics) or []
     evaluation = _read_json(layout.eval_report)
     report = _read_json(layout.export_report) or {}
-    latency = _read_json(layout.latency_json) or []
+    latency = rows_of(_read_json(layout.latency_json) or [], layout.latency_json)  # {rows, provenance} or old list
     int8 = report.get("int8") or {}
     scene_summary = _read_json(layout.scene_summary) or {}
     scenes = scene_summary.get("scenes") or []
