@@ -1,13 +1,18 @@
-"""Scene files read window by window: PNG/JPEG/TIFF/GeoTIFF through rasterio (GDAL), bounded memory.
+"""Scene files read window by window: GeoTIFF/COG, JPEG 2000, VRT, Erdas .img, PNG/JPEG, ... through rasterio (GDAL),
+bounded memory.
 
 Contract (also in docs/scenes.md, "Scene files"):
 
 * **Windows.** ``read(Window(top, left, height, width))`` returns ``rgb`` uint8 ``[h, w, 3]`` and ``valid`` bool
   ``[h, w]`` for the part of the window inside the raster (clipped). Only the blocks the window touches are decoded.
-* **Windowed vs whole-file.** A GeoTIFF/TIFF whose blocks (tiles or strips) hold at most ``MAX_BLOCK_PIXELS`` pixels is
-  read by window. Every other file (PNG, JPEG, BMP, a single-strip TIFF, ...) has to be decoded whole, so it is
-  decoded once at open and refused when it has more than ``max_unwindowed_pixels`` pixels (checked from the header,
-  before any pixel is decoded), with the ``gdal_translate`` command that makes it tiled. PNG and JPEG go through
+* **Windowed vs whole-file.** A file of any GDAL driver whose blocks (tiles or strips, ``block_shapes``) hold at most
+  ``MAX_BLOCK_PIXELS`` pixels is read by window: GeoTIFF/COG, tiled JPEG 2000 (JP2OpenJPEG), Erdas Imagine ``.img``
+  (HFA), BMP, ... A VRT is read by window when its own blocks and every source file it references (recursively)
+  are. The drivers of ``SEQUENTIAL_DRIVERS`` (PNG, JPEG, GIF, WebP) decode from the start of the file whatever
+  blocks they report, so they never are. Every file that is not read by window (those, a single-strip TIFF, an
+  untiled JPEG 2000 over 4 Mpx, a VRT over one of them) has to be decoded whole, so it is decoded once at open and
+  refused when it has more than ``max_unwindowed_pixels`` pixels (checked from the header, before any pixel is
+  decoded), with the ``gdal_translate`` command that makes it tiled. ``windowed_reason`` says why a file is not. PNG and JPEG go through
   GDAL too, not through ``sdconet.data.image_io`` (Pillow, which stays the training-data reader), so that their
   alpha, palettes and 16-bit samples follow the band rules below; the header check stands in for image_io's
   decompression-bomb guard.
@@ -47,7 +52,13 @@ from sdconet.utils.logging import get_logger
 logger = get_logger(__name__)
 
 DEFAULT_MAX_UNWINDOWED_PIXELS = 2**26  # 67 Mpx (~192 MiB as RGB): the most we decode whole
-MAX_BLOCK_PIXELS = 2**22  # a TIFF block (tile or strip) up to 4 Mpx still reads by window
+MAX_BLOCK_PIXELS = 2**22  # a block (tile or strip) up to 4 Mpx still reads by window
+# drivers that decode from the start of the file (a window near the end decodes everything before it), whatever
+# blocks they report: never read by window
+SEQUENTIAL_DRIVERS = frozenset({"PNG", "JPEG", "GIF", "WEBP", "JPEGXL"})
+MAX_VRT_DEPTH = 4  # a VRT over a VRT over ...: sources checked this deep, deeper is whole-file
+# files a dataset lists besides its pixels (GDAL's sidecars): not sources
+SIDECAR_SUFFIXES = (".aux.xml", ".ovr", ".msk", ".aux", ".rrd", ".xml", ".tfw", ".jgw", ".j2w", ".wld", ".prj")
 GDAL_CACHE_BYTES = 256 * 2**20  # rasterio passes GDAL_CACHEMAX to GDALSetCacheMax64: bytes, not MB
 STRETCH_PERCENTILES = (2.0, 98.0)
 COARSE_SIDE = 1024  # side of the decimated read behind the stretch statistics and is_empty
@@ -132,6 +143,43 @@ def _largest_block(ds) -> int:
     return max(rows * cols for rows, cols in ds.block_shapes)
 
 
+def vrt_sources(ds) -> list[str]:
+    """The files a VRT's bands read (GDAL's file list less the VRT itself and its sidecars)."""
+    own = Path(ds.name).resolve() if not str(ds.name).startswith("/vsi") else None
+    sources = []
+    for name in ds.files:
+        if own is not None and not str(name).startswith("/vsi") and Path(name).resolve() == own:
+            continue
+        if str(name).lower().endswith(SIDECAR_SUFFIXES):
+            continue
+        sources.append(str(name))
+    return sources
+
+
+def window_readable(ds, depth: int = 0) -> Optional[str]:
+    """None when the open rasterio dataset ``ds`` can be read window by window (see the module docstring), else why
+    not (a phrase naming the driver, the block layout or the source that prevents it)."""
+    rasterio = _rasterio()
+    if ds.driver in SEQUENTIAL_DRIVERS:
+        return f"a {ds.driver} file, which GDAL decodes from its start"
+    largest = _largest_block(ds)
+    if largest > MAX_BLOCK_PIXELS:
+        rows, cols = max(ds.block_shapes, key=lambda shape: shape[0] * shape[1])
+        return f"a {ds.driver} file whose blocks are {rows}x{cols} pixels (more than {MAX_BLOCK_PIXELS})"
+    if ds.driver == "VRT":
+        if depth >= MAX_VRT_DEPTH:
+            return f"a VRT nested more than {MAX_VRT_DEPTH} deep"
+        for source in vrt_sources(ds):
+            try:
+                with rasterio.open(source) as src:
+                    why = window_readable(src, depth + 1)
+            except rasterio.errors.RasterioError as err:
+                return f"a VRT whose source {source} cannot be opened ({_gdal_message(err)})"
+            if why is not None:
+                return f"a VRT over {source}, {why}"
+    return None
+
+
 class SceneReader:
     """One open scene file (see the module docstring). Build it with :func:`open_scene`."""
 
@@ -181,17 +229,17 @@ class SceneReader:
         # the dataset mask folds nodata, alpha and internal masks into one; all-valid files skip mask reads entirely
         self._all_valid = all(MaskFlags.all_valid in flags for flags in ds.mask_flag_enums) and \
             (self._lut is None or bool((self._lut[:, 3] > 0).all()))
-        self.windowed = ds.driver == "GTiff" and _largest_block(ds) <= MAX_BLOCK_PIXELS
+        self.driver = ds.driver
+        self.windowed_reason: Optional[str] = window_readable(ds)  # None = read by window
+        self.windowed = self.windowed_reason is None
         self._memory: Optional[tuple[np.ndarray, Optional[np.ndarray]]] = None
         if not self.windowed:
             pixels = self.width * self.height
             if pixels > max_unwindowed_pixels:
-                what = (f"{ds.driver} file" if ds.driver != "GTiff" else
-                        f"TIFF whose blocks are {ds.block_shapes[0][0]}x{ds.block_shapes[0][1]} pixels")
                 raise SceneError(
-                    f"{self.path}: {self.width}x{self.height} = {pixels} pixels in a {what}, which cannot be read "
-                    f"window by window, exceeds max_unwindowed_pixels={max_unwindowed_pixels}; convert it to a "
-                    f"tiled GeoTIFF first: gdal_translate -co TILED=YES -co COMPRESS=DEFLATE "
+                    f"{self.path}: {self.width}x{self.height} = {pixels} pixels in {self.windowed_reason}, which "
+                    f"cannot be read window by window, exceeds max_unwindowed_pixels={max_unwindowed_pixels}; "
+                    f"convert it to a tiled GeoTIFF first: gdal_translate -co TILED=YES -co COMPRESS=DEFLATE "
                     f"-co BIGTIFF=IF_SAFER '{self.path}' '{self.path.with_suffix('').name}_tiled.tif'")
             self._memory = self._read_raw(None)
         self._stretch: Optional[np.ndarray] = None

@@ -41,7 +41,8 @@ from sdconet.utils.process import pid_alive
 logger = get_logger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt", "triton")
-SCENE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+# what a folder is searched for (a file given directly may be any format GDAL reads); .img = Erdas Imagine (HFA)
+SCENE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".jp2", ".j2k", ".vrt", ".img")
 SUMMARY_NAME = "summary.json"
 DONE_SUFFIX = ".done.json"
 MARKER_VERSION = 2  # bump when the outputs of the same model + options change (2: cross-tile merge, issue 22)
@@ -70,6 +71,7 @@ def collect_scenes(inputs: Sequence[str | Path]) -> list[Scene]:
     for item in map(Path, inputs):
         if item.is_dir():
             found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in SCENE_SUFFIXES)
+            found = _withoutvrt_sources(found)
             if not found:
                 raise UsageError(f"{item}: no scenes ({', '.join(SCENE_SUFFIXES)})")
             scenes += [Scene(p, p.relative_to(item)) for p in found]
@@ -88,6 +90,29 @@ def collect_scenes(inputs: Sequence[str | Path]) -> list[Scene]:
                              f"names or folders")
         seen[key] = scene.path
     return scenes
+
+
+def _withoutvrt_sources(found: list[Path]) -> list[Path]:
+    """``found`` less the files that one of its VRTs reads (a mosaic's tiles, the GeoTIFF under a VRT): they are
+    detected once, through the VRT, and do not collide with it on the output name. A VRT that cannot be opened is
+    kept, to fail with its own message when its turn comes."""
+    vrts = [p for p in found if p.suffix.lower() == ".vrt"]
+    if not vrts:
+        return found
+    import rasterio
+    from sdconet.data.raster import vrt_sources
+
+    sources: set[Path] = set()
+    for vrt in vrts:
+        try:
+            with rasterio.Env(), rasterio.open(vrt) as ds:
+                sources.update(Path(name).resolve() for name in vrt_sources(ds) if not name.startswith("/vsi"))
+        except rasterio.errors.RasterioError:
+            continue
+    kept = [p for p in found if p.resolve() not in sources or p in vrts]
+    if len(kept) < len(found):
+        logger.info("%d file(s) read through a VRT of the folder are not detected on their own", len(found) - len(kept))
+    return kept
 
 
 # -- backends: what runs one scene ----------------------------------------------------------------------------------
