@@ -22,7 +22,7 @@ from sdconet.models import build_model
 REPO = Path(__file__).resolve().parents[1]
 IMGSZ = 64  # LR side of the 128 px synthetic images below: the export claims do not depend on the size
 REPORT_KEYS = {"schema_version", "name", "created", "checkpoint", "options", "environment", "artifacts", "graphs",
-               "parity", "int8", "calibration", "engine", "accuracy", "triton", "skipped"}
+               "parity", "int8", "calibration", "engine", "accuracy", "triton", "skipped", "provenance"}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many tiny ops (conftest.py)

@@ -2,7 +2,8 @@
 
 Top-level JSON keys (stable, documented in docs/export.md): ``schema_version``, ``name``, ``created``,
 ``checkpoint``, ``options``, ``environment``, ``artifacts``, ``graphs``, ``parity``, ``int8``, ``engine``, ``triton``,
-``skipped``.
+``skipped``, ``provenance`` (:mod:`sdconet.utils.provenance`: the command, commit, versions and CPU behind the figures,
+the ``accuracy`` section's included).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from sdconet.utils.io import sha256_of  # noqa: F401  (re-exported: the exporter's artifact hashes)
+from sdconet.utils.provenance import provenance
 
 SCHEMA_VERSION = 1
 BOX_TOLERANCE = 1e-3  # of the image size
@@ -97,7 +99,7 @@ class ExportReport:
                 "checkpoint": self.checkpoint, "options": self.options, "environment": environment(),
                 "artifacts": self.artifacts, "graphs": self.graphs, "parity": self.parity, "int8": self.int8,
                 "calibration": self.calibration, "engine": self.engine, "accuracy": self.accuracy,
-                "triton": self.triton, "skipped": self.skipped}
+                "triton": self.triton, "skipped": self.skipped, "provenance": provenance()}
 
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
         out_dir = Path(out_dir)
