@@ -21,9 +21,11 @@ ends is interrupted (SIGALRM) and the check stops there.
 
 It writes the JSON and the markdown table next to it (``.md``) after every measurement (``"complete": false``
 until the end), so a run cut short, even killed, still leaves its figures; at the end the JSON says
-``"complete": true`` and the table also goes to stdout. The budget clock starts before ``import torch``, and an alarm
-that torch.compile wraps in its own exception still stops the check as budgeted. Before any model row the timm
-version is checked the way the encoder checks it, so an unsupported timm skips those rows with one clear reason.
+``"complete": true`` and the table also goes to stdout. The JSON (and the no-CUDA plan) carries a ``provenance``
+object (:mod:`sdconet.utils.provenance`: command, commit, versions, CPU). The budget clock starts before
+``import torch``, and an alarm that torch.compile wraps in its own exception still stops the check as budgeted. Before
+any model row the timm version is checked the way the encoder checks it, so an unsupported timm skips those rows with
+one clear reason.
 Without CUDA it prints the plan, writes it to ``--json`` and exits 0 (``--device cpu`` runs the CPU-capable rows
 instead, e.g. with ``--config tiny --imgsz 64``, to test the check itself: its figures are not GPU figures).
 
@@ -132,7 +134,7 @@ class Report:
         self.data: dict[str, Any] = {
             "command": " ".join([Path(sys.argv[0]).name if sys.argv else "gpu_check.py", *sys.argv[1:]]),
             "budget_s": args.budget_s, "complete": False, "stopped_by_budget": False, "environment": {},
-            "timm": {}, "msda": [], "model": [], "train": [], "skipped": []}
+            "timm": {}, "msda": [], "model": [], "train": [], "skipped": [], "provenance": run_provenance()}
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -199,6 +201,18 @@ def _module_version(name: str) -> str | None:
     except Exception:  # noqa: BLE001 - a missing or broken optional module is reported as absent
         return None
     return getattr(module, "__version__", "unknown")
+
+
+def run_provenance() -> dict[str, Any]:
+    """The results file's ``provenance`` (:mod:`sdconet.utils.provenance`: stdlib only, so a bare GPU machine has
+    what it needs; outside a git checkout commit and dirty are null). A failure is recorded, never raised: it must
+    not cost the GPU run its figures."""
+    try:
+        from sdconet.utils.provenance import provenance
+
+        return provenance()
+    except Exception as err:  # noqa: BLE001
+        return {"error": f"{type(err).__name__}: {err}"}
 
 
 def gpu_slug(name: str) -> str:
@@ -635,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         document = {"command": " ".join(["gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
                     "complete": False, "ran": False,
                     "reason": "no CUDA device (torch.cuda.is_available() is False): nothing measured; this is the "
-                              "plan", "budget_s": args.budget_s, "plan": plan}
+                              "plan", "budget_s": args.budget_s, "plan": plan, "provenance": run_provenance()}
         print(f"GPU check plan ({len(plan)} rows, budget {args.budget_s:.0f} s); no CUDA device here, so nothing "
               f"is measured:")
         for row in plan:

@@ -163,6 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from sdconet.benchmark.device import describe, device_facts
     from sdconet.benchmark.timing import time_calls
     from sdconet.utils.logging import get_logger
+    from sdconet.utils.provenance import provenance
 
     log = get_logger("sdconet.benchmarks.msda_op")
     cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
@@ -253,7 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        "met": (min(triton_speedups) >= SPEEDUP_TARGET) if triton_speedups else None},
             "target_cpu": {"fused_speedup_vs_onnx_gather_min": FUSED_TARGET,
                            "met": (min(fused_speedups) >= FUSED_TARGET) if fused_speedups else None},
-            "rows": rows}
+            "rows": rows, "provenance": provenance()}  # after the runs: it names the fused kernel they loaded
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text)
+        args.json.write_text(text + "\n")
     return 0
 
 

@@ -93,3 +93,103 @@ def test_demo_summary_reads_both_latency_formats(tmp_path):
     assert [r["p50_ms"] for r in collect_summary(layout)["latency"]] == [2.0]
     layout.latency_json.write_text(json.dumps([_latency_record(p50_ms=3.0)]))
     assert [r["p50_ms"] for r in collect_summary(layout)["latency"]] == [3.0]
+
+
+# ---- 2. benchmarks/flops.py (sdconet.models.summary) -------------------------------------------------------------
+def test_flops_json_carries_provenance(tmp_path):
+    from sdconet.models.summary import main
+
+    path = tmp_path / "cost.json"
+    cost = main(["--config", "tiny", "--imgsz", "64", "--no-ablations", "--no-serial", "--json", str(path)])
+    document = json.loads(path.read_text())
+    assert_provenance(document["provenance"])
+    assert {k: v for k, v in document.items() if k != "provenance"} == json.loads(json.dumps(cost))
+    assert "provenance" not in cost  # the returned dict stays the cost figures
+
+
+def _load_script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"provenance_test_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---- 3. benchmarks/msda_op.py --------------------------------------------------------------------------------------
+def test_msda_op_json_carries_provenance(tmp_path):
+    bench = _load_script("msda_op")
+    path = tmp_path / "msda.json"
+    assert bench.main(["--lr", "64", "--queries", "8", "--iters", "1", "--warmup", "0", "--threads", "1",
+                       "--forms", "grid_sample", "gather", "--json", str(path)]) == 0
+    document = json.loads(path.read_text())
+    assert [r["status"] for r in document["rows"]] == ["ok", "ok"]
+    assert_provenance(document["provenance"])
+
+
+# ---- 4. benchmarks/gpu_check.py ------------------------------------------------------------------------------------
+def test_gpu_check_report_and_plan_carry_provenance(tmp_path):
+    import torch
+
+    gpu_check = _load_script("gpu_check")
+    args = gpu_check.parse_args(["--json", str(tmp_path / "r.json")])
+    report = gpu_check.Report(args.json, args)
+    report.save()
+    assert_provenance(json.loads(args.json.read_text())["provenance"])
+    if not torch.cuda.is_available():  # with CUDA main() would run the whole check
+        plan = tmp_path / "plan.json"
+        assert gpu_check.main(["--json", str(plan)]) == 0
+        assert_provenance(json.loads(plan.read_text())["provenance"])
+
+
+_BARE_GPU_MACHINE = r"""
+import sys
+from importlib.machinery import PathFinder
+BLOCKED = ("onnx", "onnxruntime", "onnxsim", "pycocotools", "scipy", "tensorrt", "tritonclient", "openvino",
+           "rasterio", "cv2", "yaml")
+
+class Hiding(PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        return None if name.split(".")[0] in BLOCKED else PathFinder.find_spec(name, path, target)
+
+sys.meta_path[:] = [Hiding if finder is PathFinder else finder for finder in sys.meta_path]
+import importlib.util, json
+spec = importlib.util.spec_from_file_location("gpu_check", sys.argv[1])
+gpu_check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_check)
+record = gpu_check.run_provenance()
+assert "error" not in record, record
+print("LEAKED", sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED or m == "torch"))
+"""
+
+
+def test_gpu_check_provenance_needs_nothing_a_bare_gpu_machine_lacks(tmp_path):
+    """sdconet.utils.provenance is stdlib only: no onnx, openvino, PyYAML, not even torch (versions come from the
+    installed metadata), and outside a git checkout commit/dirty are null rather than an error."""
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", _BARE_GPU_MACHINE, str(ROOT / "benchmarks" / "gpu_check.py")],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LEAKED []" in result.stdout
+
+
+def test_provenance_outside_a_git_checkout_is_null_not_an_error(monkeypatch, tmp_path):
+    from sdconet.utils import provenance as prov
+
+    monkeypatch.setattr(prov, "_REPO_ROOT", tmp_path)  # not a checkout (pytest's tmp dirs are outside the repo)
+    record = prov.provenance(["gpu_check.py"])
+    assert record["commit"] is None and record["dirty"] is None and record["cpu"]["model"]
+
+
+# ---- 6. the exporter's <name>.report.json ------------------------------------------------------------------------
+def test_export_report_carries_provenance(tmp_path):
+    from sdconet.deploy.report import ExportReport
+
+    report = ExportReport("tiny", accuracy={"onnxruntime_int8": {"AP": 0.5, "passed": True}})
+    json_path, _ = report.write(tmp_path)
+    data = json.loads(json_path.read_text())
+    assert_provenance(data["provenance"])
+    assert data["accuracy"]["onnxruntime_int8"]["AP"] == 0.5

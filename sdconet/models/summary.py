@@ -1,6 +1,7 @@
 """Parameters and multiply-accumulates of SDCoNet, its ablations and the serial baseline.
 
-``python -m sdconet.models.summary --config paper --imgsz 256 --json summary.json`` prints a table and writes JSON.
+``python -m sdconet.models.summary --config paper --imgsz 256 --json summary.json`` prints a table and writes JSON
+(the cost figures and a ``provenance`` object, :mod:`sdconet.utils.provenance`).
 :func:`model_cost` is the reusable function behind it (the benchmarks CLI calls it too).
 
 Counting convention: ``torch.utils.flop_counter.FlopCounterMode`` on a batch of one LR image, MACs = FLOPs / 2,
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from sdconet.config import ConfigError, ModelConfig, load_config
 from sdconet.models.sdconet import SDCoNet, SerialBaseline
+from sdconet.utils.provenance import provenance
 
 # The paper's Table (parallel vs serial); input size and counting convention are not stated there.
 PAPER_GFLOPS = {"inference": 16.94, "serial_baseline": 88.22}
@@ -222,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(format_table(cost, title=f"[{cfg.name}]"))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(cost, indent=2))
+        # the file also says where it came from (command, commit, versions, CPU); the returned dict is the cost
+        args.json.write_text(json.dumps(cost | {"provenance": provenance()}, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     return cost
 
