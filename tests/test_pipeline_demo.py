@@ -52,7 +52,8 @@ def test_summary_numbers_come_from_stage_files(demo_run, capsys):
     assert summary["export"]["int8"]["ap_drop_points"] == report["int8"]["ap_drop_points"]
     latency_file = json.loads(layout.latency_json.read_text())
     latency = latency_file["rows"]
-    assert latency_file["provenance"]["commit"] and latency_file["provenance"]["cpu"]["model"]
+    assert {"command", "commit", "dirty", "created", "versions", "cpu"} <= set(latency_file["provenance"])
+    assert latency_file["provenance"]["cpu"]["model"]
     assert [r["p50_ms"] for r in summary["latency"]] == [r["p50_ms"] for r in latency]
     assert {r["backend"] for r in latency} == {"torch", "onnxruntime", "openvino", "triton"}
     assert all(r["status"] == "ok" for r in latency)
