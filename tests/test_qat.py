@@ -82,6 +82,55 @@ def test_prepare_honours_exclusions_and_calibration_sees_every_layer():
         qat.prepare_qat(build_model(cfg.model), exclude=["(unclosed"])
 
 
+def test_distiller_trains_on_the_teacher_detections_and_measures_the_quantization_error():
+    import copy
+
+    from sdconet.ops.box_ops import box_cxcywh_to_xyxy
+
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    teacher = build_model(cfg.model)
+    lift_class_scores(teacher)
+    student = copy.deepcopy(teacher)
+    qat.prepare_qat(student)
+    images = torch.rand(2, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(3))
+    qat.calibrate(InferenceGraph(student), images.numpy())
+    distiller = qat.FP32Distiller(teacher, student, pseudo_threshold=0.3)
+    hr_size = torch.tensor([2 * IMGSZ, 2 * IMGSZ])
+    batch = {"images_lr": images, "masks_lr": torch.zeros(2, IMGSZ, IMGSZ, dtype=torch.bool),
+             "targets": [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]),
+                          "image_id": i, "size": hr_size} for i in range(2)]}
+    pseudo = distiller.prepare(batch)
+    with torch.no_grad():
+        found = teacher.infer(images)
+    assert batch["targets"][0]["labels"].tolist() == [0]  # the caller's batch is not modified
+    for index, target in enumerate(pseudo["targets"]):
+        keep = found["scores"][index] >= 0.3
+        assert 0 < int(keep.sum()) == len(target["labels"]) == len(target["boxes"])
+        torch.testing.assert_close(target["labels"], found["labels"][index][keep].long())
+        # normalised cxcywh of the LR image, as the dataset writes ground truth
+        torch.testing.assert_close(box_cxcywh_to_xyxy(target["boxes"]) * IMGSZ, found["boxes"][index][keep],
+                                   rtol=0, atol=1e-4)
+        torch.testing.assert_close(target["boxes_xyxy"], found["boxes"][index][keep] * 2, rtol=0, atol=1e-3)
+        assert not target["ignore"].any() and target["image_id"] == index
+    # the feature term: zero for the float twin of the same weights, positive with fake quantization on
+    student.eval()
+    qat.set_quantization(student, False)
+    with torch.no_grad():
+        student(images)
+    assert float(distiller.losses()["loss_distill_feat"]) < 1e-10
+    distiller.prepare(batch)
+    qat.set_quantization(student, True)
+    student(images)
+    quantized = distiller.losses()["loss_distill_feat"]
+    assert float(quantized.detach()) > 1e-6 and quantized.requires_grad
+    assert distiller.losses() == {}  # one term per step
+    with pytest.raises(qat.QATError, match="distillation mode"):
+        qat.FP32Distiller(teacher, student, mode="soft")
+    with pytest.raises(qat.QATError, match="threshold"):
+        qat.FP32Distiller(teacher, student, pseudo_threshold=1.5)
+
+
 @pytest.fixture(scope="module")
 def fp32_checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("qat")
@@ -106,6 +155,7 @@ def qat_run(fp32_checkpoint):
 def test_qat_run_writes_checkpoints_with_their_provenance(qat_run, fp32_checkpoint):
     summary = json.loads((qat_run / "qat.json").read_text())
     assert summary["epochs"] == 1 and summary["qat"]["calibration_images"] == 4
+    assert summary["qat"]["distillation"]["mode"] == qat.DEFAULT_DISTILL == "pseudo"
     cfg, state, meta = load_model_weights(qat_run / "checkpoints" / "last.safetensors")
     info = meta["qat"]
     assert info["source"]["path"] == str(fp32_checkpoint) and len(info["source"]["sha256"]) == 64

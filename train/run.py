@@ -75,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "proposal and box heads, see sdconet.deploy.qat.DEFAULT_QAT_EXCLUDE)")
     qat.add_argument("--qat-calib-images", type=int, default=None, metavar="N",
                      help="training-split inputs that calibrate the activation ranges (default 256)")
+    qat.add_argument("--qat-distill", choices=("pseudo", "none"), default=None,
+                     help="distillation from the FP32 checkpoint: 'pseudo' (default) trains on its detections "
+                          "instead of the ground truth, 'none' on the ground truth")
+    qat.add_argument("--qat-pseudo-threshold", type=float, default=None, metavar="S",
+                     help="teacher detections scoring >= S become the targets (default 0.25)")
+    qat.add_argument("--qat-feature-weight", type=float, default=None, metavar="W",
+                     help="weight of the feature term (neck maps and encoder memory vs the FP32 model's, "
+                          "default 1.0; 0 turns it off)")
     return parser
 
 
@@ -194,7 +202,13 @@ def qat_train(args: argparse.Namespace) -> int:
     summary = qat.run_qat(str(checkpoint), str(out), epochs=args.epochs or 4,
                           lr_scale=qat.DEFAULT_QAT_LR_SCALE if args.qat_lr_scale is None else args.qat_lr_scale,
                           exclude=tuple(args.qat_exclude) if args.qat_exclude else qat.DEFAULT_QAT_EXCLUDE,
-                          calib_images=args.qat_calib_images or qat.DEFAULT_QAT_CALIB_IMAGES, configure=configure)
+                          calib_images=args.qat_calib_images or qat.DEFAULT_QAT_CALIB_IMAGES,
+                          distill=args.qat_distill or qat.DEFAULT_DISTILL,
+                          pseudo_threshold=(qat.DEFAULT_PSEUDO_THRESHOLD if args.qat_pseudo_threshold is None
+                                            else args.qat_pseudo_threshold),
+                          feature_weight=(qat.DEFAULT_FEATURE_WEIGHT if args.qat_feature_weight is None
+                                          else args.qat_feature_weight),
+                          configure=configure)
     (out / "qat.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in summary.items()},
                                              indent=2))
     print(f"\nQAT of {checkpoint}: {summary['qat']['quantized_layers']} fake-quant layers, {summary['epochs']} "

@@ -204,6 +204,112 @@ def qat_meta(exclude: Sequence[str], quantized: Sequence[str], *, source: dict[s
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# distillation from the FP32 model
+# ----------------------------------------------------------------------------------------------------------------
+DISTILL_MODES = ("pseudo", "none")
+DEFAULT_DISTILL = "pseudo"
+# teacher detections kept as targets: the gate's reference threshold (0.3) minus its margin, so every detection the
+# agreement counts is a target, and the ones just under it keep their place in the ranking
+DEFAULT_PSEUDO_THRESHOLD = 0.25
+DEFAULT_FEATURE_WEIGHT = 1.0
+# the activations the feature term compares: the neck's maps (what the quantized Swin encoder hands on) and the
+# deformable encoder's memory (what the decoder reads); both have one row per spatial position, so they need no
+# query alignment, which the top-k selections in between make unstable
+FEATURE_MODULES = ("neck", "detector.encoder")
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors of a hooked module's output: the neck's ``(levels, masks)`` -> the level maps, the saliency
+    encoder's ``(memory, tokens_per_layer)`` -> memory."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)) and output:
+        first = output[0]
+        return list(first) if isinstance(first, (tuple, list)) else [first] if isinstance(first, torch.Tensor) else []
+    return []
+
+
+class FP32Distiller:
+    """Distillation of the QAT student from the FP32 model it starts from (the ``distiller`` of the Trainer).
+
+    The gate asks INT8 to reproduce the FP32 model's boxes (IoU >= 0.9 with each FP32 detection >= 0.3), while
+    training on ground truth lets QAT move them wherever the loss likes: on the demo checkpoint four epochs held AP
+    (+0.15 pt) but kept only 0.59 of the FP32 detections. Two terms pull the student back to the teacher:
+
+    * ``pseudo`` targets: each training batch's targets are replaced by the teacher's own detections scoring
+      ``>= pseudo_threshold`` on the same (augmented) LR images, so the matching, box and denoising losses train
+      the student towards the teacher's boxes and classes (hard labels, as DINO's self-training uses them);
+    * a feature term, ``feature_weight`` x the mean squared error of the student's neck maps and encoder memory
+      to the teacher's, each divided by the teacher's mean square (scale free): it needs no query alignment.
+
+    ``prepare(batch)`` runs the teacher (no gradient) and returns the batch to train on; ``losses()`` returns the
+    feature term of the step just run (``{"loss_distill_feat": ...}``, weighted).
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, *, mode: str = DEFAULT_DISTILL,
+                 pseudo_threshold: float = DEFAULT_PSEUDO_THRESHOLD,
+                 feature_weight: float = DEFAULT_FEATURE_WEIGHT) -> None:
+        if mode not in DISTILL_MODES:
+            raise QATError(f"QAT distillation mode must be one of {DISTILL_MODES}, got {mode!r}")
+        if not 0.0 < pseudo_threshold < 1.0:
+            raise QATError(f"QAT pseudo-target threshold must be in (0, 1), got {pseudo_threshold}")
+        if feature_weight < 0:
+            raise QATError(f"QAT feature-distillation weight must be >= 0, got {feature_weight}")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.mode, self.pseudo_threshold, self.feature_weight = mode, pseudo_threshold, feature_weight
+        self._teacher_features: dict[str, list[torch.Tensor]] = {}
+        self._student_features: dict[str, list[torch.Tensor]] = {}
+        if feature_weight > 0:
+            for name in FEATURE_MODULES:
+                teacher.get_submodule(name).register_forward_hook(self._recorder(self._teacher_features, name))
+                student.get_submodule(name).register_forward_hook(self._recorder(self._student_features, name))
+
+    @staticmethod
+    def _recorder(store: dict[str, list[torch.Tensor]], name: str) -> Callable:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            store[name] = _tensors(output)
+        return hook
+
+    @torch.no_grad()
+    def prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from sdconet.models.postprocess import full_image_sizes, valid_image_sizes
+        from sdconet.ops.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+
+        self._student_features.clear()
+        if self.mode == "none" and self.feature_weight == 0:
+            return batch
+        images, masks = batch["images_lr"], batch["masks_lr"]
+        found = self.teacher.infer(images, masks)
+        if self.mode == "none":
+            return batch
+        sizes = full_image_sizes(images) if masks is None else valid_image_sizes(masks)  # [B, 2] (h, w)
+        targets = []
+        for index, target in enumerate(batch["targets"]):
+            keep = found["scores"][index] >= self.pseudo_threshold
+            height, width = (float(v) for v in sizes[index])
+            scale = found["boxes"].new_tensor([width, height, width, height])
+            boxes = box_xyxy_to_cxcywh(found["boxes"][index][keep]) / scale
+            hr = target["size"].to(boxes.device).flip(0).repeat(2).float()  # (w, h, w, h) of the HR image
+            labels = found["labels"][index][keep].to(torch.int64)
+            targets.append(dict(target, boxes=boxes, labels=labels, boxes_xyxy=box_cxcywh_to_xyxy(boxes) * hr,
+                                ignore=torch.zeros(len(labels), dtype=torch.bool, device=boxes.device)))
+        return dict(batch, targets=targets)
+
+    def losses(self) -> dict[str, torch.Tensor]:
+        if self.feature_weight == 0 or not self._student_features:
+            return {}
+        terms = []
+        for name, student in self._student_features.items():
+            for s, t in zip(student, self._teacher_features.get(name, [])):
+                if s.shape == t.shape:
+                    terms.append(F.mse_loss(s.float(), t.float()) / t.float().pow(2).mean().clamp_min(1e-12))
+        self._student_features.clear()
+        if not terms:
+            return {}
+        return {"loss_distill_feat": self.feature_weight * torch.stack(terms).mean()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the QAT fine-tune (driven by ``python train/run.py --qat``)
 # ----------------------------------------------------------------------------------------------------------------
 DEFAULT_QAT_LR_SCALE = 0.1  # QAT fine-tunes at a tenth of the checkpoint's training lr
@@ -212,18 +318,23 @@ DEFAULT_QAT_CALIB_IMAGES = 256
 
 def run_qat(checkpoint: str, out_dir: str, *, epochs: int = 4, lr_scale: float = DEFAULT_QAT_LR_SCALE,
             exclude: Sequence[str] = DEFAULT_QAT_EXCLUDE, calib_images: int = DEFAULT_QAT_CALIB_IMAGES,
+            distill: str = DEFAULT_DISTILL, pseudo_threshold: float = DEFAULT_PSEUDO_THRESHOLD,
+            feature_weight: float = DEFAULT_FEATURE_WEIGHT,
             configure: Callable[[Any], Any] | None = None) -> dict[str, Any]:
     """Fine-tune FP32 ``checkpoint`` with fake quantization for ``epochs`` at ``lr_scale`` x its training lr.
 
     Steps: build the checkpoint's model and load its weights, swap in the fake-quant layers (:func:`prepare_qat`),
     calibrate the activation ranges on ``calib_images`` training-split LR inputs (augmented crops when the split is
     smaller), then train with the normal :class:`sdconet.engine.trainer.Trainer` (same losses, schedule routing and
-    checkpoints, a single stage: the SR decoder is not deployed and stays as it is). Every checkpoint of the run
+    checkpoints, all in routing stage 1: the SR decoder is not deployed, so it neither runs nor trains), distilled from the FP32 model
+    (:class:`FP32Distiller`: ``distill`` "pseudo" trains on its detections >= ``pseudo_threshold`` instead of the
+    ground truth, "none" on the ground truth; ``feature_weight`` > 0 adds the feature term). Every checkpoint of the run
     carries ``meta["qat"]`` (exclusions, source checkpoint, calibration size), which is what the exporter needs to
     write the Q/DQ ONNX (``python export/build_engine.py --checkpoint <out>/checkpoints/best.safetensors --int8``).
     ``configure``: applied to the checkpoint's config first (overrides, batch size, device).
     Returns the trainer's summary with ``qat`` added.
     """
+    import copy
     import dataclasses
     import time
     from pathlib import Path
@@ -251,15 +362,20 @@ def run_qat(checkpoint: str, out_dir: str, *, epochs: int = 4, lr_scale: float =
     if configure is not None:  # the CLI's overrides and flags (train/run.py), through its one config path
         cfg = configure(cfg)
     train = scale_epochs(cfg.train, epochs)
-    # one stage: the QAT run trains the deployed detector; the SR decoder keeps the checkpoint's weights
-    train = dataclasses.replace(train, lr=cfg.train.lr * lr_scale, stage1_epochs=0)
+    # the whole run in routing stage 1: the QAT run trains the deployed detector; the SR decoder is neither run nor
+    # trained (its loss would reach the shared encoder and move the features the gate compares)
+    schedule = "full" if train.schedule == "joint" else train.schedule
+    train = dataclasses.replace(train, lr=cfg.train.lr * lr_scale, stage1_epochs=train.epochs, schedule=schedule)
     cfg = dataclasses.replace(cfg, train=train)
 
     model = build_model(cfg.model)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise QATError(f"{path} does not match its own config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    teacher = copy.deepcopy(model) if distill != "none" or feature_weight > 0 else None
     quantized = prepare_qat(model, exclude)
+    distiller = (FP32Distiller(teacher, model, mode=distill, pseudo_threshold=pseudo_threshold,
+                               feature_weight=feature_weight) if teacher is not None else None)
     start = time.perf_counter()
     calib_set = build_dataset(cfg.data, "train", cfg.model.upscale, train=False)
     calib = calibration_images(calib_set, calib_images, lr_image_size(cfg))
@@ -268,8 +384,13 @@ def run_qat(checkpoint: str, out_dir: str, *, epochs: int = 4, lr_scale: float =
     info = qat_meta(exclude, quantized, source={"path": str(path), "sha256": sha256_of(path),
                                                  "metrics": meta.get("metrics", {})},
                     calibration_images=calib.shape[0])
-    trainer = Trainer(cfg, Path(out_dir), model=model, device=resolve_device(cfg.train.device),
-                      checkpoint_meta={"qat": info})
+    info["distillation"] = {"mode": distill, "pseudo_threshold": pseudo_threshold, "feature_weight": feature_weight,
+                            "feature_modules": list(FEATURE_MODULES) if feature_weight > 0 else []}
+    device = resolve_device(cfg.train.device)
+    if teacher is not None:
+        teacher.to(device)
+    trainer = Trainer(cfg, Path(out_dir), model=model, device=device, checkpoint_meta={"qat": info},
+                      distiller=distiller)
     summary = trainer.fit()
     return dict(summary) | {"qat": info | {"epochs": epochs, "lr": train.lr, "calibration_seconds":
                                            round(calib_seconds, 1)}}

@@ -135,14 +135,19 @@ class Trainer:
             ``category_names``, ``label_to_category_id`` and ``ann_file``.
         collate_fn: batch collation (default ``sdconet.data.collate_fn``).
         checkpoint_meta: extra metadata written into every checkpoint (a QAT run's ``qat`` entry).
+        distiller: a teacher for the training steps (a QAT run's :class:`sdconet.deploy.qat.FP32Distiller`):
+            ``prepare(batch) -> batch`` runs before each forward (it may replace the targets) and ``losses() ->
+            {name: weighted scalar}`` after the criterion; its terms are added to the step's loss and logged with it.
         dist_info, device: from :func:`sdconet.engine.distributed.init_distributed` (single CPU process default).
     """
 
     def __init__(self, cfg: Config, out_dir: str | Path, *, model: Optional[nn.Module] = None,
                  criterion: Optional[nn.Module] = None, train_set: Optional[Dataset] = None,
                  val_set: Optional[Dataset] = None, collate_fn=None, dist_info: Optional[DistributedInfo] = None,
-                 device: Optional[torch.device] = None, checkpoint_meta: Optional[dict[str, Any]] = None):
+                 device: Optional[torch.device] = None, checkpoint_meta: Optional[dict[str, Any]] = None,
+                 distiller: Any = None):
         self.dist = dist_info or DistributedInfo()
+        self.distiller = distiller
         self.device = device or torch.device("cpu")
         self.checkpoint_meta = dict(checkpoint_meta or {})
         self.paths = RunPaths(Path(out_dir))
@@ -356,6 +361,8 @@ class Trainer:
                    disable=not self.dist.is_main, dynamic_ncols=True, leave=False)
         for index, batch in enumerate(bar):
             batch = move_batch(batch, self.device)
+            if self.distiller is not None:
+                batch = self.distiller.prepare(batch)
             boundary = (index + 1) % accum == 0 or index + 1 == len(self.train_loader)
             sync = (self.train_model.no_sync() if self.dist.enabled and not boundary
                     else contextlib.nullcontext())
@@ -365,6 +372,8 @@ class Trainer:
                                                run_sr=self.router.run_sr)
                 # matching and losses in float32 (the matcher hands cost matrices to scipy)
                 losses = self.criterion(_to_float32(outputs), batch["targets"], batch["images_hr"], batch["masks_hr"])
+                if self.distiller is not None and (extra := self.distiller.losses()):
+                    losses = dict(losses, **extra, loss=losses["loss"] + sum(extra.values()))
                 loss = losses["loss"]
                 finite = all_ranks_true(bool(torch.isfinite(loss.detach())), self.device)
                 if finite:
