@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fine-tune --checkpoint with INT8 fake quantization for --epochs (default 4); export the "
                           "result with export/build_engine.py --checkpoint <out>/checkpoints/best.safetensors --int8")
     qat.add_argument("--qat-lr-scale", type=float, default=None, metavar="F",
-                     help="QAT lr = F x the checkpoint's train.lr (default 0.1)")
+                     help="QAT lr = F x the checkpoint's train.lr (default 0.01)")
     qat.add_argument("--qat-exclude", action="append", default=None, metavar="REGEX",
                      help="module-name regex kept in float (repeatable; default: the saliency, foreground-attention, "
                           "proposal and box heads, see sdconet.deploy.qat.DEFAULT_QAT_EXCLUDE)")
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="teacher detections scoring >= S become the targets (default 0.25)")
     qat.add_argument("--qat-feature-weight", type=float, default=None, metavar="W",
                      help="weight of the feature term (neck maps and encoder memory vs the FP32 model's, "
-                          "default 1.0; 0 turns it off)")
+                          "default 10; 0 turns it off)")
     return parser
 
 
