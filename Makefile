@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,bench]"  # bench: sahi for tests/test_scene_sahi.py (benchmarks/scene.py --vs-sahi)
 	touch $(STAMP)
 
 $(MODELOPT_STAMP):

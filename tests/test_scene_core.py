@@ -343,3 +343,109 @@ def test_evaluation_set_is_merged_at_its_own_threshold():
     assert result.evaluation["scores"].tolist() == pytest.approx([0.9, 0.01])
     with pytest.raises(ValueError, match="eval_score_threshold must be in"):
         SceneInferencer(Scored(), SceneOptions(eval_score_threshold=2.0))
+
+
+# -- one tile pass, any merge (SceneInferencer.detect_tiles / merge: the merge study's path) --------------------------
+class GradedSquareFinder(SquareFinder):
+    """SquareFinder whose score grows with the box's area (a cut square scores lower than the whole one)."""
+
+    def _run(self, images):
+        out = super()._run(images)
+        area = (out["boxes"][..., 2] - out["boxes"][..., 0]) * (out["boxes"][..., 3] - out["boxes"][..., 1])
+        out["scores"] = np.where(out["scores"] > 0, 0.05 + 0.9 * np.minimum(area / 900.0, 1.0), 0.0
+                                 ).astype(np.float32)
+        return out
+
+
+# squares on the seams of 64 px tiles overlapping by 16 (starts 0, 48, 96, 136), some wider than the overlap
+GRADED_SQUARES = [(40, 40, 20), (50, 100, 12), (120, 20, 30), (150, 130, 25), (5, 170, 10), (90, 60, 8),
+                  (0, 88, 40), (100, 125, 36)]
+
+
+def test_one_tile_pass_serves_every_merge_rule_and_threshold():
+    """detect_tiles + merge(rule, merge_threshold, threshold) equals a full run with those options, for every rule:
+    the merge study scores one model pass per overlap with every merge. A merge that ignored its rule, its merge
+    threshold or its score threshold, or cut after merging, differs from the full run here."""
+    scene = ArrayScene(_square_scene(200, 190, GRADED_SQUARES))
+    runner = GradedSquareFinder(max_batch=4)
+    base = SceneInferencer(runner, SceneOptions(overlap=16, score_threshold=0.01, progress=False))
+    raw = base.detect_tiles(scene)
+    assert sum(len(b) for b in runner.batches) == raw.tiles == 16  # one pass over the tiles
+    results = {}
+    for rule in merge.MERGE_RULES:
+        for merge_threshold in (0.3, 0.8):
+            for threshold in (0.05, 0.5):
+                full = SceneInferencer(GradedSquareFinder(max_batch=4), SceneOptions(
+                    overlap=16, merge=rule, merge_threshold=merge_threshold, score_threshold=threshold,
+                    progress=False)).run(scene)
+                once = base.merge(raw, threshold, rule=rule, merge_threshold=merge_threshold)
+                for a, b in zip(once, (full.boxes, full.scores, full.labels)):
+                    np.testing.assert_array_equal(a, b)
+                results[rule, merge_threshold, threshold] = sorted(map(tuple, once[0].tolist()))
+    # the grid is not vacuous: rules, merge thresholds and score thresholds each change the outcome
+    assert len({tuple(results[r, 0.3, 0.05]) for r in merge.MERGE_RULES}) == 3
+    assert any(results[r, 0.3, 0.05] != results[r, 0.8, 0.05] for r in merge.MERGE_RULES)
+    assert all(len(results[r, 0.3, 0.5]) < len(results[r, 0.3, 0.05]) for r in merge.MERGE_RULES)
+    # the default rule at its default threshold finds every square once, as a whole
+    expected = sorted((left, top, left + side, top + side) for top, left, side in GRADED_SQUARES)
+    assert sorted(map(tuple, base.merge(raw, 0.01)[0].tolist())) == expected
+
+
+def test_tile_detections_are_every_tile_box_unmerged_in_file_pixels():
+    squares = [(40, 40, 20), (30, 88, 40)]  # (top, left, side) in HR file pixels
+    runner = GradedSquareFinder(imgsz=32)
+    inferencer = SceneInferencer(runner, SceneOptions(input="hr", overlap=8, score_threshold=0.3,
+                                                      eval_score_threshold=0.1, progress=False))
+    raw = inferencer.detect_tiles(ArrayScene(_square_scene(120, 160, squares)))
+    grid = tile_grid(60, 80, 32, 8)
+    np.testing.assert_array_equal(raw.extents, tiling.tile_extents(grid, 2))
+    assert raw.tiles == len(grid) == len(raw.found) and raw.tiles_skipped == 0 and raw.seconds > 0
+    total = 0
+    for boxes, scores, labels, tile_index, touches in raw.found:
+        assert len(boxes) == len(scores) == len(labels) == len(tile_index) == len(touches)
+        assert (scores >= 0.1).all()  # the lower of the output and the evaluation threshold
+        if len(boxes):
+            extent = raw.extents[tile_index[0]]
+            assert (tile_index == tile_index[0]).all()
+            assert (boxes[:, :2] >= extent[:2]).all() and (boxes[:, 2:] <= extent[2:]).all()  # file pixels
+        total += len(boxes)
+    assert total > len(squares)  # unmerged: the squares were seen by several tiles
+    assert any(t.any() for *_, t in raw.found)  # cut squares are marked as touching an inner edge
+    merged = inferencer.merge(raw, 0.1)
+    assert len(merged[0]) == len(squares)
+    capped = SceneInferencer(runner, SceneOptions(input="hr", overlap=8, max_detections=1, progress=False))
+    assert len(capped.merge(raw, 0.1)[0]) == 1 and capped.merge(raw, 0.1)[1][0] == merged[1][0]
+    with pytest.raises(ValueError, match="merge must be one of"):
+        inferencer.merge(raw, 0.1, rule="wbf")
+
+
+def test_merge_cuts_by_score_before_merging():
+    """A low-score piece from the other tile that reaches past the whole box widens the merged box only when the
+    score threshold lets it in (cutting after merging would keep the widened box)."""
+    from sdconet.scene.core import TileDetections
+
+    tiles = _two_tiles()
+    found = [(np.array([[120, 20, 150, 40]], np.float32), np.array([0.9], np.float32), np.array([0]),
+              np.array([0]), np.array([False])),
+             (np.array([[120, 20, 156, 40]], np.float32), np.array([0.1], np.float32), np.array([0]),
+              np.array([1]), np.array([False]))]
+    raw = TileDetections(found, tiling.tile_extents(tiles), None, tiles=2, tiles_skipped=0, seconds=0.0)
+    inferencer = SceneInferencer(SquareFinder(imgsz=200), SceneOptions(overlap=100, progress=False))
+    assert inferencer.merge(raw, 0.05, rule="ios")[0].tolist() == [[120, 20, 156, 40]]
+    assert inferencer.merge(raw, 0.5, rule="ios")[0].tolist() == [[120, 20, 150, 40]]
+    empty = TileDetections([], tiling.tile_extents(tiles), None, tiles=0, tiles_skipped=2, seconds=0.0)
+    assert [a.shape for a in inferencer.merge(empty, 0.05)] == [(0, 4), (0,), (0,)]
+
+
+def test_ios_merge_joins_an_object_across_three_tiles_in_a_row():
+    """Fails on the cross-tile rule as first landed: the two outer tiles share no region, so the kept middle-left
+    piece took only its neighbour's piece and the third tile's sliver stayed a second box."""
+    tiles = tile_grid(40, 190, 64, 16)  # x starts 0, 48, 96, 126: tiles 1 ([48, 112)) and 3 ([126, 190)) are apart
+    assert tiles[:, 1].tolist() == [0, 48, 96, 126]
+    empty = {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32), "labels": np.zeros(0, np.int64)}
+    piece = lambda x1, x2, s: {"boxes": np.array([[x1, 0, x2, 40]], np.float32),  # noqa: E731
+                               "scores": np.array([s], np.float32), "labels": np.array([0])}
+    # a square at x 88..128, in tile pixels: tile 1 sees 88..112, tile 2 96..128, tile 3 the sliver 126..128
+    per_tile = [empty, piece(40, 64, 0.95), piece(0, 32, 0.9), piece(0, 2, 0.1)]
+    boxes, scores, _ = merge_tiles(per_tile, tiles, 40, 190, "ios")
+    assert boxes.tolist() == [[88, 0, 128, 40]] and scores.tolist() == pytest.approx([0.95])

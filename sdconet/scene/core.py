@@ -81,6 +81,21 @@ class SceneResult:
         return {"boxes": self.boxes, "scores": self.scores, "labels": self.labels}
 
 
+@dataclass
+class TileDetections:
+    """What the tiles of one scene returned before any merge (``SceneInferencer.detect_tiles``): per run tile
+    (boxes [k, 4] file pixels, scores [k], labels [k], tile index [k], touches an inner edge [k]), at or above the
+    inferencer's per-tile threshold; ``extents`` [n, 4] xyxy file pixels of every tile of the grid. ``merge`` it
+    with any rule: one model pass serves every merge rule and threshold (the merge study)."""
+
+    found: list[tuple[np.ndarray, ...]]
+    extents: np.ndarray
+    saliency: Optional[tuple[np.ndarray, float]]
+    tiles: int
+    tiles_skipped: int
+    seconds: float
+
+
 class SceneInferencer:
     """Runs whole scenes through ``runner`` (any ``sdconet.runtime.Runner``) with ``options``."""
 
@@ -122,6 +137,17 @@ class SceneInferencer:
     # -- one scene -------------------------------------------------------------------------------------------------
     def run(self, reader) -> SceneResult:
         """Detections of the scene behind ``reader`` (a ``sdconet.data.raster.SceneReader``)."""
+        started = time.perf_counter()
+        raw = self.detect_tiles(reader)
+        boxes, scores, labels = self.merge(raw, self.options.score_threshold)
+        evaluation = None
+        if self.options.eval_score_threshold is not None:
+            evaluation = dict(zip(("boxes", "scores", "labels"), self.merge(raw, self.options.eval_score_threshold)))
+        return SceneResult(boxes, scores, labels, raw.saliency, tiles=raw.tiles, tiles_skipped=raw.tiles_skipped,
+                           seconds=time.perf_counter() - started, evaluation=evaluation)
+
+    def detect_tiles(self, reader) -> TileDetections:
+        """Every tile of the scene behind ``reader`` through the runner, its boxes placed in file pixels, unmerged."""
         from tqdm import tqdm
 
         started = time.perf_counter()
@@ -162,16 +188,10 @@ class SceneInferencer:
             if pending:
                 bar.update(len(pending))
                 flush()
-        extents = tile_extents(tiles, self.scale)
-        boxes, scores, labels = self._merge(found, extents, self.options.score_threshold)
-        evaluation = None
-        if self.options.eval_score_threshold is not None:
-            evaluation = dict(zip(("boxes", "scores", "labels"),
-                                  self._merge(found, extents, self.options.eval_score_threshold)))
-        return SceneResult(boxes, scores, labels,
-                           saliency.result(self.scale) if saliency is not None else None,
-                           tiles=len(tiles) - skipped, tiles_skipped=skipped,
-                           seconds=time.perf_counter() - started, evaluation=evaluation)
+        return TileDetections(found, tile_extents(tiles, self.scale),
+                              saliency.result(self.scale) if saliency is not None else None,
+                              tiles=len(tiles) - skipped, tiles_skipped=skipped,
+                              seconds=time.perf_counter() - started)
 
     # -- steps -----------------------------------------------------------------------------------------------------
     def _file_window(self, reader, top: int, left: int, tile_h: int, tile_w: int):
@@ -215,18 +235,25 @@ class SceneInferencer:
             return self.options.score_threshold
         return min(self.options.score_threshold, self.options.eval_score_threshold)
 
-    def _merge(self, found: list[tuple[np.ndarray, ...]], extents: np.ndarray, threshold: float,
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if not found:
+    def merge(self, raw: TileDetections, threshold: float, rule: Optional[str] = None,
+              merge_threshold: Optional[float] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(boxes, scores, labels) of ``raw``'s detections >= ``threshold`` merged across tiles by ``rule`` at
+        ``merge_threshold`` (defaults: the options'), capped at ``max_detections``. ``threshold`` below the
+        per-tile cut the tiles were run with gives only what they kept."""
+        rule = self.options.merge if rule is None else rule
+        if rule not in MERGE_RULES:
+            raise ValueError(f"merge must be one of {', '.join(MERGE_RULES)}, got {rule!r}")
+        merge_threshold = self.options.merge_threshold if merge_threshold is None else merge_threshold
+        if not raw.found:
             return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
-        boxes, scores, labels, tile_index, touches = (np.concatenate(parts) for parts in zip(*found))
-        if threshold > self._detection_threshold:
+        boxes, scores, labels, tile_index, touches = (np.concatenate(parts) for parts in zip(*raw.found))
+        if threshold > float(scores.min(initial=1.0)):
             keep = scores >= threshold
             boxes, scores, labels, tile_index, touches = (a[keep] for a in (boxes, scores, labels, tile_index,
                                                                              touches))
-        boxes, scores, labels = merge_detections(boxes, scores, labels, rule=self.options.merge,
-                                                 tile_index=tile_index, touches_edge=touches, tile_boxes=extents,
-                                                 threshold=self.options.merge_threshold)
+        boxes, scores, labels = merge_detections(boxes, scores, labels, rule=rule,
+                                                 tile_index=tile_index, touches_edge=touches, tile_boxes=raw.extents,
+                                                 threshold=merge_threshold)
         if self.options.max_detections is not None:
             boxes, scores, labels = (a[:self.options.max_detections] for a in (boxes, scores, labels))
         return boxes, scores, labels

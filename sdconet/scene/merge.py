@@ -13,8 +13,9 @@ synthetic scenes (``benchmarks/results/scene_merge_study.md``); the seam study o
   class-wise NMS removes the copies that two overlapping tiles both saw whole.
 * ``"ios"``: greedy non-maximum *merging* by intersection over the smaller box (IoS), across tiles only: in score
   order, a kept box takes the best-matching lower-scoring box of the same class from each *other* tile whose IoS
-  with it, both boxes seen through the two tiles' shared region, is >= ``threshold`` (union of the boxes, the best
-  score). Boxes of one tile are never joined (two adjacent vehicles the detector told apart stay two), and measuring
+  with it, both boxes seen through the two tiles' shared region, is >= ``threshold``, then those boxes' matches in
+  the tiles not joined yet (an object across three tiles in a row, whose outer pieces share no region), at most one
+  box per tile (union of the boxes, the best score). Boxes of one tile are never joined (two adjacent vehicles the detector told apart stay two), and measuring
   inside the shared region makes the two pieces of a seam-cut object match however wide the object is (on the whole
   boxes their IoS is about overlap / smaller piece, below 0.5 for objects wider than ~3x the overlap).
 * ``"nms"``: plain class-wise NMS at IoU ``threshold`` over all boxes (the baseline).
@@ -169,8 +170,8 @@ def ios_merge(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, thresho
 
     With ``tile_index`` [n] and ``tile_boxes`` [t, 4] (each tile's xyxy extent in the boxes' pixels) only pairs from
     two different tiles are matched, by the IoS of the two boxes inside the tiles' shared region, and a kept box
-    takes at most one box of each other tile (the best-matching one): two neighbours seen by the same tile are never
-    joined. Without them every same-class pair is matched on the whole boxes (the rule before issue 22, kept for the
+    takes at most one box of each other tile (the best-matching one, then those boxes' best matches in the tiles not
+    joined yet): two neighbours seen by the same tile are never joined. Without them every same-class pair is matched on the whole boxes (the rule before issue 22, kept for the
     merge study and for detections that carry no tile)."""
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     scores = np.asarray(scores, dtype=np.float32).reshape(-1)
@@ -191,11 +192,20 @@ def ios_merge(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, thresho
         done[i] = True
         kept.append(i)
         if cross_tile:
-            best: dict[int, tuple[float, float, int]] = {}  # other tile -> (IoS, score, box) of its best match
-            for j, v in adjacency[i]:
-                if not done[j] and (tiles[j] not in best or (v, float(scores[j])) > best[tiles[j]][:2]):
-                    best[tiles[j]] = (v, float(scores[j]), j)
-            members = [entry[2] for entry in best.values()]
+            # the best match of each other tile, then theirs in the tiles not joined yet: at most one box per tile
+            members, frontier, joined = [], [i], {tiles[i]}
+            while frontier:
+                best: dict[int, tuple[float, float, int]] = {}  # other tile -> (IoS, score, box) of its best match
+                for m in frontier:
+                    for j, v in adjacency[m]:
+                        if not done[j] and tiles[j] not in joined and (
+                                tiles[j] not in best or (v, float(scores[j])) > best[tiles[j]][:2]):
+                            best[tiles[j]] = (v, float(scores[j]), j)
+                frontier = [entry[2] for entry in best.values()]
+                for j in frontier:
+                    done[j] = True
+                joined.update(best)
+                members += frontier
         else:
             members = [j for j, _ in adjacency[i] if not done[j]]
         if members:
