@@ -210,3 +210,21 @@ def test_the_default_exclusions_select_exactly_the_groups_the_study_chose(study_
     # and the Swin stages 1-3 and the decoder's attention and FFNs stay INT8
     stay_int8 = [n for n in compute if "layers_2" in n or "decoder.layers." in n or "/decoder/layers." in n]
     assert stay_int8 and not any(re.fullmatch(p, n) for p in DEFAULT_INT8_EXCLUDE for n in stay_int8)
+
+
+def test_study_rows_take_the_qat_row_from_the_qat_report_only():
+    """The QAT export's report also has an onnxruntime_int8-qdq gate (against the QAT float twin): it must not
+    become a second modelopt-ptq row, and its onnxruntime_int8-qat gate is the modelopt-qat row."""
+    from sdconet.deploy.int8_study import path_rows
+
+    def gate(agreement):
+        return {"ap_drop_points": 0.1, "agreement": agreement, "int8_mac_fraction": 0.7, "passed": True}
+
+    ptq = {"int8": {"calibration_images": 256},
+           "accuracy": {"onnxruntime_int8-qdq": gate(0.97), "onnxruntime_int8": gate(0.96),
+                        "openvino_int8": gate(0.98)}}
+    qat = {"accuracy": {"onnxruntime_int8-qdq": gate(0.93), "onnxruntime_int8-qat": gate(0.89)}}
+    assert [(r["path"], r["agreement"]) for r in path_rows(ptq)] == [
+        ("modelopt-ptq", 0.97), ("onnxruntime", 0.96), ("openvino", 0.98)]
+    assert [(r["path"], r["agreement"]) for r in path_rows(qat)] == [("modelopt-qat", 0.89)]
+    assert path_rows(ptq)[0]["calibration_images"] == 256

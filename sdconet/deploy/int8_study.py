@@ -38,8 +38,11 @@ from sdconet.utils.logging import get_logger, setup_logging
 
 LOG = get_logger("sdconet.deploy.int8_study")  # also when run as __main__
 DEFAULT_OUT = Path("benchmarks/results/int8_study")
-PATH_KEYS = {"modelopt-ptq": "onnxruntime_int8-qdq", "modelopt-qat": "modelopt_int8-qat",
+# study row -> the export report's accuracy key; the QAT row (our fake-quant Q/DQ export, the graph ModelOpt's PTQ
+# also writes, gated against the FP32 checkpoint the QAT started from) comes from the QAT export's report
+PATH_KEYS = {"modelopt-ptq": "onnxruntime_int8-qdq", "modelopt-qat": "onnxruntime_int8-qat",
              "onnxruntime": "onnxruntime_int8", "openvino": "openvino_int8"}
+QAT_KEY = PATH_KEYS["modelopt-qat"]
 
 
 def qdq_variant(source: Path, output: Path, reader_images: np.ndarray, cache: Path, *,
@@ -242,12 +245,16 @@ def fp16_share(pure: Path, calib: np.ndarray, gate_set, args, reference: dict, m
 
 
 def path_rows(report: dict) -> list[dict]:
-    """The ``rows`` of the study from an export report's accuracy gates."""
+    """The ``rows`` of the study from an export report's accuracy gates. A QAT export's report gives only the
+    ``modelopt-qat`` row: its ``onnxruntime_int8-qdq`` gate compares against the QAT weights' float twin, not the FP32
+    checkpoint, so it is not the PTQ row."""
     rows = []
     calib = (report.get("int8") or {}).get("calibration_images")
+    accuracy = report.get("accuracy") or {}
+    is_qat = QAT_KEY in accuracy
     for path, key in PATH_KEYS.items():
-        gate = (report.get("accuracy") or {}).get(key)
-        if gate is None:
+        gate = accuracy.get(key)
+        if gate is None or (is_qat and key != QAT_KEY):
             continue
         rows.append({"path": path, "ap_drop_points": gate.get("ap_drop_points"), "agreement": gate.get("agreement"),
                      "int8_mac_fraction": gate.get("int8_mac_fraction"), "AP": gate.get("AP"),
@@ -377,8 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "the rest INT8 (repeatable)")
     parser.add_argument("--error-images", type=int, default=8, help="images for the per-tensor activation error")
     parser.add_argument("--modelopt", action="store_true", help="also ModelOpt fp32 vs fp16 high precision")
-    parser.add_argument("--report", type=Path, default=None,
-                        help="an export report (export/build_engine.py) whose INT8 gates become the study's rows")
+    parser.add_argument("--report", type=Path, action="append", default=None,
+                        help="an export report (export/build_engine.py) whose INT8 gates become the study's rows; "
+                             "repeat it for the QAT export's report (its modelopt-qat row)")
     parser.add_argument("--work-dir", default="runs/int8_study")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output stem (.json, .md, .png)")
     args = parser.parse_args(argv)
@@ -392,8 +400,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg, _, _ = load_model_weights(resolve_checkpoint(args.checkpoint))
         args.imgsz = training_image_size(cfg) // cfg.model.upscale
     study = run_study(args)
-    if args.report is not None:
-        study["rows"] = path_rows(json.loads(args.report.read_text()))
+    if args.report:
+        study["rows"] = [row | {"report": str(path)} for path in args.report
+                         for row in path_rows(json.loads(path.read_text()))]
     study.setdefault("rows", [])
     write_outputs(study, args.out)
     print(render_markdown(study))
