@@ -19,8 +19,8 @@ import tritonclient.http  # noqa: E402,F401
 from sdconet.serve.client import RetryPolicy, SDCoNetClient, call_with_retries, is_retryable  # noqa: E402
 from sdconet.serve.server import free_ports, process_group_members, stub_pids  # noqa: E402
 from sdconet.serve import soak as soak_module  # noqa: E402
-from sdconet.serve.soak import (BAD_KINDS, _growth, compare_detections, is_bad, run_soak, status_class,  # noqa: E402
-                                write_report)
+from sdconet.serve.soak import (BAD_KINDS, MEMORY_KINDS, _growth, compare_detections, group_memory,  # noqa: E402
+                                is_bad, memory_kinds_kb, parse_kb_fields, run_soak, status_class, write_report)
 from serving_fixtures import MAX_IMAGE_PIXELS, png_bytes, require_server, scene  # noqa: E402
 
 
@@ -31,6 +31,42 @@ def test_fixed_mix_and_growth_definition():
     # base = the last sample of the warm-up (t <= 5); max over the second half of [5, 30] = t >= 17.5
     assert _growth(samples, warmup_s=5, end_s=30) == 30.0
     assert _growth(samples, warmup_s=5, end_s=30, exclude=[20]) == 20.0  # a sample with an oversize array in flight
+
+
+def test_memory_split_from_status_and_smaps_rollup():
+    rollup = parse_kb_fields("""\
+55d0c0a00000-7ffd1e5f7000 ---p 00000000 00:00 0                          [rollup]
+Rss:              547840 kB
+Pss:              301260 kB
+Pss_Dirty:        260100 kB
+Pss_Anon:          82432 kB
+Pss_File:          12300 kB
+Pss_Shmem:        206528 kB
+Shared_Clean:      20480 kB
+Shared_Dirty:     413056 kB
+Private_Clean:      1024 kB
+Private_Dirty:    113280 kB
+Anonymous:         82432 kB
+THPeligible:    0
+""")
+    assert rollup["Rss"] == 547840 and rollup["Pss_Shmem"] == 206528 and rollup["Anonymous"] == 82432
+    assert "THPeligible" not in rollup and not any("-" in name for name in rollup)  # the header and non-kB lines
+    status = parse_kb_fields("Name:\ttritonserver\nVmRSS:\t  547840 kB\nRssAnon:\t   82432 kB\n"
+                             "RssFile:\t   52352 kB\nRssShmem:\t  413056 kB\nThreads:\t64\n")
+    assert status == {"VmRSS": 547840, "RssAnon": 82432, "RssFile": 52352, "RssShmem": 413056}
+    kinds = memory_kinds_kb(status, rollup)
+    assert tuple(kinds) == MEMORY_KINDS
+    assert kinds == {"anon": 82432, "shmem": 413056, "file": 52352, "pss_anon": 82432, "pss_shmem": 206528,
+                     "pss_file": 12300}
+    assert kinds["anon"] + kinds["shmem"] + kinds["file"] == status["VmRSS"]
+    assert memory_kinds_kb({}, {})["shmem"] == 0  # an exited process (or an older kernel's missing field)
+    # this very process, through the real /proc files: the three RSS kinds add up to its VmRSS
+    memory = group_memory(os.getpgid(0))
+    assert memory.kinds_by_process and set(memory.kinds_by_process) == set(memory.rss_by_process)
+    for label, split in memory.kinds_by_process.items():
+        assert split["anon"] > 0
+        assert abs(split["anon"] + split["shmem"] + split["file"] - memory.rss_by_process[label]) < 0.5 + \
+            0.05 * memory.rss_by_process[label]  # processes sampled a moment apart
 
 
 def test_status_classes_and_answer_comparison():

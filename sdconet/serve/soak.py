@@ -5,7 +5,8 @@ load starts, each good image is sent once to the idle server and its answer kept
 once). ``C`` threads then send requests back to back for ``W + N`` seconds (``W`` = warm-up, not counted). Request
 ``i`` is malformed when ``floor((i + 1) F) > floor(i F)``, so the mix is fixed and ``F`` exact over any window; the
 malformed kinds follow :data:`BAD_KINDS` in turn. Every second the resident memory of the server's whole process
-group (tritonserver and its python backend stubs) is sampled.
+group (tritonserver and its python backend stubs) is sampled, per process also split into anonymous, shared-memory
+and file-backed pages (:data:`MEMORY_KINDS`).
 
 Counting (only requests that start after the warm-up):
 
@@ -68,39 +69,78 @@ STATUS_CLASSES = ("200", "400", "5xx", "timeout", "connection", "other")
 # ---------------------------------------------------------------------------------------------------------------------
 # Server memory
 # ---------------------------------------------------------------------------------------------------------------------
-def _status_kb(pid: int, field_name: str) -> int:
+def parse_kb_fields(text: str) -> dict[str, int]:
+    """``Name: <n> kB`` lines of ``/proc/<pid>/status`` or ``/proc/<pid>/smaps_rollup`` -> {name: kB}; other lines
+    (the rollup's address header, fields that are not in kB) are skipped."""
+    fields = {}
+    for line in text.splitlines():
+        name, sep, rest = line.partition(":")
+        parts = rest.split()
+        if sep and len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
+            fields[name.strip()] = int(parts[0])
+    return fields
+
+
+def _read_kb_fields(path: str) -> dict[str, int]:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+        return parse_kb_fields(Path(path).read_text())
+    except (OSError, UnicodeDecodeError):
+        return {}  # the process exited meanwhile
 
 
-def _pss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+# the kinds of resident memory recorded per process (rss_by_process_kind_mb), from /proc/<pid>/status (the three RSS
+# kinds sum to VmRSS) and /proc/<pid>/smaps_rollup (the PSS split):
+#   anon:  anonymous pages (heap, malloc arenas, thread stacks, ONNX Runtime / OpenVINO buffers): private memory
+#   shmem: shared memory (the python backend's pools in /dev/shm, mapped by the server and the stubs)
+#   file:  file-backed pages (the binaries and libraries, the model files)
+MEMORY_KINDS = ("anon", "shmem", "file", "pss_anon", "pss_shmem", "pss_file")
+_KIND_FIELDS = {"anon": ("status", "RssAnon"), "shmem": ("status", "RssShmem"), "file": ("status", "RssFile"),
+                "pss_anon": ("rollup", "Pss_Anon"), "pss_shmem": ("rollup", "Pss_Shmem"),
+                "pss_file": ("rollup", "Pss_File")}
 
 
-def group_rss_mb(pgid: int) -> tuple[float, float, dict[str, float]]:
-    """(total RSS in MB, total PSS in MB, RSS per process label) of the live processes of group ``pgid``.
+def memory_kinds_kb(status: dict[str, int], rollup: dict[str, int]) -> dict[str, int]:
+    """:data:`MEMORY_KINDS` -> kB from the parsed ``status`` and ``smaps_rollup`` fields of one process (a field the
+    kernel does not have counts 0)."""
+    sources = {"status": status, "rollup": rollup}
+    return {kind: sources[source].get(name, 0) for kind, (source, name) in _KIND_FIELDS.items()}
+
+
+@dataclass
+class GroupMemory:
+    """One sample of the server's process group: RSS and PSS sums (MB), RSS per process label, and per label the
+    :data:`MEMORY_KINDS` (MB, summed over the label's processes)."""
+
+    rss_mb: float
+    pss_mb: float
+    rss_by_process: dict[str, float]
+    kinds_by_process: dict[str, dict[str, float]]
+
+
+def group_memory(pgid: int) -> GroupMemory:
+    """The memory of the live processes of group ``pgid``.
 
     RSS counts a shared page once per process that maps it: the python backend's shared-memory pool (mapped by the
     server and every stub) is counted several times. PSS splits shared pages between their users, so its sum is
     the group's real footprint."""
     per_process: dict[str, float] = {}
+    kinds: dict[str, dict[str, float]] = {}
     pss = 0.0
     for pid in process_group_members(pgid):
         label = process_label(pid)
-        per_process[label] = per_process.get(label, 0.0) + _status_kb(pid, "VmRSS") / 1024
-        pss += _pss_kb(pid) / 1024
-    return sum(per_process.values()), pss, per_process
+        status, rollup = _read_kb_fields(f"/proc/{pid}/status"), _read_kb_fields(f"/proc/{pid}/smaps_rollup")
+        per_process[label] = per_process.get(label, 0.0) + status.get("VmRSS", 0) / 1024
+        pss += rollup.get("Pss", 0) / 1024
+        into = kinds.setdefault(label, {kind: 0.0 for kind in MEMORY_KINDS})
+        for kind, kb in memory_kinds_kb(status, rollup).items():
+            into[kind] += kb / 1024
+    return GroupMemory(sum(per_process.values()), pss, per_process, kinds)
+
+
+def group_rss_mb(pgid: int) -> tuple[float, float, dict[str, float]]:
+    """(total RSS in MB, total PSS in MB, RSS per process label) of the live processes of group ``pgid``."""
+    memory = group_memory(pgid)
+    return memory.rss_mb, memory.pss_mb, memory.rss_by_process
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -284,6 +324,10 @@ class SoakReport:
     pss_mb: list[list[float]] = field(default_factory=list)  # [[t_s, mb], ...] shared pages split between users
     pss_growth_mb: Optional[float] = None
     rss_by_process_mb: dict[str, list[float]] = field(default_factory=dict)  # label -> [at warm-up end, at the end]
+    # label -> kind (MEMORY_KINDS: anon, shmem, file and their PSS) -> [[t_s, mb], ...]: which kind of memory moved
+    rss_by_process_kind_mb: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
+    # label -> kind -> [at warm-up end, at the end]
+    rss_kind_by_process_mb: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     bad_by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
     bad_kinds_skipped: list[str] = field(default_factory=list)
     oversize_bytes: Optional[int] = None  # size of the oversize array sent (None: kind skipped)
@@ -467,19 +511,28 @@ def run_soak(url: str, *, protocol: str = "http", model: str = ENSEMBLE_MODEL, s
     def sampler() -> None:
         pending = sorted(kill_stubs, key=lambda item: item[1])
         warm_split: Optional[dict[str, float]] = None
+        warm_kinds: dict[str, dict[str, float]] = {}
         while time.monotonic() < end:
             t = now()
             if server_pgid is not None:
-                total, pss, per_process = group_rss_mb(server_pgid)
+                memory = group_memory(server_pgid)
+                total, pss, per_process = memory.rss_mb, memory.pss_mb, memory.rss_by_process
                 report.rss_mb.append([round(t, 2), round(total, 1)])
                 report.pss_mb.append([round(t, 2), round(pss, 1)])
                 with lock:  # a large oversize array in flight, or answered < 2 s ago (the server frees it after)
                     if paced and (oversize["in_flight"] or now() - oversize["last_end"] < 2.0):
                         report.rss_samples_excluded_s.append(round(t, 2))
+                for label, kinds in memory.kinds_by_process.items():
+                    series = report.rss_by_process_kind_mb.setdefault(label, {kind: [] for kind in MEMORY_KINDS})
+                    for kind, mb in kinds.items():
+                        series[kind].append([round(t, 2), round(mb, 1)])
                 if warm_split is None and t >= warmup_seconds:
-                    warm_split = per_process
+                    warm_split, warm_kinds = per_process, memory.kinds_by_process
                 report.rss_by_process_mb = {label: [round((warm_split or {}).get(label, 0.0), 1), round(mb, 1)]
                                             for label, mb in per_process.items()}
+                report.rss_kind_by_process_mb = {
+                    label: {kind: [round(warm_kinds.get(label, {}).get(kind, 0.0), 1), round(mb, 1)]
+                            for kind, mb in kinds.items()} for label, kinds in memory.kinds_by_process.items()}
             while pending and t >= warmup_seconds + pending[0][1]:
                 target, _ = pending.pop(0)
                 pids = stub_pids(server_pgid, target)
@@ -630,7 +683,13 @@ def write_report(report: SoakReport, path: Path, command: Optional[Sequence[str]
     if report.pss_mb:
         t, mb = zip(*report.pss_mb)
         top.plot(t, mb, color="tab:green", label="PSS (sum)")
-        top.legend(loc="lower right")
+    server_kinds = report.rss_by_process_kind_mb.get("tritonserver", {})
+    for kind, color in (("anon", "tab:purple"), ("shmem", "tab:brown")):
+        if server_kinds.get(kind):
+            t, mb = zip(*server_kinds[kind])
+            top.plot(t, mb, color=color, linestyle=":", label=f"tritonserver {kind}")
+    if report.pss_mb or server_kinds:
+        top.legend(loc="lower right", fontsize=8)
     top.set_ylabel("server process group (MB)")
     top.set_title(f"{report.model}: {report.concurrency} clients, {report.bad_fraction:.0%} malformed; growth "
                   f"{report.rss_growth_mb if report.rss_growth_mb is None else round(report.rss_growth_mb, 1)} MB, "
