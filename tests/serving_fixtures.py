@@ -21,7 +21,7 @@ MAX_BATCH = 8
 SCORE_THRESHOLD = 0.02  # the random-init tiny model scores ~0.01-0.05
 MAX_IMAGE_PIXELS = 500 * 500  # small, so the over-limit request is cheap to send
 MAX_SCENE_PIXELS = 640 * 640  # sdconet_scene's pixel limit in the shared repository
-SCENE_MAX_TILES = 40  # and its tile limit (a 480x480 scene needs 49 tiles of 128 px at overlap 64)
+SCENE_MAX_TILES = 30  # and its tile limit (a 600x600 scene needs 36 tiles of 128 px at the default overlap, 25)
 
 
 def scene(height: int, width: int, seed: int) -> np.ndarray:

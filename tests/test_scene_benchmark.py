@@ -45,15 +45,17 @@ def _row(overlap, rule, threshold, ap):
 
 
 def test_choose_merge_takes_the_best_rule_and_the_fewest_tiles_within_the_tolerance():
+    assert bench.tiles_per_area(128, 64) == 4.0 and bench.tiles_per_area(128, 0) == 1.0
     rows = [_row(16, "ios", 0.5, 0.100), _row(32, "ios", 0.5, 0.104), _row(64, "ios", 0.5, 0.106),
             _row(16, "nms", 0.5, 0.090), _row(32, "nms", 0.5, 0.110), _row(64, "nms", 0.5, 0.080),
             _row(16, bench.LEGACY_IOS, 0.5, 0.200), _row(32, bench.LEGACY_IOS, 0.5, 0.200)]
-    choice = bench.choose_merge(rows, tolerance=0.005)
+    choice = bench.choose_merge(rows, 128, tolerance=0.005)
     # ios: mean 0.1033 > nms 0.0933 (the legacy rule is a reference row, never a candidate); overlap 32 is the
     # smallest within 0.005 of ios's best (64: 0.106)
     assert (choice["rule"], choice["threshold"], choice["overlap"]) == ("ios", 0.5, 32)
-    assert choice["best_overlap_AP"] == 0.106 and choice["mean_AP_over_overlaps"] == pytest.approx(0.1033, abs=1e-4)
-    assert bench.choose_merge(rows, tolerance=0.01)["overlap"] == 16
+    assert choice["best_overlap_AP"] == 0.106 and choice["best_overlap"] == 64
+    assert choice["mean_AP_over_overlaps"] == pytest.approx(0.1033, abs=1e-4)
+    assert bench.choose_merge(rows, 128, tolerance=0.01)["overlap"] == 16
 
 
 def test_report_keeps_the_sections_a_run_did_not_measure(tmp_path):
@@ -76,3 +78,17 @@ def test_report_keeps_the_sections_a_run_did_not_measure(tmp_path):
     assert written["scene"] == "s.tif" and written["overlap"] == 16
     markdown = out.with_suffix(".md").read_text()
     assert "skipped: no sahi" in markdown and "Seam-merge study" in markdown
+
+
+def test_the_defaults_are_the_committed_merge_study_choice():
+    """The scene core's defaults cite benchmarks/results/scene_merge_study.json: they must be its choice."""
+    from pathlib import Path
+
+    from sdconet.scene import core, merge
+
+    study = json.loads((Path(bench.RESULTS_DIR) / "scene_merge_study.json").read_text())["study"]
+    choice = study["choice"]
+    assert merge.DEFAULT_MERGE_RULE == choice["rule"]
+    threshold = {"edge": merge.DEFAULT_EDGE_IOU, "nms": merge.DEFAULT_NMS_IOU, "ios": merge.DEFAULT_IOS}
+    assert threshold[choice["rule"]] == choice["threshold"]
+    assert min(core.DEFAULT_OVERLAP, study["settings"]["tile"] // 2) == choice["overlap"]

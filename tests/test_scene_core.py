@@ -103,21 +103,24 @@ def test_half_object_inside_the_whole_one_comes_back_once():
 
 def test_objects_across_seams_and_in_overlaps_come_back_once():
     rng = np.random.default_rng(0)
-    for overlap, size in ((64, (8, 48)), (32, (30, 90))):
+    # objects smaller than the overlap: both rules; larger: only ios joins pieces that no tile saw whole
+    for overlap, size, rules in ((64, (8, 48), ("edge", "ios")), (32, (30, 90), ("ios",))):
         tiles = tile_grid(600, 600, 256, overlap)
         planted = plant_seam_objects(tiles, 600, 600, 40, size, rng)
         per_tile = simulate_tile_detections(planted, tiles, rng)
         raw = sum(len(t["boxes"]) for t in per_tile)
         assert raw > 1.3 * len(planted)  # the scene really has objects seen twice or cut
-        boxes, _, _ = merge_tiles(per_tile, tiles, 600, 600, merge.DEFAULT_MERGE_RULE)
-        matched, ious = match_objects(boxes, planted)
-        assert len(boxes) == len(planted) == matched, overlap
-        assert min(ious) > 0.75 and np.mean(ious) > 0.9
+        for rule in rules:
+            boxes, _, _ = merge_tiles(per_tile, tiles, 600, 600, rule)
+            matched, ious = match_objects(boxes, planted)
+            assert len(boxes) == len(planted) == matched, (overlap, rule)
+            assert min(ious) > 0.75 and np.mean(ious) > 0.9
 
 
-def test_seam_study_reports_the_default_rule_as_the_best():
+def test_seam_study_shows_ios_joining_objects_larger_than_the_overlap():
+    # ideal boxes: ios is the rule that joins them (the default, edge, is chosen by a trained model's scene AP)
     rules = seam_study(scenes=4, overlap=32, object_size=(30, 90))["rules"]
-    best = rules[merge.DEFAULT_MERGE_RULE]
+    best = rules["ios"]
     assert best["detections_per_object"] == 1.0 and best["recall_iou50"] == 1.0
     assert rules["nms"]["extra_boxes"] > 0 and rules["edge"]["extra_boxes"] > 0
 
@@ -130,7 +133,7 @@ def test_merge_rejects_bad_arguments():
         merge_detections(boxes, np.ones(2), np.zeros(2), rule="edge")
     with pytest.raises(ValueError, match="lengths differ"):
         merge_detections(boxes, np.ones(3), np.zeros(2))
-    empty = merge_detections(np.zeros((0, 4)), np.zeros(0), np.zeros(0))
+    empty = merge_detections(np.zeros((0, 4)), np.zeros(0), np.zeros(0), rule="nms")
     assert [a.shape for a in empty] == [(0, 4), (0,), (0,)]
 
 
@@ -233,7 +236,7 @@ def test_hr_input_boxes_come_back_in_file_pixels():
     the file's (HR) pixels, the ones the outputs and the georeferencing use."""
     squares = [(40, 60, 24), (120, 30, 30), (20, 150, 20)]  # (top, left, side) in HR file pixels
     runner = SquareFinder(imgsz=32)
-    result = SceneInferencer(runner, SceneOptions(input="hr", overlap=8, progress=False)).run(
+    result = SceneInferencer(runner, SceneOptions(input="hr", overlap=8, merge="ios", progress=False)).run(
         ArrayScene(_square_scene(180, 200, squares)))
     truth = np.array([[left, top, left + side, top + side] for top, left, side in squares], np.float32)
     assert len(result.boxes) == len(truth)
@@ -386,9 +389,9 @@ def test_one_tile_pass_serves_every_merge_rule_and_threshold():
     assert len({tuple(results[r, 0.3, 0.05]) for r in merge.MERGE_RULES}) == 3
     assert any(results[r, 0.3, 0.05] != results[r, 0.8, 0.05] for r in merge.MERGE_RULES)
     assert all(len(results[r, 0.3, 0.5]) < len(results[r, 0.3, 0.05]) for r in merge.MERGE_RULES)
-    # the default rule at its default threshold finds every square once, as a whole
+    # ios at its default threshold finds every square once, as a whole, those wider than the overlap included
     expected = sorted((left, top, left + side, top + side) for top, left, side in GRADED_SQUARES)
-    assert sorted(map(tuple, base.merge(raw, 0.01)[0].tolist())) == expected
+    assert sorted(map(tuple, base.merge(raw, 0.01, rule="ios")[0].tolist())) == expected
 
 
 def test_tile_detections_are_every_tile_box_unmerged_in_file_pixels():
@@ -411,10 +414,10 @@ def test_tile_detections_are_every_tile_box_unmerged_in_file_pixels():
         total += len(boxes)
     assert total > len(squares)  # unmerged: the squares were seen by several tiles
     assert any(t.any() for *_, t in raw.found)  # cut squares are marked as touching an inner edge
-    merged = inferencer.merge(raw, 0.1)
+    merged = inferencer.merge(raw, 0.1, rule="ios")
     assert len(merged[0]) == len(squares)
     capped = SceneInferencer(runner, SceneOptions(input="hr", overlap=8, max_detections=1, progress=False))
-    assert len(capped.merge(raw, 0.1)[0]) == 1 and capped.merge(raw, 0.1)[1][0] == merged[1][0]
+    assert len(capped.merge(raw, 0.1, rule="ios")[0]) == 1 and capped.merge(raw, 0.1, rule="ios")[1][0] == merged[1][0]
     with pytest.raises(ValueError, match="merge must be one of"):
         inferencer.merge(raw, 0.1, rule="wbf")
 

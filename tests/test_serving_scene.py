@@ -96,7 +96,7 @@ def test_multi_tile_scene_matches_the_scene_core_on_onnxruntime(server, scene_fi
     for protocol, url in (("http", server.endpoints.http), ("grpc", server.endpoints.grpc)):
         with TritonSceneClient(url, protocol=protocol) as client:
             from_file = client.detect_scene(scene_file)  # the encoded bytes, decoded on the server
-            assert from_file["tiles"] == reference.tiles == 24
+            assert from_file["tiles"] == reference.tiles == 12  # 3 x 4 tiles of 128 px at the default overlap
             assert_same_scene_detections(from_file, reference)
             assert_same_scene_detections(client.detect_scene(pixels), reference)  # a raw [H, W, 3] array
     # boxes are in scene pixels: some lie beyond the first tile, none outside the scene
@@ -110,7 +110,7 @@ def test_scenes_over_the_limits_get_errors_and_the_server_keeps_serving(server, 
         cases = {
             "pixel limit, encoded": (png_bytes(np.zeros((side, side, 3), np.uint8)), "exceeds the server limit"),
             "pixel limit, raw array": (np.zeros((side, side, 3), np.uint8), "exceeds the server limit"),
-            "tile limit": (png_bytes(scene(480, 480, seed=6)), f"needs 49 tiles .* limit is {SCENE_MAX_TILES} tiles"),
+            "tile limit": (png_bytes(scene(600, 600, seed=6)), f"needs 36 tiles .* limit is {SCENE_MAX_TILES} tiles"),
             "garbage bytes": (b"\x89PNG not really", "not a decodable image"),
         }
         for what, (payload, message) in cases.items():

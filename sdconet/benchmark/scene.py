@@ -561,24 +561,34 @@ def merge_study(runner, folder: Path, *, overlaps: Sequence[int] = STUDY_OVERLAP
                          "score_threshold": score_threshold, "runner": runner.describe(),
                          "evaluated_in": "HR pixels (LR boxes x upscale against the HR COCO)",
                          "seeds": json.loads((folder / "recipe.json").read_text())["seeds"]},
-            "rows": rows, "choice": choose_merge(rows)}
+            "rows": rows, "choice": choose_merge(rows, tile)}
 
 
-def choose_merge(rows: Sequence[dict[str, Any]], tolerance: float = OVERLAP_TOLERANCE) -> dict[str, Any]:
+def tiles_per_area(tile: int, overlap: int) -> float:
+    """Tiles a large scene needs at ``overlap``, relative to no overlap: (tile / stride)^2. On a scene a few tiles
+    wide the grid's last tile is aligned to the border, so counted tiles hide the cost (16, 25 and 32 px all give
+    5 x 5 tiles of a 512 px scene at tile 128)."""
+    return (tile / (tile - overlap)) ** 2
+
+
+def choose_merge(rows: Sequence[dict[str, Any]], tile: int, tolerance: float = OVERLAP_TOLERANCE) -> dict[str, Any]:
     """The default the study supports: the (rule, threshold) with the best mean AP over the overlaps, and the
-    smallest overlap (fewest tiles) whose AP with it is within ``tolerance`` of that rule's best overlap."""
+    cheapest overlap (fewest tiles per area of a large scene, ``tiles_per_area``) whose AP with it is within
+    ``tolerance`` of that rule's best overlap."""
     by_merge: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for row in rows:
         by_merge.setdefault((row["rule"], row["threshold"]), []).append(row)
     candidates = {key: float(np.mean([r["AP"] for r in group])) for key, group in by_merge.items()
                   if key[0] != LEGACY_IOS}
     (rule, threshold), mean_ap = max(candidates.items(), key=lambda item: item[1])
-    group = sorted(by_merge[(rule, threshold)], key=lambda r: r["overlap"])
+    group = sorted(by_merge[(rule, threshold)], key=lambda r: tiles_per_area(tile, r["overlap"]))
     best = max(r["AP"] for r in group)
     overlap_row = next(r for r in group if r["AP"] >= best - tolerance)
     return {"rule": rule, "threshold": threshold, "mean_AP_over_overlaps": round(mean_ap, 4),
             "overlap": overlap_row["overlap"], "AP": overlap_row["AP"], "tiles": overlap_row["tiles"],
-            "best_overlap_AP": best, "tolerance": tolerance}
+            "tiles_per_area": round(tiles_per_area(tile, overlap_row["overlap"]), 3),
+            "best_overlap": max(group, key=lambda r: r["AP"])["overlap"], "best_overlap_AP": best,
+            "tolerance": tolerance}
 
 
 def merge_study_markdown(study: dict[str, Any], backends: dict[str, Any] | None) -> str:
@@ -587,21 +597,24 @@ def merge_study_markdown(study: dict[str, Any], backends: dict[str, Any] | None)
              f"{s['scenes']} held-out scenes (`synth-scene` seeds {s['seeds'][0]}–{s['seeds'][-1]}, "
              f"{s['upscale']}× degraded to LR, 8-bit), tile {s['tile']} LR px, detections ≥ {s['score_threshold']}, "
              f"{s['runner'].get('backend', '?')}; COCO metrics in HR pixels, maxDets as the CLI's `--ann`.", "",
-             "| overlap | tiles | rule | threshold | AP | AP50 | AP75 | APs | detections | scenes better than "
-             "the chosen default |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "`tiles`: tiles run on these scenes; `tiles/area`: tiles a large scene needs, relative to no overlap "
+             "((tile / stride)², the cost the choice weighs).", "",
+             "| overlap | tiles | tiles/area | rule | threshold | AP | AP50 | AP75 | APs | detections | scenes better "
+             "than the chosen default |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     choice = study["choice"]
     chosen = next(r for r in study["rows"] if (r["overlap"], r["rule"], r["threshold"]) ==
                   (choice["overlap"], choice["rule"], choice["threshold"]))
     for r in study["rows"]:
         better = sum(r["AP_per_scene"][k] > chosen["AP_per_scene"][k] for k in chosen["AP_per_scene"])
         mark = "**" if r is chosen else ""
-        lines.append(f"| {r['overlap']} | {r['tiles']} | {mark}{r['rule']}{mark} | {r['threshold']} | "
+        lines.append(f"| {r['overlap']} | {r['tiles']} | {tiles_per_area(s['tile'], r['overlap']):.2f} | "
+                     f"{mark}{r['rule']}{mark} | {r['threshold']} | "
                      f"{mark}{r['AP']:.4f}{mark} | {r['AP50']:.4f} | {r['AP75']:.4f} | {r['APs']:.4f} | "
                      f"{r['detections']} | {better}/{len(chosen['AP_per_scene'])} |")
     lines += ["", f"Chosen: `--merge {choice['rule']} --merge-threshold {choice['threshold']}` (best mean AP over "
               f"the overlaps, {choice['mean_AP_over_overlaps']:.4f}), overlap {choice['overlap']} LR px (the "
-              f"fewest tiles within {choice['tolerance']} AP of that rule's best overlap, "
-              f"{choice['best_overlap_AP']:.4f})."]
+              f"fewest tiles per area within {choice['tolerance']} AP of that rule's best overlap, "
+              f"{choice.get('best_overlap', '?')} px: {choice['best_overlap_AP']:.4f})."]
     if backends:
         lines += ["", f"## Backends on the same scenes ({backends['settings']['overlap']} px overlap, the CLI with "
                   f"`--ann`, LR pixels)", "", "| backend | AP | AP50 | AP75 | detections | status |",
@@ -671,6 +684,10 @@ SUMMARY_FILE = "summary.json"
 
 def markdown_report(report: dict[str, Any]) -> str:
     lines = [f"# Scene throughput ({report['device']})", "", f"Command: `{report['command']}`", ""]
+    for section, origin in (report.get("kept_from_earlier_runs") or {}).items():
+        lines.append(f"- `{section}` kept from an earlier run: `{origin.get('command')}` ({origin.get('device')})")
+    if report.get("kept_from_earlier_runs"):
+        lines.append("")
     if report["throughput"]:
         lines += [f"Scene: {report['scene']} ({report['throughput'][0].get('megapixels', '?')} Mpx), "
                   f"tile {report['tile']}, overlap {report['overlap']}", "",
@@ -701,14 +718,15 @@ def markdown_report(report: dict[str, Any]) -> str:
             lines.append(f"- skipped: {vs.get('reason')}")
         else:
             st = vs["settings"]
-            lines += [f"{st['scenes']} held-out scenes of {st['scene_lr_px'][1]}×{st['scene_lr_px'][0]} LR px, the same "
-                      f"ONNX Runtime session ({st['runner'].get('threads', '?')} threads), tile {st['tile']}, overlap "
+            lines += [f"{st['scenes']} held-out scenes of {st['scene_lr_px'][1]}×{st['scene_lr_px'][0]} LR px, the "
+                      f"same ONNX Runtime session ({st.get('threads') or 'default'} threads), tile {st['tile']}, overlap "
                       f"{st['overlap']} ({st['overlap_ratio']:.3f} of the tile), detections ≥ "
                       f"{st['score_threshold']}; SAHI {st['sahi_version']} `get_sliced_prediction` (GREEDYNMM, IOS "
                       f"0.5, class-wise, `perform_standard_pred=False`), one slice per call; ours: the scene core, "
                       f"`--merge {vs['ours']['merge']}`, {vs['ours']['batch']} tiles per call. COCO metrics in HR "
                       f"pixels. Device: {vs.get('device', report['device'])}.", "",
-                      "| | AP | AP50 | AP75 | APs | detections | tiles | tiles/s |", "|---|---|---|---|---|---|---|---|"]
+                      "| | AP | AP50 | AP75 | APs | detections | tiles | tiles/s |",
+                      "|---|---|---|---|---|---|---|---|"]
             for name in ("ours", "sahi"):
                 r = vs[name]
                 lines.append(f"| {name} | {r['AP']:.4f} | {r['AP50']:.4f} | {r['AP75']:.4f} | {r['APs']:.4f} | "

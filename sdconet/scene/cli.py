@@ -33,7 +33,7 @@ import numpy as np
 
 from sdconet.runtime.base import DEFAULT_SCORE_THRESHOLD
 from sdconet.scene.core import INPUTS, SceneInferencer, SceneOptions, SceneResult
-from sdconet.scene.merge import DEFAULT_MERGE_RULE, MERGE_RULES
+from sdconet.scene.merge import DEFAULT_EDGE_IOU, DEFAULT_IOS, DEFAULT_MERGE_RULE, DEFAULT_NMS_IOU, MERGE_RULES
 from sdconet.utils.io import sha256_of
 from sdconet.utils.logging import get_logger, setup_logging
 from sdconet.utils.process import pid_alive
@@ -398,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--merge", choices=MERGE_RULES, default=DEFAULT_MERGE_RULE,
                         help=f"cross-tile merge rule (default {DEFAULT_MERGE_RULE}; docs/scenes.md)")
     parser.add_argument("--merge-threshold", type=float, default=None,
-                        help="the rule's match threshold: IoS for ios, NMS IoU for nms/edge (default 0.5)")
+                        help=f"the rule's match threshold: IoS for ios (default {DEFAULT_IOS}), NMS IoU for edge "
+                             f"(default {DEFAULT_EDGE_IOU}) and nms (default {DEFAULT_NMS_IOU})")
     parser.add_argument("--ann", type=Path, help="COCO JSON whose file_names are the scenes: whole-scene metrics")
     parser.add_argument("--force", action="store_true", help="redo scenes already done in --out")
     parser.add_argument("--precision", help="check the model runs in this precision (torch: fp32|bf16|fp16)")

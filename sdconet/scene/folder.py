@@ -5,7 +5,8 @@ every backend and for GeoTIFF scenes, docs/scenes.md). Input images are HR by de
 is degraded with the training degradation (the one ``sdconet.data.degrade``) exactly as in training and evaluation,
 and boxes come back in the file's pixels. With ``--input lr`` an image is fed to the network as it is. Images larger
 than the tile (default: the training image size) are cut into overlapping tiles, padded bottom/right with zeros like
-every exported backend, and merged across tiles with the core's rule (IoS merging; ``--nms-iou`` asks for plain NMS).
+every exported backend, and merged across tiles with the core's rule (``merge.DEFAULT_MERGE_RULE``; ``--nms-iou``
+asks for plain NMS).
 Here ``--tile`` / ``--overlap`` are in file pixels (the scene CLI's are in network pixels).
 
 Writes ``OUT/detections.json`` (per image: file, size, detections with ``bbox`` xyxy in file pixels, ``score``,
@@ -26,13 +27,14 @@ from tqdm import tqdm
 
 from sdconet.config import DEFAULT_TRAINING_TILE as DEFAULT_TILE, training_image_size  # noqa: F401
 from sdconet.runtime.base import DEFAULT_SCORE_THRESHOLD
+from sdconet.scene.core import DEFAULT_OVERLAP as CORE_OVERLAP
 from sdconet.scene.merge import DEFAULT_MERGE_RULE
 from sdconet.utils.logging import get_logger, setup_logging
 
 logger = get_logger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-DEFAULT_OVERLAP = 128  # file pixels, capped at half the tile
+DEFAULT_OVERLAP = 2 * CORE_OVERLAP  # file pixels, capped at half the tile: the core's LR default at x2 HR input
 
 
 @dataclass
@@ -150,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                         default=DEFAULT_SCORE_THRESHOLD,
                         help=f"minimum score kept (default {DEFAULT_SCORE_THRESHOLD})")
     parser.add_argument("--nms-iou", type=float,
-                        help="merge tiles by class-wise NMS at this IoU (default: the scene core's IoS merging)")
+                        help="merge tiles by class-wise NMS at this IoU (default: the scene core's rule, "
+                             f"{DEFAULT_MERGE_RULE})")
     parser.add_argument("--max-detections", type=int, help="cap per image (default: none)")
     parser.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

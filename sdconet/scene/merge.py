@@ -15,9 +15,12 @@ synthetic scenes (``benchmarks/results/scene_merge_study.md``); the seam study o
   order, a kept box takes the best-matching lower-scoring box of the same class from each *other* tile whose IoS
   with it, both boxes seen through the two tiles' shared region, is >= ``threshold``, then those boxes' matches in
   the tiles not joined yet (an object across three tiles in a row, whose outer pieces share no region), at most one
-  box per tile (union of the boxes, the best score). Boxes of one tile are never joined (two adjacent vehicles the detector told apart stay two), and measuring
-  inside the shared region makes the two pieces of a seam-cut object match however wide the object is (on the whole
-  boxes their IoS is about overlap / smaller piece, below 0.5 for objects wider than ~3x the overlap).
+  box per tile (union of the boxes, the best score). Boxes of one tile are never joined (two adjacent vehicles the
+  detector told apart stay two), and measuring inside the shared region makes the two pieces of a seam-cut object
+  match however wide the object is (on the whole boxes their IoS is about overlap / smaller piece, below 0.5 for
+  objects wider than ~3x the overlap). On a trained model's scenes it scores far below ``edge`` and ``nms``
+  (``benchmarks/results/scene_merge_study.md``): taking the union lets a loose low-score box from another tile
+  widen a good one.
 * ``"nms"``: plain class-wise NMS at IoU ``threshold`` over all boxes (the baseline).
 
 Pairs are found with a sweep over boxes sorted along the axis that gives fewer candidates (``sweep_candidates``),
@@ -29,8 +32,9 @@ from __future__ import annotations
 import numpy as np
 
 MERGE_RULES = ("edge", "ios", "nms")
-DEFAULT_MERGE_RULE = "ios"  # measured best (docs/scenes.md): robust to objects larger than the overlap
+DEFAULT_MERGE_RULE = "edge"  # best scene AP of a trained model, all overlaps (benchmarks/results/scene_merge_study.md)
 DEFAULT_NMS_IOU = 0.5
+DEFAULT_EDGE_IOU = 0.4  # the edge rule's NMS IoU: best mean scene AP of 0.4/0.5/0.6 (ties 0.5), scene_merge_study.md
 DEFAULT_IOS = 0.5
 
 
@@ -171,8 +175,8 @@ def ios_merge(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, thresho
     With ``tile_index`` [n] and ``tile_boxes`` [t, 4] (each tile's xyxy extent in the boxes' pixels) only pairs from
     two different tiles are matched, by the IoS of the two boxes inside the tiles' shared region, and a kept box
     takes at most one box of each other tile (the best-matching one, then those boxes' best matches in the tiles not
-    joined yet): two neighbours seen by the same tile are never joined. Without them every same-class pair is matched on the whole boxes (the rule before issue 22, kept for the
-    merge study and for detections that carry no tile)."""
+    joined yet): two neighbours seen by the same tile are never joined. Without them every same-class pair is matched
+    on the whole boxes (the rule before issue 22, kept for the merge study and for detections that carry no tile)."""
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     scores = np.asarray(scores, dtype=np.float32).reshape(-1)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
@@ -246,7 +250,7 @@ def merge_detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, 
             (``tiling.touches_inner_edge``); required by the "edge" rule.
         tile_boxes: [t, 4] xyxy extent of each tile in the boxes' pixels (``tiling.tile_extents``); with
             ``tile_index`` it makes the "ios" rule match only boxes of different tiles inside their shared region.
-        threshold: NMS IoU for "edge"/"nms" (default 0.5), IoS for "ios" (default 0.5).
+        threshold: NMS IoU for "edge" (default 0.4) and "nms" (default 0.5), IoS for "ios" (default 0.5).
         cover: IoS at which the "edge" rule considers a cut box covered by a whole one.
     Returns:
         (boxes [k, 4] float32, scores [k] float32, labels [k] int64) in descending score order.
@@ -266,5 +270,7 @@ def merge_detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, 
             raise ValueError("the 'edge' merge rule needs tile_index and touches_edge for every box")
         survivors = np.flatnonzero(drop_covered_edge_boxes(boxes, labels, tile_index, touches_edge, cover))
         boxes, scores, labels = boxes[survivors], scores[survivors], labels[survivors]
-    keep = nms(boxes, scores, labels, DEFAULT_NMS_IOU if threshold is None else threshold)
+    if threshold is None:
+        threshold = DEFAULT_EDGE_IOU if rule == "edge" else DEFAULT_NMS_IOU
+    keep = nms(boxes, scores, labels, threshold)
     return boxes[keep], scores[keep], labels[keep]
