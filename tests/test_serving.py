@@ -337,6 +337,8 @@ class _FakeTriton:
         self.canary_answers: dict = {}
         self.busy: set[str] = set()
         self.calls: list[tuple[float, str, str]] = []
+        self.retained_mb = 0.0
+        self.retained_asked: list[float] = []
 
     def python_models(self):
         return list(self.models)
@@ -374,6 +376,10 @@ class _FakeTriton:
     def reload_model(self, model):
         self.calls.append((self.clock.now, "reload", model))
         self.alive[model] = 0 if model in self.dies_after_reload else 1
+
+    def retained_shm_mb(self):
+        self.retained_asked.append(self.clock.now)
+        return self.retained_mb
 
 
 def _calls(fake: _FakeTriton, kind: str) -> list[tuple[float, str]]:
@@ -413,6 +419,77 @@ def test_reload_budget_refills_after_a_healthy_spell():
         clock.now += 1
         assert healer.heal() == []
     assert [t for t, _ in _calls(fake, "reload")] == [0.0, 400.0, 800.0, 1200.0]
+
+
+def test_shared_memory_kept_by_replaced_instances_is_logged_then_restarts_the_server(caplog):
+    import logging
+
+    from sdconet.serve.healing import Healer, HealPolicy, RestartNeeded, RetainedMemoryExceeded
+
+    clock = _Clock()
+    fake = _FakeTriton(["preprocess", "detector_cpu"], clock)
+    healer = Healer(fake, HealPolicy(canary_interval_s=0, max_retained_shm_mb=256, retained_check_delay_s=5), clock)
+    for second in range(10):  # no reload yet: the server is not even asked
+        clock.now = float(second)
+        healer.heal()
+    assert not fake.retained_asked
+    fake.alive["preprocess"] = 0  # killed under load: reloaded, and Triton keeps the old instance's 201 MB pool
+    assert healer.heal() == ["preprocess"]
+    fake.retained_mb = 201.0
+    with caplog.at_level(logging.WARNING, logger="sdconet.serve.healing"):
+        for second in range(10, 30):
+            clock.now = float(second)
+            healer.heal()
+    assert fake.retained_asked[0] == 14.0  # retained_check_delay_s after the reload
+    kept = [r.getMessage() for r in caplog.records if "keeps" in r.getMessage()]
+    assert len(kept) == 1 and "201 MB" in kept[0]  # logged once per new figure, not every second
+    fake.alive["detector_cpu"] = 0  # a second death under load: another pool kept, now over the limit
+    assert healer.heal() == ["detector_cpu"]
+    fake.retained_mb = 210.0 + 201.0
+    with pytest.raises(RetainedMemoryExceeded, match=r"keeps 411 MB .* over the limit of 256 MB.*only a restart") as \
+            exceeded:
+        for second in range(30, 60):
+            clock.now = float(second)
+            healer.heal()
+    assert isinstance(exceeded.value, RestartNeeded) and clock.now == 34.0  # 5 s after the reload at 29
+    off = Healer(fake, HealPolicy(canary_interval_s=0, max_retained_shm_mb=0), clock)  # 0 = never
+    fake.alive["preprocess"] = 0
+    for second in range(60, 80):
+        clock.now = float(second)
+        off.heal()
+    assert max(fake.retained_asked) < 60
+
+
+def test_retained_shared_memory_is_what_the_server_maps_and_no_stub_does():
+    import os
+    import subprocess
+    import sys
+    from multiprocessing import shared_memory
+
+    from sdconet.serve.server import retained_shm_bytes, shm_mappings
+
+    region = shared_memory.SharedMemory(create=True, size=8 << 20)  # mapped by this process, 8 MB
+    try:
+        region.buf[: 3 << 20] = b"\1" * (3 << 20)  # 3 MB of it touched: what the region really holds
+        assert region.name.lstrip("/") in shm_mappings(os.getpid())
+        held = retained_shm_bytes(os.getpid(), [])
+        assert abs(held[region.name.lstrip("/")] - (3 << 20)) <= 64 << 10
+        # a "stub" that maps the same region: nothing of it is retained
+        stub = subprocess.Popen([sys.executable, "-c", "import mmap, os, sys, time; "
+                                 "m = mmap.mmap(os.open('/dev/shm/' + sys.argv[1], os.O_RDWR), 0); "
+                                 "print('ok', flush=True); time.sleep(30)", region.name.lstrip("/")],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert stub.stdout.readline().strip() == "ok"
+            assert region.name.lstrip("/") not in retained_shm_bytes(os.getpid(), [stub.pid])
+        finally:
+            stub.kill()
+            stub.wait()
+        assert region.name.lstrip("/") in retained_shm_bytes(os.getpid(), [stub.pid])  # the stub is gone
+    finally:
+        region.close()
+        region.unlink()
+    assert region.name.lstrip("/") not in shm_mappings(os.getpid())
 
 
 def test_healer_leaves_a_model_its_key_holder_unloaded_alone(caplog):

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from sdconet.serve.healing import HealPolicy, ReloadBudgetExhausted
+from sdconet.serve.healing import HealPolicy, RestartNeeded
 from sdconet.serve.triton_repo import BACKENDS, RepositoryError, load_manifest
 from sdconet.serve.server import (ADMIN_KEY_HEADER, DEFAULT_HOST, DEFAULT_PORTS, PortInUseError, ServerError,
                                   TritonServer, admin_key_from_file, remove_stale_shm_regions, stop_stale_server)
@@ -82,6 +82,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--canary-timeout", type=float, default=defaults.canary_timeout_s,
                         help="a canary unanswered this long, with no execution completed meanwhile, means a hung "
                              "stub; must exceed the longest execution of one model (default %(default)s)")
+    parser.add_argument("--max-retained-shm-mb", type=float, default=defaults.max_retained_shm_mb,
+                        help="restart the server when it keeps more than this many MB of shared memory of replaced "
+                             "model instances (stubs that died under load; docs/serving.md, Memory) (default "
+                             "%(default)s; 0 = never)")
     parser.add_argument("--admin-key-file", type=Path, default=None,
                         help="the key of the repository API (load/unload): read from this file (mode 0600), or "
                              "generated and written there when it does not exist; default a key kept in memory")
@@ -102,7 +106,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "Put a TLS proxy or firewall in front (docs/serving.md, Security)", args.host)
     try:
         policy = HealPolicy(reload_budget=args.reload_budget, backoff_s=args.reload_backoff,
-                            canary_interval_s=args.canary_interval, canary_timeout_s=args.canary_timeout)
+                            canary_interval_s=args.canary_interval, canary_timeout_s=args.canary_timeout,
+                            max_retained_shm_mb=args.max_retained_shm_mb)
     except ValueError as err:
         parser.error(str(err))
     try:
@@ -219,7 +224,7 @@ def _watch(server: TritonServer) -> str:
                     f"{server.log_tail()}")
         try:
             server.heal()
-        except ReloadBudgetExhausted as err:
+        except RestartNeeded as err:  # a reload budget used up, or too much memory kept by replaced instances
             return str(err)
         except ServerError as err:
             return f"a crashed model could not be reloaded in-process ({err})"

@@ -24,6 +24,14 @@ Each model has a reload budget (:class:`HealPolicy`): reload ``k`` waits ``backo
 ``--max-restarts``, after which it stops with one error line). A model that went ``budget_reset_s`` without needing
 a reload gets its budget back.
 
+A reload does not always free what the replaced instance held: when a stub dies while requests are in flight,
+Triton 2.51 never releases the replaced model version (no "successfully unloaded" line in its log), so its python
+backend shared-memory pool -- as large as the largest request that model ever received, 201 MB for the preprocess
+model at the default 8192^2 limit -- stays mapped by tritonserver and in ``/dev/shm`` until the server exits
+(measured; docs/serving.md, "Memory"). Once a model has been reloaded, each round therefore also asks the target how
+much shared memory tritonserver maps that no live stub maps (``retained_shm_mb``); it logs each new figure, and above
+``max_retained_shm_mb`` raises :class:`RetainedMemoryExceeded`: only a restart frees that memory.
+
 The healer talks to the server through :class:`HealTarget` (implemented by ``TritonServer``); its answers are parsed
 here by :func:`index_states` and :func:`execution_counts` from the JSON Triton sends, so a test can stand in for the
 server with the same answers.
@@ -61,6 +69,11 @@ class HealPolicy:
         canary_interval_s: seconds between canary rounds; 0 turns the canary off (process count only).
         canary_timeout_s: how long a canary may wait for its answer. Must exceed the longest legitimate execution of
             one model (a hung verdict also needs "no execution completed meanwhile", so a busy model is not hung).
+        max_retained_shm_mb: shared memory of replaced instances that tritonserver may keep before the server is
+            restarted (see the module docstring); 0 turns the check off. The default lets one preprocess pool at the
+            default pixel limit (201 MB) stay, logged, and restarts on the second.
+        retained_check_delay_s: the check waits this long after the last reload (an instance that Triton does
+            release takes a moment to go).
     """
 
     reload_budget: int = 3
@@ -69,11 +82,14 @@ class HealPolicy:
     budget_reset_s: float = 300.0
     canary_interval_s: float = 5.0
     canary_timeout_s: float = 10.0
+    max_retained_shm_mb: float = 256.0
+    retained_check_delay_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.reload_budget < 0:
             raise ValueError(f"reload_budget must be >= 0, got {self.reload_budget}")
-        for name in ("backoff_s", "max_backoff_s", "budget_reset_s", "canary_interval_s"):
+        for name in ("backoff_s", "max_backoff_s", "budget_reset_s", "canary_interval_s", "max_retained_shm_mb",
+                     "retained_check_delay_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.canary_timeout_s <= 0:
@@ -84,13 +100,27 @@ class HealPolicy:
         return 0.0 if reload_number <= 1 else min(self.max_backoff_s, self.backoff_s * 2 ** (reload_number - 2))
 
 
-class ReloadBudgetExhausted(RuntimeError):
-    """A model needed more reloads than its budget allows: the server must be restarted (or the launcher stops)."""
+class RestartNeeded(RuntimeError):
+    """Healing in-process is not enough: the server must be restarted (or the launcher stops)."""
+
+
+class ReloadBudgetExhausted(RestartNeeded):
+    """A model needed more reloads than its budget allows."""
 
     def __init__(self, model: str, reloads: int, window_s: float, why: str):
         super().__init__(f"model '{model}' failed again ({why}) after {reloads} reload(s) in {window_s:.0f} s: "
                          f"reload budget exhausted")
         self.model = model
+
+
+class RetainedMemoryExceeded(RestartNeeded):
+    """tritonserver keeps more shared memory of replaced model instances than the policy allows."""
+
+    def __init__(self, retained_mb: float, limit_mb: float):
+        super().__init__(f"tritonserver keeps {retained_mb:.0f} MB of shared memory of replaced model instances "
+                         f"(python backend pools of stubs that died under load; over the limit of {limit_mb:g} MB): "
+                         f"only a restart frees it")
+        self.retained_mb = retained_mb
 
 
 @dataclass(frozen=True)
@@ -118,6 +148,8 @@ class HealTarget(Protocol):
     def kill_stubs(self, model: str) -> list[int]: ...
 
     def reload_model(self, model: str) -> None: ...
+
+    def retained_shm_mb(self) -> float: ...  # shared memory tritonserver maps that no live stub maps
 
 
 def index_states(index: Iterable[dict]) -> dict[str, tuple[str, str]]:
@@ -188,6 +220,7 @@ class Healer:
         self._left_alone: dict[str, tuple[str, str]] = {}  # models not READY, as last logged
         self._next_canary = self.clock()  # the first call runs a canary round
         self._counts_after_canary: Optional[dict[str, tuple[int, int]]] = None
+        self._retained_logged = 0.0
         self._lock = threading.Lock()
 
     def heal(self) -> list[str]:
@@ -195,6 +228,7 @@ class Healer:
         the target's error when a reload fails."""
         with self._lock:
             now = self.clock()
+            self._check_retained(now)
             suspects = {model: (f"{alive} of {expected} python backend stub(s) alive (a stub crashed or was killed)",
                                 False) for model, (expected, alive) in self.target.missing_stubs().items()}
             canary_due = self.policy.canary_interval_s > 0 and now >= self._next_canary
@@ -210,6 +244,21 @@ class Healer:
             return [model for model, (why, kill) in suspects.items() if self._reload(model, why, kill)]
 
     # -------------------------------------------------------------------------------------------------------------
+    def _check_retained(self, now: float) -> None:
+        """After a reload: log each new figure of retained shared memory, raise over the limit (module docstring)."""
+        limit = self.policy.max_retained_shm_mb
+        reloads = [budget.last_reload for budget in self._budgets.values() if budget.last_reload is not None]
+        if not limit or not reloads or now - max(reloads) < self.policy.retained_check_delay_s:
+            return
+        retained = self.target.retained_shm_mb()
+        if retained > self._retained_logged + 1.0:
+            log.warning("tritonserver keeps %.0f MB of shared memory of replaced model instances (a stub died under "
+                        "load and Triton did not release its old instance); only a restart frees it (done over %g MB)",
+                        retained, limit)
+        self._retained_logged = retained
+        if retained > limit:
+            raise RetainedMemoryExceeded(retained, limit)
+
     def _note_left_alone(self, states: dict[str, tuple[str, str]]) -> None:
         for model in self.target.python_models():
             state = states.get(model, ("MISSING", "not in the repository index"))

@@ -478,6 +478,34 @@ def process_label(pid: int) -> str:
     return name
 
 
+def shm_mappings(pid: int) -> set[str]:
+    """Names of the ``/dev/shm`` files that process ``pid`` maps (empty when it is gone)."""
+    names = set()
+    try:
+        text = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return names
+    for line in text.splitlines():
+        parts = line.split(None, 5)  # address perms offset dev inode [path]
+        if len(parts) == 6 and parts[5].startswith("/dev/shm/"):
+            names.add(parts[5][len("/dev/shm/"):].removesuffix(" (deleted)"))
+    return names
+
+
+def retained_shm_bytes(server_pid: int, stub_pids_: list[int]) -> dict[str, int]:
+    """``/dev/shm`` files mapped by ``server_pid`` but by none of ``stub_pids_`` -> bytes they hold (tmpfs blocks).
+    For tritonserver and its live python backend stubs: the pools of model instances that Triton replaced but
+    never released (each instance's stub maps its own pool)."""
+    held = set().union(*(shm_mappings(pid) for pid in stub_pids_)) if stub_pids_ else set()
+    retained = {}
+    for name in sorted(shm_mappings(server_pid) - held):
+        try:
+            retained[name] = os.stat(f"/dev/shm/{name}").st_blocks * 512
+        except OSError:
+            continue  # unlinked meanwhile
+    return retained
+
+
 def stub_pids(pgid: int, model: str) -> list[int]:
     """Live python backend stub processes of ``model`` in the server's process group ``pgid``."""
     return [pid for pid in process_group_members(pgid) if process_label(pid) == f"stub:{model}"]
@@ -798,6 +826,14 @@ class TritonServer:
         """Live python backend stub processes of ``model``."""
         return [] if self.process is None else stub_pids(self.process.pid, model)
 
+    def retained_shm_mb(self) -> float:
+        """MB of shared memory tritonserver maps that no live stub maps: python backend pools of replaced model
+        instances that Triton never released (see :mod:`sdconet.serve.healing`)."""
+        if self.process is None:
+            return 0.0
+        stubs = [pid for pid in process_group_members(self.process.pid) if process_label(pid).startswith("stub:")]
+        return sum(retained_shm_bytes(self.process.pid, stubs).values()) / (1 << 20)
+
     def python_models(self) -> list[str]:
         """The repository's python models (the ones with backend stubs to heal)."""
         return sorted(self._expected_stubs)
@@ -900,7 +936,8 @@ class TritonServer:
         """Reload every READY python model whose backend stub died or hangs, within its reload budget; returns the
         models reloaded (logged as it goes). See :mod:`sdconet.serve.healing`.
 
-        Raises :class:`~sdconet.serve.healing.ReloadBudgetExhausted` when a model used up its budget, ServerError
+        Raises :class:`~sdconet.serve.healing.RestartNeeded` (``ReloadBudgetExhausted`` when a model used up its
+        budget, ``RetainedMemoryExceeded`` when replaced instances keep too much shared memory), ServerError
         when a reload fails: either way the caller restarts the server."""
         return self._healer.heal()
 
