@@ -29,7 +29,8 @@ Triton 2.51 never releases the replaced model version (no "successfully unloaded
 backend shared-memory pool -- as large as the largest request that model ever received, 201 MB for the preprocess
 model at the default 8192^2 limit -- stays mapped by tritonserver and in ``/dev/shm`` until the server exits
 (measured; docs/serving.md, "Memory"). Once a model has been reloaded, each round therefore also asks the target how
-much shared memory tritonserver maps that no live stub maps (``retained_shm_mb``); it logs each new figure, and above
+much shared memory tritonserver maps that no live stub maps (``retained_shm_mb``; asked only while every stub is
+alive, since a dead stub's own pool counts until its reload); it logs each new figure, and above
 ``max_retained_shm_mb`` raises :class:`RetainedMemoryExceeded`: only a restart frees that memory.
 
 The healer talks to the server through :class:`HealTarget` (implemented by ``TritonServer``); its answers are parsed
@@ -228,9 +229,11 @@ class Healer:
         the target's error when a reload fails."""
         with self._lock:
             now = self.clock()
-            self._check_retained(now)
+            missing = self.target.missing_stubs()
+            if not missing:  # a dead stub's own pool is still mapped by the server until its model is reloaded
+                self._check_retained(now)
             suspects = {model: (f"{alive} of {expected} python backend stub(s) alive (a stub crashed or was killed)",
-                                False) for model, (expected, alive) in self.target.missing_stubs().items()}
+                                False) for model, (expected, alive) in missing.items()}
             canary_due = self.policy.canary_interval_s > 0 and now >= self._next_canary
             if not suspects and not canary_due:
                 return []
