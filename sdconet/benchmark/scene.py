@@ -435,10 +435,12 @@ def sahi_detection_model(runner, confidence_threshold: float):
 
 
 def sahi_on_heldout(runner, scenes, *, tile: int, overlap: int, threshold: float, repeats: int = 1,
+                    durations: dict[str, float] | None = None,
                     ) -> tuple[dict[int, dict[str, np.ndarray]], int, float]:
     """SAHI's sliced prediction (``get_sliced_prediction``: slices of ``tile`` with ``overlap / tile`` ratio,
     GREEDYNMM by IOS 0.5, class-wise, no full-image pass) with :func:`sahi_detection_model`: (detections per image
-    id in LR px, slices, seconds: best of ``repeats`` per scene, summed)."""
+    id in LR px, slices, seconds: best of ``repeats`` per scene, summed). ``durations``, when given, adds up SAHI's
+    own split of the best runs (``slice``, ``prediction``, ``postprocess`` seconds)."""
     from sahi.predict import get_sliced_prediction
     from sahi.slicing import get_slice_bboxes
 
@@ -457,6 +459,9 @@ def sahi_on_heldout(runner, scenes, *, tile: int, overlap: int, threshold: float
             elapsed = time.perf_counter() - started
             if best_seconds is None or elapsed < best_seconds:
                 best_seconds, best = elapsed, result
+        if durations is not None:
+            for key, value in best.durations_in_seconds.items():
+                durations[key] = durations.get(key, 0.0) + float(value)
         predictions = best.object_prediction_list
         found[image_id] = {
             "boxes": np.array([p.bbox.to_xyxy() for p in predictions], np.float32).reshape(-1, 4),
@@ -469,7 +474,7 @@ def sahi_on_heldout(runner, scenes, *, tile: int, overlap: int, threshold: float
 
 
 def vs_sahi(runner, folder: Path, *, overlap: int, threshold: float, batch: int | None, repeats: int,
-            ) -> dict[str, Any]:
+            threads: int | None = None) -> dict[str, Any]:
     """Ours and SAHI on the same held-out scenes, model (one ONNX Runtime session), tiles and threshold."""
     try:
         import sahi
@@ -483,23 +488,49 @@ def vs_sahi(runner, folder: Path, *, overlap: int, threshold: float, batch: int 
                 "upscale": upscale, "runner": runner.describe(), "sahi_version": sahi.__version__,
                 "sahi_call": {"postprocess_type": "GREEDYNMM", "postprocess_match_metric": "IOS",
                               "postprocess_match_threshold": 0.5, "postprocess_class_agnostic": False,
-                              "perform_standard_pred": False}, "repeats": repeats}
+                              "perform_standard_pred": False}, "repeats": repeats, "threads": threads,
+                "timing": "best of the repeats per scene and method, the two interleaved scene by scene"}
     entry: dict[str, Any] = {"status": "ok", "settings": settings}
-    # interleaved per method, best of repeats per scene: the two share this (loaded) CPU in the same minutes
-    for name, run in (("sahi", lambda: sahi_on_heldout(runner, scenes, tile=tile, overlap=overlap,
-                                                        threshold=threshold, repeats=repeats)),
-                      ("ours", lambda: ours_on_heldout(runner, scenes, tile=tile, overlap=overlap,
-                                                       threshold=threshold, batch=batch, repeats=repeats))):
-        found, tiles, seconds = run()
+    import os
+
+    from sdconet.scene.core import SceneInferencer, SceneOptions
+
+    settings["load_average_1min"] = {"before": round(os.getloadavg()[0], 2)}  # other jobs on this machine's cores
+
+    ours_batch = SceneInferencer(runner, SceneOptions(tile=tile, overlap=overlap, batch=batch)).batch
+    # interleaved scene by scene (the order of the two alternating each round), best of ``repeats`` per scene and
+    # method: both see the same load of a shared CPU
+    best: dict[str, dict[int, tuple[float, dict[str, np.ndarray], int]]] = {"sahi": {}, "ours": {}}
+    sahi_split: dict[int, dict[str, float]] = {}
+    for round_index in range(repeats):
+        for scene in scenes:
+            image_id = scene[0]
+            for name in (("sahi", "ours") if round_index % 2 == 0 else ("ours", "sahi")):
+                split: dict[str, float] = {}
+                if name == "sahi":
+                    found, tiles, seconds = sahi_on_heldout(runner, [scene], tile=tile, overlap=overlap,
+                                                            threshold=threshold, durations=split)
+                else:
+                    found, tiles, seconds = ours_on_heldout(runner, [scene], tile=tile, overlap=overlap,
+                                                            threshold=threshold, batch=batch)
+                if image_id not in best[name] or seconds < best[name][image_id][0]:
+                    best[name][image_id] = (seconds, found[image_id], tiles)
+                    if name == "sahi":
+                        sahi_split[image_id] = split
+    for name in ("sahi", "ours"):
+        found = {image_id: dets for image_id, (_, dets, _) in best[name].items()}
+        seconds = sum(v[0] for v in best[name].values())
+        tiles = sum(v[2] for v in best[name].values())
         metrics = scene_ap(coco, found, upscale, runner.class_names)
         entry[name] = {"AP": metrics["AP"], "AP50": metrics["AP50"], "AP75": metrics["AP75"], "APs": metrics["APs"],
                        "detections": metrics["detections"], "tiles": tiles, "seconds": round(seconds, 3),
                        "tiles_per_s": round(tiles / seconds, 2)}
         print(json.dumps({"vs_sahi": name} | entry[name]), flush=True)
-    from sdconet.scene.core import SceneInferencer, SceneOptions
-
+    settings["load_average_1min"]["after"] = round(os.getloadavg()[0], 2)
+    entry["sahi"]["seconds_split"] = {key: round(sum(split.get(key, 0.0) for split in sahi_split.values()), 3)
+                                      for key in ("slice", "prediction", "postprocess")}
     entry["ours"]["merge"] = SceneInferencer(runner, SceneOptions(tile=tile, overlap=overlap)).options.merge
-    entry["ours"]["batch"] = batch or runner.max_batch
+    entry["ours"]["batch"] = ours_batch
     entry["speedup"] = round(entry["ours"]["tiles_per_s"] / entry["sahi"]["tiles_per_s"], 2)
     entry["ap_difference"] = round(entry["ours"]["AP"] - entry["sahi"]["AP"], 4)
     return entry
@@ -732,7 +763,14 @@ def markdown_report(report: dict[str, Any]) -> str:
                 lines.append(f"| {name} | {r['AP']:.4f} | {r['AP50']:.4f} | {r['AP75']:.4f} | {r['APs']:.4f} | "
                              f"{r['detections']} | {r['tiles']} | {r['tiles_per_s']} |")
             lines += ["", f"Ours / SAHI tiles/s: **{vs['speedup']}×**; AP difference (ours − SAHI): "
-                      f"{vs['ap_difference']:+.4f}."]
+                      f"{vs['ap_difference']:+.4f}. Timing: {st.get('timing', 'best of the repeats')} "
+                      f"({st['repeats']} repeats; 1-minute load average {st.get('load_average_1min')} on "
+                      f"{(report.get('facts') or {}).get('cpu_threads', '?')} CPU threads)."]
+            split = vs["sahi"].get("seconds_split")
+            if split:
+                lines += ["", f"SAHI's own split of its {vs['sahi']['seconds']} s: slicing {split['slice']} s, "
+                          f"prediction {split['prediction']} s (the model calls and its per-slice Python), "
+                          f"postprocess {split['postprocess']} s (GREEDYNMM)."]
     for name, study in (report["seam_study"] or {}).items():
         lines += ["", f"Seam-merge study, {name} ({study['setup']['scenes']} scenes of {study['setup']['size']}² px, "
                   f"tile {study['setup']['tile']}, simulated detector):", "", seam_study_markdown(study)]
@@ -777,6 +815,8 @@ def build_parser() -> argparse.ArgumentParser:
     scene_ap_group.add_argument("--vs-sahi", action="store_true",
                                 help="ours and SAHI's sliced prediction side by side (needs pip install sahi): "
                                      "writes the 'vs_sahi' entry of --out")
+    scene_ap_group.add_argument("--vs-sahi-batch", type=int, default=None,
+                                help="our tiles per runner call in --vs-sahi (default: the scene core's)")
     scene_ap_group.add_argument("--sahi-score-threshold", type=float, default=0.05,
                                 help="per-tile score threshold of both in --vs-sahi (default %(default)s)")
     scene_ap_group.add_argument("--merge-study", action="store_true",
@@ -860,7 +900,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             overlap = args.overlap if args.overlap is not None else min(DEFAULT_OVERLAP, runner.imgsz // 2)
             if args.vs_sahi:
                 report["vs_sahi"] = vs_sahi(runner, args.heldout, overlap=overlap,
-                                            threshold=args.sahi_score_threshold, batch=None,
+                                            threshold=args.sahi_score_threshold, batch=args.vs_sahi_batch,
+                                            threads=args.threads,
                                             repeats=args.repeats) | {"device": report["device"],
                                                                      "provenance": record_provenance}
             if args.merge_study:
