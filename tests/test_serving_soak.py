@@ -262,6 +262,8 @@ def test_launcher_heals_a_stub_and_restarts_a_dead_server_while_a_client_retries
                                         "--retry-backoff", "0.5", "--out", str(out)])))
         run.start()
         assert first_answer.wait(timeout=120), stderr_path.read_text()[-3000:]
+        prefix = re.search(rb"shm-region-prefix-name=([\w-]+)", Path(f"/proc/{info['pid']}/cmdline").read_bytes())
+        assert prefix and list(Path("/dev/shm").glob(prefix.group(1).decode() + "*"))  # the server's pools
         os.kill(info["pid"], signal.SIGKILL)
         assert len(answered) < len(images), len(answered)  # the kill fell inside the run
         run.join(timeout=240)
@@ -271,6 +273,9 @@ def test_launcher_heals_a_stub_and_restarts_a_dead_server_while_a_client_retries
         log = stderr_path.read_text()
         assert "tritonserver exited unexpectedly" in log and "restarting the server" in log
         assert "server restarted and ready" in log
+        # the killed server's python backend pools do not stay in /dev/shm for ever
+        assert not list(Path("/dev/shm").glob(prefix.group(1).decode() + "*"))
+        assert "MB of shared memory the stopped server left in /dev/shm" in log
         pids.append(int(re.search(r"restarted and ready in [0-9.]+ s \(pid (\d+)\)", log).group(1)))
         # the dead server's log is kept (not reopened and truncated): the restarted server writes its own
         assert "Started HTTPService" in (tmp_path / "triton.log").read_text()

@@ -598,6 +598,7 @@ class TritonServer:
         self._healer = Healer(self, heal_policy or HealPolicy())
         self._canary_bodies: dict[str, bytes] = {}
         self._scratch: Optional[Path] = None
+        self._shm_prefix: Optional[str] = None  # the python backend's region prefix of the bundled server
         self._log_file = Path(log_file) if log_file is not None else None
         self._default_log = log_file is None  # the log lives in the scratch directory of each start
         self._log_handle = None
@@ -657,6 +658,7 @@ class TritonServer:
         dist = self.binary.parents[1]  # .../pytriton/tritonserver
         backend_dir = self._scratch / "backends" / "python"
         backend_dir.mkdir(parents=True)
+        self._shm_prefix = f"sdconet{os.getpid()}_{self._scratch.name[-8:]}_"  # unique to this start
         for item in (dist / "backends" / "python").iterdir():
             if item.is_file():
                 shutil.copy2(item, backend_dir / item.name)
@@ -666,7 +668,7 @@ class TritonServer:
             p for p in (str(libs), libdir, env.get("LD_LIBRARY_PATH", "")) if p)
         return [f"--backend-directory={self._scratch / 'backends'}",
                 # a unique shared-memory prefix, so several servers on one machine never collide
-                f"--backend-config=python,shm-region-prefix-name=sdconet{os.getpid()}_{self._scratch.name[-8:]}_"]
+                f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}"]
 
     def _check_backends(self) -> None:
         if not self.bundled:
@@ -967,8 +969,27 @@ class TritonServer:
             except ProcessLookupError:
                 pass
         code = self.process.returncode
+        self._remove_shm_regions()
         self._cleanup(keep_log=code != 0)
         return code
+
+    def _remove_shm_regions(self) -> None:
+        """Unlink the python backend's ``/dev/shm`` regions of this start once its process group is gone. A server
+        that exits cleanly removes them itself; a killed or crashed one leaves them, each as large as its pool
+        grew (201 MB for the preprocess model at the default pixel limit), until the machine reboots."""
+        if self._shm_prefix is None or (self.process is not None and process_group_members(self.process.pid)):
+            return
+        removed = 0
+        for path in Path("/dev/shm").glob(self._shm_prefix + "*"):
+            try:
+                size = path.stat().st_blocks * 512
+                path.unlink()
+                removed += size
+            except OSError:
+                continue
+        if removed:
+            log.warning("removed %.0f MB of shared memory the stopped server left in /dev/shm (it did not exit "
+                        "cleanly)", removed / (1 << 20))
 
     def _cleanup(self, keep_log: bool = True) -> None:
         if self._log_handle is not None:
