@@ -92,3 +92,26 @@ def test_the_defaults_are_the_committed_merge_study_choice():
     threshold = {"edge": merge.DEFAULT_EDGE_IOU, "nms": merge.DEFAULT_NMS_IOU, "ios": merge.DEFAULT_IOS}
     assert threshold[choice["rule"]] == choice["threshold"]
     assert min(core.DEFAULT_OVERLAP, study["settings"]["tile"] // 2) == choice["overlap"]
+
+
+def test_study_file_keeps_the_study_when_only_the_backends_are_measured(tmp_path):
+    rows = [dict(_row(overlap, rule, 0.5, ap), AP50=ap, AP75=ap, APs=ap, detections=10,
+                 AP_per_scene={"1": ap, "2": ap / 2})
+            for overlap, rule, ap in ((16, "edge", 0.3), (32, "edge", 0.31), (16, "nms", 0.2), (32, "nms", 0.21))]
+    study = {"settings": {"scenes": 2, "seeds": [1, 2], "upscale": 2, "tile": 128, "score_threshold": 0.001,
+                          "runner": {"backend": "onnxruntime"}}, "rows": rows, "choice": bench.choose_merge(rows, 128)}
+    report = {"device": "cpu", "command": "c"}
+    out = tmp_path / "study"
+    bench._write_study(out, study, None, report, {"command": ["benchmarks/scene.py", "--merge-study"]})
+    backends = {"settings": {"overlap": 25, "seeds": [3, 4]}, "max_ap_spread": 0.001,
+                "backends": {"torch": {"status": "ok", "AP": 0.3, "AP50": 0.5, "AP75": 0.2, "detections": 9},
+                             "triton": {"status": "failed", "reason": "no server"}}}
+    bench._write_study(out, None, backends, report, {"command": ["benchmarks/scene.py", "--ap-backends", "torch"]})
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["study"] == study and record["backends"] == backends
+    assert record["study_provenance"]["command"][1] == "--merge-study"
+    assert record["backends_provenance"]["command"][1] == "--ap-backends"
+    markdown = out.with_suffix(".md").read_text()
+    assert "Study: `python benchmarks/scene.py --merge-study`" in markdown and "--ap-backends torch" in markdown
+    assert "| 32 | 31 | 1.78 | **edge** | 0.5 | **0.3100** |" in markdown  # the choice, in bold
+    assert "| triton | - | - | - | - | failed: no server |" in markdown and "seeds 3–4" in markdown

@@ -647,8 +647,9 @@ def merge_study_markdown(study: dict[str, Any], backends: dict[str, Any] | None)
               f"fewest tiles per area within {choice['tolerance']} AP of that rule's best overlap, "
               f"{choice.get('best_overlap', '?')} px: {choice['best_overlap_AP']:.4f})."]
     if backends:
-        lines += ["", f"## Backends on the same scenes ({backends['settings']['overlap']} px overlap, the CLI with "
-                  f"`--ann`, LR pixels)", "", "| backend | AP | AP50 | AP75 | detections | status |",
+        seeds = backends["settings"].get("seeds") or ["?"]
+        lines += ["", f"## Backends, one checkpoint ({backends['settings']['overlap']} px overlap, the CLI with "
+                  f"`--ann`, LR pixels, scenes of seeds {seeds[0]}–{seeds[-1]})", "", "| backend | AP | AP50 | AP75 | detections | status |",
                   "|---|---|---|---|---|---|"]
         for name, r in backends["backends"].items():
             if r.get("status") == "ok":
@@ -682,6 +683,8 @@ def backends_scene_ap(args: argparse.Namespace, folder: Path, backends: Sequence
             model = {"torch": None, "onnxruntime": args.onnx, "openvino": args.openvino}.get(backend)
             if backend == "torch":
                 command += ["--checkpoint", str(args.checkpoint), "--device", args.device or "cpu"]
+                if args.tile:  # eager torch takes any tile: the exported models' size, for the same tiles
+                    command += ["--tile", str(args.tile)]
             elif backend == "triton":
                 if url is None:
                     results[backend] = {"status": "skipped", "reason": "needs --triton-repo or --triton-url"}
@@ -705,6 +708,7 @@ def backends_scene_ap(args: argparse.Namespace, folder: Path, backends: Sequence
             print(json.dumps({"backend": backend} | results[backend]), flush=True)
     aps = [r["AP"] for r in results.values() if r.get("status") == "ok"]
     return {"settings": {"folder": str(folder), "overlap": overlap, "ann": LR_ANN,
+                         "seeds": json.loads((folder / "recipe.json").read_text())["seeds"],
                          "command": "python -m sdconet.predict FOLDER --backend B ... --ann FOLDER/heldout_lr.json "
                                     f"--overlap {overlap}"},
             "backends": results, "max_ap_spread": round(max(aps) - min(aps), 4) if len(aps) > 1 else None}
@@ -969,7 +973,12 @@ def _write_study(out: Path, study: dict[str, Any] | None, backends: dict[str, An
     path.write_text(json.dumps(record, indent=2))
     markdown = (merge_study_markdown(record["study"], record["backends"]) if record["study"] else
                 merge_study_markdown_backends_only(record["backends"]))
-    out.with_suffix(".md").write_text(f"Device: {record['device']}. Command: `{record['command']}`\n\n" + markdown)
+    header = f"Device: {record['device']}."
+    for part in ("study", "backends"):
+        command = (record.get(f"{part}_provenance") or {}).get("command")
+        if record.get(part) and command:
+            header += f" {part.capitalize()}: `python {' '.join(command)}`."
+    out.with_suffix(".md").write_text(header + "\n\n" + markdown)
     print(f"wrote {path} and {out.with_suffix('.md')}")
 
 
