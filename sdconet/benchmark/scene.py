@@ -649,8 +649,8 @@ def merge_study_markdown(study: dict[str, Any], backends: dict[str, Any] | None)
     if backends:
         seeds = backends["settings"].get("seeds") or ["?"]
         lines += ["", f"## Backends, one checkpoint ({backends['settings']['overlap']} px overlap, the CLI with "
-                  f"`--ann`, LR pixels, scenes of seeds {seeds[0]}–{seeds[-1]})", "", "| backend | AP | AP50 | AP75 | detections | status |",
-                  "|---|---|---|---|---|---|"]
+                  f"`--ann`, LR pixels, scenes of seeds {seeds[0]}–{seeds[-1]})", "",
+                  "| backend | AP | AP50 | AP75 | detections | status |", "|---|---|---|---|---|---|"]
         for name, r in backends["backends"].items():
             if r.get("status") == "ok":
                 lines.append(f"| {name} | {r['AP']:.4f} | {r['AP50']:.4f} | {r['AP75']:.4f} | {r['detections']} | ok |")
@@ -754,8 +754,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         else:
             st = vs["settings"]
             lines += [f"{st['scenes']} held-out scenes of {st['scene_lr_px'][1]}×{st['scene_lr_px'][0]} LR px, the "
-                      f"same ONNX Runtime session ({st.get('threads') or 'default'} threads), tile {st['tile']}, overlap "
-                      f"{st['overlap']} ({st['overlap_ratio']:.3f} of the tile), detections ≥ "
+                      f"same ONNX Runtime session ({st.get('threads') or 'default'} threads), tile {st['tile']}, "
+                      f"overlap {st['overlap']} ({st['overlap_ratio']:.3f} of the tile), detections ≥ "
                       f"{st['score_threshold']}; SAHI {st['sahi_version']} `get_sliced_prediction` (GREEDYNMM, IOS "
                       f"0.5, class-wise, `perform_standard_pred=False`), one slice per call; ours: the scene core, "
                       f"`--merge {vs['ours']['merge']}`, {vs['ours']['batch']} tiles per call. COCO metrics in HR "
