@@ -193,3 +193,18 @@ def test_export_report_carries_provenance(tmp_path):
     data = json.loads(json_path.read_text())
     assert_provenance(data["provenance"])
     assert data["accuracy"]["onnxruntime_int8"]["AP"] == 0.5
+
+
+def test_every_committed_result_says_where_it_came_from():
+    """Issue 23 item 6: each JSON in benchmarks/results/ carries one provenance object with the command, the commit
+    and the CPU (files recorded before the helper existed carry a reconstructed one, marked as such)."""
+    results = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+    assert results
+    missing = []
+    for path in results:
+        document = json.loads(path.read_text())
+        record = document.get("provenance") if isinstance(document, dict) else None
+        if not (isinstance(record, dict) and record.get("command") and "commit" in record
+                and record.get("cpu", {}).get("model")):
+            missing.append(path.name)
+    assert not missing, f"results without a provenance object: {missing}"
