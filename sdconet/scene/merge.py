@@ -19,8 +19,8 @@ synthetic scenes (``benchmarks/results/scene_merge_study.md``); the seam study o
   detector told apart stay two), and measuring inside the shared region makes the two pieces of a seam-cut object
   match however wide the object is (on the whole boxes their IoS is about overlap / smaller piece, below 0.5 for
   objects wider than ~3x the overlap). On a trained model's scenes it scores far below ``edge`` and ``nms``
-  (``benchmarks/results/scene_merge_study.md``): taking the union lets a loose low-score box from another tile
-  widen a good one.
+  (``benchmarks/results/scene_merge_study.md``), and not for the union alone: keeping the kept box instead of the
+  union recovers under a third of the gap (docs/scenes.md).
 * ``"nms"``: plain class-wise NMS at IoU ``threshold`` over all boxes (the baseline).
 
 Pairs are found with a sweep over boxes sorted along the axis that gives fewer candidates (``sweep_candidates``),
