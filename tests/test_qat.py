@@ -72,8 +72,12 @@ def test_prepare_honours_exclusions_and_calibration_sees_every_layer():
     torch.manual_seed(0)
     model = build_model(cfg.model)
     names = qat.prepare_qat(model)
-    assert names and not [n for n in names if "box_heads" in n or "saliency" in n or n.startswith("sr_decoder")]
-    assert any(n.startswith("encoder.swin.patch_embed") for n in names)  # QAT quantizes what PTQ keeps in float
+    assert names and not [n for n in names if "box_heads" in n or "saliency" in n or n.startswith("sr_decoder")
+                          or "patch_embed" in n]
+    # QAT quantizes what PTQ keeps in float: Swin stage 0, the neck, the deformable encoder's other projections
+    assert any(n.startswith("encoder.swin.layers_0") for n in names) and any(n.startswith("neck") for n in names)
+    assert any(n.startswith("detector.encoder.layers.0.attn.value_proj") for n in names)
+    assert any(n.startswith("detector.decoder.layers.0.cross_attn.value_proj") for n in names)
     assert qat.prepare_qat(model) == names  # idempotent
     count = qat.calibrate(InferenceGraph(model), np.random.default_rng(0).random((3, 3, IMGSZ, IMGSZ), np.float32))
     assert count == len(names)
@@ -166,6 +170,15 @@ def test_qat_run_writes_checkpoints_with_their_provenance(qat_run, fp32_checkpoi
     _, source_state, _ = load_model_weights(fp32_checkpoint)
     moved = [k for k in source_state if k.startswith("detector.") and not torch.equal(source_state[k], state[k])]
     assert moved
+    # best.safetensors: the trained or the calibrated weights, whichever agreed better with the FP32 model
+    _, best_state, best_meta = load_model_weights(qat_run / "checkpoints" / "best.safetensors")
+    selection = best_meta["qat"]["selection"]
+    assert selection == summary["qat"]["selection"] and selection["images"] > 0
+    trained, calibrated = selection["trained"]["agreement"] or 0.0, selection["calibrated"]["agreement"] or 0.0
+    assert selection["kept"] == ("calibrated" if calibrated > trained else "trained")
+    assert selection["trained"]["reference_detections"] == selection["calibrated"]["reference_detections"] > 0
+    kept_weights = source_state if selection["kept"] == "calibrated" else state  # 1 epoch: best = last
+    assert all(torch.equal(best_state[k], kept_weights[k]) for k in source_state)
     # the QAT weights without meta.qat: the plain loaders say what to do instead of a bare key mismatch
     with pytest.raises(RuntimeError, match="QAT fake-quant ranges"):
         build_inference_graph(cfg, state, msda_impl="gather")
@@ -189,7 +202,9 @@ def test_qat_checkpoint_exports_a_gated_qdq_onnx(qat_run, tmp_path):
     gates = report["accuracy"]
     assert gates["onnxruntime_int8-qat"]["max_ap_drop"] == 0.3 and gates["onnxruntime_int8-qat"]["images"] == 4
     assert gates["onnxruntime_int8-qdq"]["max_ap_drop"] == 0.5
-    assert gates["onnxruntime_int8-qat"]["int8_mac_fraction"] > 0.8  # most of the MACs run in INT8
+    # most of the MACs run in INT8 (the tiny model's patch embedding and value projections are a larger share than
+    # the demo model's, whose default QAT share is 0.80)
+    assert gates["onnxruntime_int8-qat"]["int8_mac_fraction"] > 0.75
     # the Q/DQ scheme TensorRT's explicit quantization needs: int8, zero point 0, per-channel weight scales
     model = onnx.load(str(tmp_path / "tiny.int8.onnx"))
     values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}

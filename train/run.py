@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="QAT lr = F x the checkpoint's train.lr (default 0.01)")
     qat.add_argument("--qat-exclude", action="append", default=None, metavar="REGEX",
                      help="module-name regex kept in float (repeatable; default: the saliency, foreground-attention, "
-                          "proposal and box heads, see sdconet.deploy.qat.DEFAULT_QAT_EXCLUDE)")
+                          "proposal and box heads and the Swin patch embedding, see "
+                          "sdconet.deploy.qat.DEFAULT_QAT_EXCLUDE)")
     qat.add_argument("--qat-calib-images", type=int, default=None, metavar="N",
                      help="training-split inputs that calibrate the activation ranges (default 256)")
     qat.add_argument("--qat-distill", choices=("pseudo", "none"), default=None,
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     qat.add_argument("--qat-feature-weight", type=float, default=None, metavar="W",
                      help="weight of the feature term (neck maps and encoder memory vs the FP32 model's, "
                           "default 10; 0 turns it off)")
+    qat.add_argument("--qat-keep", choices=("closest", "trained"), default=None,
+                     help="best.safetensors = the trained or the calibrated weights, whichever agrees better with "
+                          "the FP32 model on the validation split (closest, default), or the trained best by AP")
     return parser
 
 
@@ -208,7 +212,7 @@ def qat_train(args: argparse.Namespace) -> int:
                                             else args.qat_pseudo_threshold),
                           feature_weight=(qat.DEFAULT_FEATURE_WEIGHT if args.qat_feature_weight is None
                                           else args.qat_feature_weight),
-                          configure=configure)
+                          keep=args.qat_keep or qat.DEFAULT_KEEP, configure=configure)
     (out / "qat.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in summary.items()},
                                              indent=2))
     print(f"\nQAT of {checkpoint}: {summary['qat']['quantized_layers']} fake-quant layers, {summary['epochs']} "
