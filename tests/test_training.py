@@ -158,10 +158,16 @@ def test_predict_default_tiling_fits_the_training_size(tmp_path, data_overrides)
     trainer = Trainer(cfg, tmp_path / "run")
     checkpoint = trainer.save_checkpoint(0, 1)
     cpu = torch.device("cpu")
-    # 128 px training images: 128 px tiles (64 network px) with the overlap capped at half the tile, in both modes
+    # 128 px training images: 64 network px tiles with the scene core's default overlap in network pixels, the same
+    # in both modes (HR input: 128 file px tiles and 2x the overlap in file pixels)
+    from sdconet.scene.core import DEFAULT_OVERLAP
+
     for mode in ("hr", "lr"):
         predictor = Predictor(checkpoint, cpu, PredictOptions(input=mode))
-        assert (predictor.tile_lr, predictor.overlap_lr) == (64, 32), mode
+        assert (predictor.tile_lr, predictor.overlap_lr) == (64, min(DEFAULT_OVERLAP, 32)), mode
+    # a tile smaller than twice the default caps the overlap at half the tile
+    small = Predictor(checkpoint, cpu, PredictOptions(input="lr", tile=32))
+    assert (small.tile_lr, small.overlap_lr) == (32, min(DEFAULT_OVERLAP, 16))
     with pytest.raises(ValueError, match="--tile 128 / --overlap 128"):
         Predictor(checkpoint, cpu, PredictOptions(tile=128, overlap=128))
 

@@ -34,13 +34,15 @@ from sdconet.utils.logging import get_logger, setup_logging
 logger = get_logger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-DEFAULT_OVERLAP = 2 * CORE_OVERLAP  # file pixels, capped at half the tile: the core's LR default at x2 HR input
+# the core's overlap in network (LR) pixels; in file pixels it is that x the file pixels per network pixel (x2 for HR
+# input, x1 for LR input), capped at half the tile
+DEFAULT_OVERLAP = CORE_OVERLAP
 
 
 @dataclass
 class PredictOptions:
     tile: Optional[int] = None  # HR pixels of the file (LR pixels with input="lr"); None = training image size
-    overlap: Optional[int] = None  # same unit as tile; None = DEFAULT_OVERLAP or half the tile, whichever is smaller
+    overlap: Optional[int] = None  # same unit as tile; None = DEFAULT_OVERLAP network px or half the tile, the smaller
     score_threshold: float = DEFAULT_SCORE_THRESHOLD
     nms_iou: Optional[float] = None  # set: merge tiles by class-wise NMS at this IoU instead of the default rule
     max_detections: Optional[int] = None  # per image; None = no cap
@@ -70,7 +72,7 @@ class Predictor:
         self.cfg, self.device, self.options = cfg, device, options
         self.scale = cfg.model.upscale if options.input == "hr" else 1  # file pixels per network-input pixel
         tile = options.tile or training_image_size(cfg) * self.scale // cfg.model.upscale  # file pixels
-        overlap = min(DEFAULT_OVERLAP, tile // 2) if options.overlap is None else options.overlap
+        overlap = min(DEFAULT_OVERLAP * self.scale, tile // 2) if options.overlap is None else options.overlap
         self.tile_lr, self.overlap_lr = tile // self.scale, overlap // self.scale
         if overlap < 0 or self.overlap_lr >= self.tile_lr:
             raise ValueError(f"--tile {tile} / --overlap {overlap} (file pixels): the overlap must be >= 0 and the "
@@ -147,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="hr: degrade like training (default); lr: feed images as they are")
     parser.add_argument("--tile", type=int, help="tile side in file pixels (default: the training image size)")
     parser.add_argument("--overlap", type=int,
-                        help=f"tile overlap in file pixels (default {DEFAULT_OVERLAP}, at most half the tile)")
+                        help=f"tile overlap in file pixels (default {DEFAULT_OVERLAP} network px: {2 * DEFAULT_OVERLAP} "
+                             "file px for --input hr at x2; at most half the tile)")
     parser.add_argument("--score-threshold", "--score-thresh", dest="score_threshold", type=float,
                         default=DEFAULT_SCORE_THRESHOLD,
                         help=f"minimum score kept (default {DEFAULT_SCORE_THRESHOLD})")
