@@ -34,13 +34,13 @@ LOG = get_logger(__name__)
 
 MSDA_MODES = ("plugin", "onnx", "sdconet")
 # --int8-exclude defaults, kept in float by every INT8 path: the layers whose INT8 moves the boxes (measured by
-# benchmarks/results/int8_study.md on the demo checkpoint; docs/export.md "Where INT8 loses accuracy" says why).
+# benchmarks/results/int8_study.md and int8_study_spr.md on demo checkpoints; docs/export.md "Where INT8 loses accuracy" says why).
 # Everything before and around the token selection: the Swin stem and first stage, the neck, the saliency head and
 # the deformable encoder, the proposal (query selection) head, and the decoder's box heads; the Swin stages 1-3, the
 # decoder's attention, FFNs and class heads (70 % of the MACs) stay INT8.
 # ops ModelOpt's Q/DQ graph quantizes: the compute ops only. ModelOpt's own default also puts Q/DQ on residual
 # Adds, LayerNorm inputs and TopK scores (TensorRT fusion points); on the demo checkpoint that cost 1.0 AP point and
-# dropped agreement to 0.54, compute ops only: -0.09 / 0.972 (benchmarks/results/int8_study.md)
+# dropped agreement to 0.54, compute ops only: -0.09 / 0.972 (benchmarks/results/int8_study_spr.md)
 DEFAULT_INT8_OP_TYPES: tuple[str, ...] = ("Conv", "Gemm", "MatMul")
 DEFAULT_INT8_FLOAT_GROUPS = ("swin.patch_embed", "swin.stage0", "neck", "saliency_head", r"encoder\..*", "proposal_head",
                              "decoder.box_heads")  # the layer_groups.LAYER_GROUPS those patterns select
