@@ -203,16 +203,12 @@ def qat_train(args: argparse.Namespace) -> int:
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     out = Path(args.out) if args.out else checkpoint.parent.parent / "qat"
-    summary = qat.run_qat(str(checkpoint), str(out), epochs=args.epochs or 4,
-                          lr_scale=qat.DEFAULT_QAT_LR_SCALE if args.qat_lr_scale is None else args.qat_lr_scale,
-                          exclude=tuple(args.qat_exclude) if args.qat_exclude else qat.DEFAULT_QAT_EXCLUDE,
-                          calib_images=args.qat_calib_images or qat.DEFAULT_QAT_CALIB_IMAGES,
-                          distill=args.qat_distill or qat.DEFAULT_DISTILL,
-                          pseudo_threshold=(qat.DEFAULT_PSEUDO_THRESHOLD if args.qat_pseudo_threshold is None
-                                            else args.qat_pseudo_threshold),
-                          feature_weight=(qat.DEFAULT_FEATURE_WEIGHT if args.qat_feature_weight is None
-                                          else args.qat_feature_weight),
-                          keep=args.qat_keep or qat.DEFAULT_KEEP, configure=configure)
+    flags = {"lr_scale": args.qat_lr_scale, "exclude": tuple(args.qat_exclude) if args.qat_exclude else None,
+             "calib_images": args.qat_calib_images or None, "distill": args.qat_distill,
+             "pseudo_threshold": args.qat_pseudo_threshold, "feature_weight": args.qat_feature_weight,
+             "keep": args.qat_keep}
+    summary = qat.run_qat(str(checkpoint), str(out), epochs=args.epochs or 4, configure=configure,
+                          **{name: value for name, value in flags.items() if value is not None})  # unset: its defaults
     (out / "qat.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in summary.items()},
                                              indent=2))
     print(f"\nQAT of {checkpoint}: {summary['qat']['quantized_layers']} fake-quant layers, {summary['epochs']} "

@@ -650,15 +650,21 @@ def merge_study_markdown(study: dict[str, Any], backends: dict[str, Any] | None)
         seeds = backends["settings"].get("seeds") or ["?"]
         lines += ["", f"## Backends, one checkpoint ({backends['settings']['overlap']} px overlap, the CLI with "
                   f"`--ann`, LR pixels, scenes of seeds {seeds[0]}–{seeds[-1]})", "",
-                  "| backend | AP | AP50 | AP75 | detections | status |", "|---|---|---|---|---|---|"]
-        for name, r in backends["backends"].items():
-            if r.get("status") == "ok":
-                lines.append(f"| {name} | {r['AP']:.4f} | {r['AP50']:.4f} | {r['AP75']:.4f} | {r['detections']} | ok |")
-            else:
-                lines.append(f"| {name} | - | - | - | - | {r.get('status')}: {r.get('reason', '')} |")
-        if backends.get("max_ap_spread") is not None:
-            lines += ["", f"Largest AP difference between backends: {backends['max_ap_spread']:.4f}."]
+                  *backends_markdown(backends)]
     return "\n".join(lines) + "\n"
+
+
+def backends_markdown(backends: dict[str, Any]) -> list[str]:
+    """The table lines of :func:`backends_scene_ap`'s result (and the largest AP difference)."""
+    lines = ["| backend | AP | AP50 | AP75 | detections | status |", "|---|---|---|---|---|---|"]
+    for name, r in backends["backends"].items():
+        if r.get("status") == "ok":
+            lines.append(f"| {name} | {r['AP']:.4f} | {r['AP50']:.4f} | {r['AP75']:.4f} | {r['detections']} | ok |")
+        else:
+            lines.append(f"| {name} | - | - | - | - | {r.get('status')}: {r.get('reason', '')} |")
+    if backends.get("max_ap_spread") is not None:
+        lines += ["", f"Largest AP difference between backends: {backends['max_ap_spread']:.4f}."]
+    return lines
 
 
 def backends_scene_ap(args: argparse.Namespace, folder: Path, backends: Sequence[str], overlap: int,
@@ -667,6 +673,8 @@ def backends_scene_ap(args: argparse.Namespace, folder: Path, backends: Sequence
     its metrics (AP at its ``--eval-score-threshold``). Triton through the bundled server on ``--triton-repo``."""
     import contextlib
     import subprocess
+
+    from sdconet.scene.cli import SUMMARY_NAME
 
     results: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
@@ -702,7 +710,7 @@ def backends_scene_ap(args: argparse.Namespace, folder: Path, backends: Sequence
             if done.returncode != 0:
                 results[backend] = {"status": "failed", "reason": (done.stderr.strip().splitlines() or ["?"])[-1]}
             else:
-                metrics = json.loads((out_root / backend / SUMMARY_FILE).read_text())["metrics"]
+                metrics = json.loads((out_root / backend / SUMMARY_NAME).read_text())["metrics"]
                 results[backend] = {"status": "ok", "wall_s": round(time.perf_counter() - started, 1)} | {
                     k: metrics[k] for k in ("AP", "AP50", "AP75", "APs", "detections", "score_threshold")}
             print(json.dumps({"backend": backend} | results[backend]), flush=True)
@@ -712,9 +720,6 @@ def backends_scene_ap(args: argparse.Namespace, folder: Path, backends: Sequence
                          "command": "python -m sdconet.predict FOLDER --backend B ... --ann FOLDER/heldout_lr.json "
                                     f"--overlap {overlap}"},
             "backends": results, "max_ap_spread": round(max(aps) - min(aps), 4) if len(aps) > 1 else None}
-
-
-SUMMARY_FILE = "summary.json"
 
 
 def markdown_report(report: dict[str, Any]) -> str:
@@ -983,12 +988,7 @@ def _write_study(out: Path, study: dict[str, Any] | None, backends: dict[str, An
 
 
 def merge_study_markdown_backends_only(backends: dict[str, Any]) -> str:
-    lines = ["# Scene AP per backend (issue 22)", "", "| backend | AP | AP50 | detections | status |",
-             "|---|---|---|---|---|"]
-    for name, r in backends["backends"].items():
-        lines.append(f"| {name} | {r.get('AP', '-')} | {r.get('AP50', '-')} | {r.get('detections', '-')} | "
-                     f"{r.get('status')} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(["# Scene AP per backend (issue 22)", "", *backends_markdown(backends)]) + "\n"
 
 
 def _triton_level(url: str, args: argparse.Namespace, concurrency: int) -> dict[str, Any]:

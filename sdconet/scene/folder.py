@@ -27,16 +27,15 @@ from tqdm import tqdm
 
 from sdconet.config import DEFAULT_TRAINING_TILE as DEFAULT_TILE, training_image_size  # noqa: F401
 from sdconet.runtime.base import DEFAULT_SCORE_THRESHOLD
-from sdconet.scene.core import DEFAULT_OVERLAP as CORE_OVERLAP
+# DEFAULT_OVERLAP: network (LR) pixels; in file pixels x the file pixels per network pixel (x2 for HR input at x2),
+# capped at half the tile
+from sdconet.scene.core import DEFAULT_OVERLAP
 from sdconet.scene.merge import DEFAULT_MERGE_RULE
 from sdconet.utils.logging import get_logger, setup_logging
 
 logger = get_logger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-# the core's overlap in network (LR) pixels; in file pixels it is that x the file pixels per network pixel (x2 for HR
-# input, x1 for LR input), capped at half the tile
-DEFAULT_OVERLAP = CORE_OVERLAP
 
 
 @dataclass
